@@ -1,0 +1,29 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+# Each creates the virtual environment .venv and installs what it needs when missing.
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import sys; assert sys.version_info >= (3, 12), f"bayeslmm needs Python >= 3.12, the venv has {sys.version}"'
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bayeslmm fit sleepstudy "Reaction ~ Days + (Days | Subject)" --method reml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_reml.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

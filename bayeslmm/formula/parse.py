@@ -1,0 +1,226 @@
+"""lme4 bar syntax: split a mixed-model formula into its fixed part and its bar terms.
+
+The fixed part is handed to formulae afterwards; the bar terms keep lme4's meaning
+(``(1 + x | g)`` is ONE correlated block, ``(x || g)`` independent effects,
+``(1 | a/b)`` nesting, ``(1 | a:b)`` an interaction factor).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import FormulaError
+
+_IDENT = re.compile(r"`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*")
+
+
+@dataclass(frozen=True)
+class BarTerm:
+    """One random-effect term as written: ``(lhs | group)`` or ``(lhs || group)``.
+
+    Attributes
+    ----------
+    lhs : str
+        The left side, a formula right-hand side such as ``"1 + x"`` or ``"0 + x"``.
+    factors : tuple of tuple of str
+        The grouping factors after expanding ``/``: each is a tuple of column names
+        whose interaction defines the levels (``("a",)``, ``("a", "b")``).
+    independent : bool
+        ``True`` for ``||`` (independent effects, no correlations).
+    text : str
+        The term as the user wrote it.
+    """
+
+    lhs: str
+    factors: tuple[tuple[str, ...], ...]
+    independent: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    """A formula split into response, fixed right-hand side and bar terms."""
+
+    formula: str
+    response: str
+    fixed: str
+    bars: tuple[BarTerm, ...]
+
+
+def _caret(formula: str, pos: int, message: str) -> FormulaError:
+    pointer = " " * pos + "^"
+    return FormulaError(f"{message}\n  {formula}\n  {pointer}")
+
+
+def _check_parentheses(formula: str) -> None:
+    depth = 0
+    for i, ch in enumerate(formula):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise _caret(formula, i, "unmatched ')' in formula")
+    if depth:
+        raise _caret(formula, formula.rfind("(") if "(" in formula else len(formula),
+                     "unclosed '(' in formula: add the missing ')'")
+
+
+def split_top_level(text: str, sep: str) -> list[tuple[int, str]]:
+    """Split ``text`` at ``sep`` outside parentheses/brackets; return (offset, piece) pairs."""
+    pieces: list[tuple[int, str]] = []
+    depth = 0
+    start = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif depth == 0 and text.startswith(sep, i):
+            pieces.append((start, text[start:i]))
+            i += len(sep)
+            start = i
+            continue
+        i += 1
+    pieces.append((start, text[start:]))
+    return pieces
+
+
+def _strip_outer(text: str) -> str | None:
+    """Return the inside of ``text`` if it is one parenthesised group, else None."""
+    t = text.strip()
+    if not (t.startswith("(") and t.endswith(")")):
+        return None
+    depth = 0
+    for i, ch in enumerate(t):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0 and i != len(t) - 1:
+                return None
+    return t[1:-1]
+
+
+def _find_bar(inner: str) -> tuple[int, bool] | None:
+    """Position of the top-level ``|`` or ``||`` in ``inner`` and whether it is double."""
+    depth = 0
+    for i, ch in enumerate(inner):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            double = inner[i + 1 : i + 2] == "|"
+            return i, double
+    return None
+
+
+def _name(token: str) -> str:
+    token = token.strip()
+    if token.startswith("`") and token.endswith("`"):
+        return token[1:-1]
+    return token
+
+
+def _parse_group(group: str, formula: str, offset: int) -> tuple[tuple[str, ...], ...]:
+    """Expand ``a/b/c`` into ``a``, ``a:b``, ``a:b:c``; ``a:b`` stays one factor."""
+    group = group.strip()
+    if not group:
+        raise _caret(formula, offset, "a bar term needs a grouping factor after '|'")
+    nested = [p.strip() for _, p in split_top_level(group, "/")]
+    factors: list[tuple[str, ...]] = []
+    prefix: tuple[str, ...] = ()
+    for part in nested:
+        names = tuple(_name(p) for _, p in split_top_level(part, ":"))
+        if any(not n for n in names):
+            raise _caret(formula, offset, f"empty grouping factor in {group!r}")
+        prefix = prefix + names
+        factors.append(prefix)
+    return tuple(factors)
+
+
+def parse_formula(formula: str) -> ParsedFormula:
+    """Split an lme4 formula into response, fixed part and bar terms.
+
+    Parameters
+    ----------
+    formula : str
+        For example ``"Reaction ~ Days + (Days | Subject)"``.
+
+    Returns
+    -------
+    ParsedFormula
+
+    Raises
+    ------
+    FormulaError
+        With a caret pointing at the offending place.
+    """
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got {type(formula).__name__}")
+    if not formula.strip():
+        raise FormulaError("formula is empty: write it as 'y ~ x + (1 | g)'")
+    _check_parentheses(formula)
+    tilde = [off for off, _ in split_top_level(formula, "~")][1:]
+    if not tilde:
+        raise FormulaError(f"formula {formula!r} has no '~': write it as 'response ~ predictors'")
+    if len(tilde) > 1:
+        raise _caret(formula, tilde[1] - 1, "formula has more than one '~'")
+    cut = tilde[0]
+    response = formula[: cut - 1].strip()
+    rhs = formula[cut:]
+    if not response:
+        raise _caret(formula, 0, "formula has no response on the left of '~'")
+    if not rhs.strip():
+        raise _caret(formula, len(formula), "formula has nothing on the right of '~'")
+
+    fixed_terms: list[str] = []
+    bars: list[BarTerm] = []
+    for off, piece in split_top_level(rhs, "+"):
+        pos = cut + off + (len(piece) - len(piece.lstrip()))
+        if not piece.strip():
+            raise _caret(formula, pos, "empty term: two '+' in a row, or a '+' at an end")
+        inner = _strip_outer(piece)
+        bar = _find_bar(inner) if inner is not None else None
+        if bar is None:
+            if "|" in piece:
+                raise _caret(formula, pos + piece.strip().find("|"),
+                             "a random-effect term must be in parentheses: '(lhs | group)'")
+            fixed_terms.append(piece.strip())
+            continue
+        i, double = bar
+        lhs = inner[:i].strip()
+        group = inner[i + (2 if double else 1) :]
+        if not lhs:
+            raise _caret(formula, pos + 1, "a bar term needs a left side, e.g. '(1 | g)'")
+        factors = _parse_group(group, formula, pos + i + 1)
+        bars.append(BarTerm(lhs=lhs, factors=factors, independent=double, text=piece.strip()))
+    fixed = " + ".join(fixed_terms) if fixed_terms else "1"
+    return ParsedFormula(formula=formula, response=response, fixed=fixed, bars=tuple(bars))
+
+
+def referenced_names(expression: str) -> list[tuple[str, int]]:
+    """Variable names an expression refers to, with their offsets.
+
+    Function names (an identifier followed by ``(``), keyword-argument names and
+    names inside string literals are skipped; what is left should be columns.
+    """
+    names: list[tuple[str, int]] = []
+    # blank out string literals so names inside them are not taken for columns
+    masked = re.sub(r"(['\"])(?:\\.|(?!\1).)*\1", lambda m: " " * len(m.group(0)), expression)
+    for m in _IDENT.finditer(masked):
+        tok = m.group(0)
+        rest = masked[m.end():].lstrip()
+        if rest.startswith("(") and not tok.startswith("`"):
+            continue  # a function call
+        if rest.startswith("=") and not rest.startswith("=="):
+            continue  # a keyword argument
+        before = masked[: m.start()].rstrip()
+        if before.endswith(".") or (before and before[-1].isdigit() and tok[0] in "eE"):
+            continue  # attribute access or exponent (1e5)
+        names.append((_name(tok), m.start()))
+    return names

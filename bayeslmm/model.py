@@ -1,0 +1,94 @@
+"""``Model``: parse and validate once; ``fit()`` returns a new result and changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+import pandas as pd
+
+from .crossprod import CrossProducts
+from .errors import BayesLMMError
+from .formula import build_spec
+from .spec import ModelSpec
+
+METHODS = ("reml", "ml")
+
+
+class Model:
+    """A linear mixed model from an lme4 formula and a DataFrame.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 syntax: ``"y ~ x + (1 + x | g)"``, ``(x || g)``, ``(1 | a/b)``,
+        ``(1 | a) + (1 | b)``.
+    data : pandas.DataFrame, or the name of a bundled dataset
+    groups : dict, list or str, optional
+        The grouping-columns form: ``Model("y ~ x", data, groups={"school": "1 + x"})``
+        is ``y ~ x + (1 + x | school)``.
+    missing : {"raise", "drop"}
+        Rows with missing or infinite values in a used column raise an error
+        (default) or are dropped and reported.
+    rank_deficient : {"drop", "error"}
+        Fixed-effect columns that are linear combinations of others are dropped
+        with a warning (lme4's behaviour) or raise.
+
+    Examples
+    --------
+    >>> from bayeslmm import Model
+    >>> fit = Model("Reaction ~ Days + (Days | Subject)", "sleepstudy").fit(method="reml")
+    >>> round(fit.objective, 2)
+    1743.63
+    """
+
+    def __init__(
+        self,
+        formula: str,
+        data: pd.DataFrame | str,
+        groups: Mapping[str, str] | Sequence[str] | str | None = None,
+        missing: str = "raise",
+        rank_deficient: str = "drop",
+    ):
+        self.data_name = None
+        if isinstance(data, str):
+            from .datasets import load_dataset
+
+            self.data_name = data
+            data = load_dataset(data)
+        self.formula = formula
+        self.spec: ModelSpec = build_spec(formula, data, groups=groups, missing=missing,
+                                          rank_deficient=rank_deficient)
+
+    @cached_property
+    def crossprods(self) -> CrossProducts:
+        """The cross-product blocks, computed on first use and shared by every fit."""
+        return CrossProducts.from_spec(self.spec)
+
+    def fit(self, method: str = "reml", **options):
+        """Fit the model.
+
+        Parameters
+        ----------
+        method : {"reml", "ml"}
+            Restricted maximum likelihood (lme4's default) or maximum likelihood.
+        **options
+            For REML/ML: ``start`` (θ) and optimizer settings (``ftol_rel``,
+            ``xtol_abs``, ``maxeval``, ``restarts``).
+
+        Returns
+        -------
+        FreqFit
+        """
+        if not isinstance(method, str) or method.lower() not in METHODS:
+            raise BayesLMMError(f"method must be one of {list(METHODS)}, got {method!r}")
+        from .reml import fit_frequentist
+
+        return fit_frequentist(self.spec, reml=method.lower() == "reml", crossprods=self.crossprods,
+                               data_name=self.data_name, **options)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        groups = ", ".join(f"{b.group} ({b.n_levels} levels, {', '.join(b.columns)})" for b in s.blocks)
+        return (f"Model({s.formula!r}: {s.n_obs} observations, fixed effects {list(s.fixed_names)}, "
+                f"random effects by {groups})")

@@ -1,0 +1,259 @@
+"""The frequentist fit: lme4's answers as pandas objects, and a summary an lme4 user reads at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..errors import BayesLMMError
+from ..spec import ModelSpec
+from .estimates import Estimates
+from .optimize import OptimizationRecord
+
+#: lme4's tolerance for calling a fit singular (``isSingular(tol = 1e-4)``)
+SINGULAR_TOL = 1e-4
+
+
+@dataclass(frozen=True, eq=False)
+class FreqFit:
+    """A REML or ML fit of a linear mixed model.
+
+    Attributes
+    ----------
+    spec : ModelSpec
+    method : {"REML", "ML"}
+    theta : ndarray
+        lme4's θ (relative Cholesky factors, lower triangles column by column,
+        blocks by decreasing number of levels).
+    objective : float
+        REML criterion or deviance (−2 log-likelihood), on lme4's scale.
+    optimization : OptimizationRecord
+    """
+
+    spec: ModelSpec
+    method: str
+    theta: np.ndarray
+    objective: float
+    estimates: Estimates
+    optimization: OptimizationRecord
+    data_name: str | None = None
+
+    # -- scalars --------------------------------------------------------------
+    @property
+    def nobs(self) -> int:
+        return self.spec.n_obs
+
+    @property
+    def sigma(self) -> float:
+        """Residual standard deviation."""
+        return self.estimates.sigma
+
+    @property
+    def n_params(self) -> int:
+        """Parameters counted by AIC/BIC: θ, β and σ (lme4's ``df`` of ``logLik``)."""
+        return self.spec.n_theta + self.spec.n_fixed + 1
+
+    @property
+    def loglik(self) -> float:
+        """Log-likelihood (REML log restricted likelihood for REML fits), as lme4's ``logLik``."""
+        return -0.5 * self.objective
+
+    @property
+    def aic(self) -> float:
+        return self.objective + 2 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return self.objective + np.log(self.nobs) * self.n_params
+
+    @property
+    def singular(self) -> bool:
+        """True when a variance or correlation is on the boundary (lme4's ``isSingular``)."""
+        lower = self.spec.theta_lower
+        on_bound = lower == 0
+        return bool(np.any(self.theta[on_bound] < SINGULAR_TOL))
+
+    # -- fixed effects --------------------------------------------------------
+    @property
+    def fixef(self) -> pd.Series:
+        """Fixed-effect estimates β̂."""
+        return pd.Series(self.estimates.beta, index=list(self.spec.fixed_names), name="Estimate")
+
+    @property
+    def vcov(self) -> pd.DataFrame:
+        """Covariance matrix of β̂ (lme4's ``vcov``)."""
+        names = list(self.spec.fixed_names)
+        return pd.DataFrame(self.estimates.vcov_beta, index=names, columns=names)
+
+    @property
+    def fixef_se(self) -> pd.Series:
+        """Standard errors of β̂."""
+        return pd.Series(np.sqrt(np.diag(self.estimates.vcov_beta)), index=list(self.spec.fixed_names),
+                         name="Std. Error")
+
+    def fixef_table(self) -> pd.DataFrame:
+        """Estimate, standard error and t value, as in lme4's summary."""
+        est, se = self.fixef, self.fixef_se
+        return pd.DataFrame({"Estimate": est, "Std. Error": se, "t value": est / se})
+
+    @property
+    def theta_series(self) -> pd.Series:
+        return pd.Series(self.theta, index=self.spec.theta_labels(), name="theta")
+
+    # -- variance components -------------------------------------------------
+    def block_covariances(self) -> list[np.ndarray]:
+        """σ² T Tᵀ for each random-effect block."""
+        s2 = self.sigma**2
+        return [s2 * (T @ T.T) for T in (b.T(t) for b, t in zip(self.spec.blocks, self.spec.split_theta(self.theta)))]
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components like R's ``as.data.frame(VarCorr(fit))``.
+
+        Columns ``grp, var1, var2, vcov, sdcor``: a variance row has ``var2`` missing
+        and ``sdcor`` the standard deviation; a covariance row has both names and
+        ``sdcor`` the correlation; the last row is the residual.
+        """
+        rows = []
+        for block, cov in zip(self.spec.blocks, self.block_covariances()):
+            sd = np.sqrt(np.diag(cov))
+            for i, name in enumerate(block.columns):
+                rows.append((block.group, name, None, cov[i, i], sd[i]))
+            if block.correlated:
+                for i in range(block.q):
+                    for j in range(i + 1, block.q):
+                        denom = sd[i] * sd[j]
+                        corr = cov[j, i] / denom if denom > 0 else np.nan
+                        rows.append((block.group, block.columns[i], block.columns[j], cov[j, i], corr))
+        rows.append(("Residual", None, None, self.sigma**2, self.sigma))
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    # -- random effects ------------------------------------------------------
+    def ranef(self) -> dict[str, pd.DataFrame]:
+        """Conditional modes of the random effects, one frame per grouping factor.
+
+        Blocks on the same factor (``(1|g) + (0 + x|g)``, or ``||``) share a frame.
+        """
+        out: dict[str, pd.DataFrame] = {}
+        for block, b in zip(self.spec.blocks, self.estimates.b):
+            frame = pd.DataFrame(b, index=pd.Index(block.levels, name=block.group), columns=list(block.columns))
+            out[block.group] = frame if block.group not in out else out[block.group].join(frame, rsuffix=".1")
+        return out
+
+    def ranef_table(self) -> pd.DataFrame:
+        """Long table like R's ``as.data.frame(ranef(fit, condVar = TRUE))``.
+
+        Columns ``grpvar, term, grp, condval, condsd``.
+        """
+        if not self.estimates.b_condvar:
+            raise BayesLMMError("conditional variances were not computed for this fit")
+        parts = []
+        for block, b, cv in zip(self.spec.blocks, self.estimates.b, self.estimates.b_condvar):
+            sd = np.sqrt(np.maximum(np.diagonal(cv, axis1=1, axis2=2), 0.0))
+            for a, name in enumerate(block.columns):
+                parts.append(pd.DataFrame({"grpvar": block.group, "term": name, "grp": list(block.levels),
+                                           "condval": b[:, a], "condsd": sd[:, a]}))
+        return pd.concat(parts, ignore_index=True)
+
+    def coef(self) -> dict[str, pd.DataFrame]:
+        """Fixed plus random effects per level, like lme4's ``coef``."""
+        fe = self.fixef
+        out = {}
+        for group, re in self.ranef().items():
+            frame = pd.DataFrame(np.tile(fe.to_numpy(), (len(re), 1)), index=re.index, columns=fe.index)
+            for col in re.columns:
+                base = col[:-2] if col.endswith(".1") else col
+                if base in frame.columns:
+                    frame[base] = frame[base] + re[col]
+                else:
+                    frame[base] = re[col]
+            out[group] = frame
+        return out
+
+    # -- observations ----------------------------------------------------------
+    @property
+    def fitted(self) -> pd.Series:
+        """Conditional fitted values Xβ̂ + Zb̂."""
+        return pd.Series(self.estimates.fitted, index=self.spec.row_index, name="fitted")
+
+    @property
+    def residuals(self) -> pd.Series:
+        """Response minus conditional fitted values."""
+        return pd.Series(self.spec.y - self.estimates.fitted, index=self.spec.row_index, name="residuals")
+
+    def marginal_covariance(self, level, group: str | None = None) -> pd.DataFrame:
+        """Marginal covariance V_j = Z_j G Z_jᵀ + σ² I of the observations in one group.
+
+        Parameters
+        ----------
+        level : label
+            A level of ``group`` (compared as a string, so ``308`` and ``"308"`` both work).
+        group : str, optional
+            The grouping factor; required when the model has several.
+
+        Returns
+        -------
+        DataFrame indexed both ways by the data's row labels.  Every random-effect
+        term contributes (for crossed factors, rows of this group that share a
+        level of another factor covary through it).
+        """
+        groups = self.spec.group_names()
+        if group is None:
+            if len(groups) > 1:
+                raise BayesLMMError(f"the model has several grouping factors {groups}; pass group=")
+            group = groups[0]
+        if group not in groups:
+            raise BayesLMMError(f"unknown grouping factor {group!r}; the model has {groups}")
+        block = next(b for b in self.spec.blocks if b.group == group)
+        labels = list(block.levels)
+        if str(level) not in labels:
+            raise BayesLMMError(f"{level!r} is not a level of {group!r} (levels: {labels[:10]}...)")
+        rows = np.flatnonzero(block.codes == labels.index(str(level)))
+        V = self.sigma**2 * np.eye(len(rows))
+        for blk, G in zip(self.spec.blocks, self.block_covariances()):
+            Zr = blk.Z[rows]
+            same = blk.codes[rows][:, None] == blk.codes[rows][None, :]
+            V += same * (Zr @ G @ Zr.T)
+        idx = self.spec.row_index[rows]
+        return pd.DataFrame(V, index=idx, columns=idx)
+
+    # -- presentation ----------------------------------------------------------
+    def summary(self) -> "FreqSummary":
+        from .summary import FreqSummary
+
+        return FreqSummary(self)
+
+    def __repr__(self) -> str:
+        return str(self.summary())
+
+    def _repr_html_(self) -> str:
+        return self.summary()._repr_html_()
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready results."""
+        vc = self.varcorr.astype(object).where(self.varcorr.notna(), None)
+        return {
+            "formula": self.spec.formula,
+            "method": self.method,
+            "nobs": self.nobs,
+            "objective": self.objective,
+            "logLik": self.loglik,
+            "AIC": self.aic,
+            "BIC": self.bic,
+            "theta": self.theta.tolist(),
+            "sigma": self.sigma,
+            "fixef": self.fixef.to_dict(),
+            "fixef_se": self.fixef_se.to_dict(),
+            "varcorr": vc.to_dict(orient="records"),
+            "singular": self.singular,
+            "optimizer": {
+                "name": self.optimization.optimizer,
+                "evaluations": self.optimization.n_evaluations,
+                "message": self.optimization.message,
+                "warnings": list(self.optimization.warnings),
+                "seconds": self.optimization.seconds,
+            },
+            "notes": list(self.spec.notes),
+        }

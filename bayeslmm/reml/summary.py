@@ -1,0 +1,107 @@
+"""lme4-style printed summary of a frequentist fit (plain text and HTML)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return ""
+    return f"{x:.{digits}g}"
+
+
+class FreqSummary:
+    """What ``print(fit.summary())`` shows; also rendered as HTML in notebooks."""
+
+    def __init__(self, fit):
+        self.fit = fit
+
+    def random_effects_table(self) -> pd.DataFrame:
+        """Groups, Name, Variance, Std.Dev. and correlations laid out as lme4 prints them."""
+        fit = self.fit
+        rows = []
+        for block, cov in zip(fit.spec.blocks, fit.block_covariances()):
+            sd = np.sqrt(np.diag(cov))
+            for i, name in enumerate(block.columns):
+                corr = []
+                if block.correlated:
+                    for j in range(i):
+                        d = sd[i] * sd[j]
+                        corr.append(f"{cov[i, j] / d:.2f}" if d > 0 else "NaN")
+                rows.append({"Groups": block.group if i == 0 else "", "Name": name,
+                             "Variance": cov[i, i], "Std.Dev.": sd[i], "Corr": " ".join(corr)})
+        rows.append({"Groups": "Residual", "Name": "", "Variance": fit.sigma**2, "Std.Dev.": fit.sigma, "Corr": ""})
+        return pd.DataFrame(rows)
+
+    def header(self) -> list[str]:
+        fit = self.fit
+        crit = "REML criterion at convergence" if fit.method == "REML" else "deviance"
+        lines = [f"Linear mixed model fit by {'REML' if fit.method == 'REML' else 'maximum likelihood'} (bayeslmm)",
+                 f"Formula: {fit.spec.formula}"]
+        if fit.data_name:
+            lines.append(f"   Data: {fit.data_name}")
+        lines.append("")
+        if fit.method == "REML":
+            lines.append(f"{crit}: {fit.objective:.4f}")
+        else:
+            lines.append(f"{'AIC':>10} {'BIC':>10} {'logLik':>10} {'deviance':>10} {'df.resid':>8}")
+            lines.append(f"{fit.aic:>10.1f} {fit.bic:>10.1f} {fit.loglik:>10.1f} {fit.objective:>10.1f} "
+                         f"{fit.nobs - fit.n_params:>8d}")
+        return lines
+
+    def __str__(self) -> str:
+        fit = self.fit
+        lines = self.header()
+        res = fit.residuals.to_numpy() / fit.sigma
+        q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
+        lines += ["", "Scaled residuals:",
+                  "     Min      1Q  Median      3Q     Max",
+                  " ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
+        re = self.random_effects_table()
+        re_txt = re.assign(Variance=re["Variance"].map(lambda v: f"{v:.4g}"),
+                           **{"Std.Dev.": re["Std.Dev."].map(lambda v: f"{v:.4g}")})
+        lines += [" " + ln for ln in re_txt.to_string(index=False).splitlines()]
+        counts = ", ".join(f"{b.group}, {b.n_levels}" for b in _distinct_groups(fit.spec.blocks))
+        lines.append(f"Number of obs: {fit.nobs}, groups:  {counts}")
+        lines += ["", "Fixed effects:"]
+        fe = fit.fixef_table()
+        lines += fe.to_string(float_format=lambda v: f"{v:.4f}").splitlines()
+        if fit.spec.n_fixed > 1:
+            v = fit.vcov.to_numpy()
+            d = np.sqrt(np.diag(v))
+            corr = v / np.outer(d, d)
+            names = list(fit.spec.fixed_names)
+            lines += ["", "Correlation of Fixed Effects:"]
+            width = max(len(n) for n in names)
+            for i in range(1, len(names)):
+                lines.append(f"{names[i]:<{width}} " + " ".join(f"{corr[i, j]:6.3f}" for j in range(i)))
+        opt = fit.optimization
+        lines += ["", f"Optimizer: {opt.optimizer}, {opt.n_evaluations} evaluations ({opt.message})"]
+        for note in fit.spec.notes:
+            lines.append(f"Note: {note}")
+        for w in opt.warnings:
+            lines.append(f"Warning: {w}")
+        if fit.singular:
+            lines.append("boundary (singular) fit: a variance is (near) zero or a correlation (near) ±1; "
+                         "see fit.varcorr")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        fit = self.fit
+        head = "<br>".join(html.escape(line) for line in self.header() if line)
+        re = self.random_effects_table().to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        fe = fit.fixef_table().to_html(float_format=lambda v: f"{v:.4f}")
+        flag = "<p><b>boundary (singular) fit</b></p>" if fit.singular else ""
+        return (f"<div><p>{head}</p><h4>Random effects</h4>{re}"
+                f"<p>Number of obs: {fit.nobs}</p><h4>Fixed effects</h4>{fe}{flag}</div>")
+
+
+def _distinct_groups(blocks):
+    seen = {}
+    for b in blocks:
+        seen.setdefault(b.group, b)
+    return list(seen.values())

@@ -1,0 +1,185 @@
+"""The frozen model specification both engines read.
+
+``ModelSpec`` holds plain arrays: the response, the fixed-effect design with its
+column names, and one :class:`RandomBlock` per random-effect term.  It imports no
+PyMC, so a REML fit and a Bayesian fit of one formula are the same model by
+construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class RandomBlock:
+    """One random-effect term: a grouping factor and the term's value columns.
+
+    The effects of level ``j`` are a q-vector ``b_j ~ N(0, σ² T Tᵀ)``; an observation
+    ``i`` in level ``codes[i]`` contributes ``Z[i] @ b_{codes[i]}`` to its mean.
+
+    Attributes
+    ----------
+    group : str
+        Name of the grouping factor (``"Subject"``, ``"a:b"``).
+    codes : ndarray of int, shape (n,)
+        Level index of each observation.
+    levels : tuple of str
+        Level labels, in the order of the codes.
+    Z : ndarray, shape (n, q)
+        The term's value columns (its left side): ``1`` for an intercept, ``x`` for a slope.
+    columns : tuple of str
+        Names of the columns of ``Z``.
+    correlated : bool
+        ``False`` for ``||`` terms: a diagonal covariance, no correlation parameters.
+    """
+
+    group: str
+    codes: np.ndarray
+    levels: tuple[str, ...]
+    Z: np.ndarray
+    columns: tuple[str, ...]
+    correlated: bool = True
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def q(self) -> int:
+        return self.Z.shape[1]
+
+    @property
+    def n_effects(self) -> int:
+        """Number of random effects of the term: levels × columns."""
+        return self.n_levels * self.q
+
+    @property
+    def theta_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column indices, in T, of this block's θ entries (lme4's order).
+
+        lme4 stores the lower triangle of T column by column; a diagonal
+        (``||``) block keeps the diagonal only.
+        """
+        if not self.correlated:
+            idx = np.arange(self.q)
+            return idx, idx
+        rows, cols = [], []
+        for j in range(self.q):
+            for i in range(j, self.q):
+                rows.append(i)
+                cols.append(j)
+        return np.array(rows), np.array(cols)
+
+    @property
+    def n_theta(self) -> int:
+        return len(self.theta_index[0])
+
+    @property
+    def theta_lower(self) -> np.ndarray:
+        """Lower bounds: 0 on the diagonal of T, unbounded below elsewhere."""
+        rows, cols = self.theta_index
+        return np.where(rows == cols, 0.0, -np.inf)
+
+    @property
+    def theta_start(self) -> np.ndarray:
+        """lme4's starting value: T = I."""
+        rows, cols = self.theta_index
+        return np.where(rows == cols, 1.0, 0.0)
+
+    def T(self, theta: np.ndarray) -> np.ndarray:
+        """The q×q lower-triangular relative covariance factor for this block's θ."""
+        out = np.zeros((self.q, self.q))
+        rows, cols = self.theta_index
+        out[rows, cols] = theta
+        return out
+
+    def labels(self) -> list[str]:
+        """Names of θ entries, such as ``Subject.(Intercept)`` or ``Subject.Days.(Intercept)``."""
+        rows, cols = self.theta_index
+        out = []
+        for i, j in zip(rows, cols):
+            if i == j:
+                out.append(f"{self.group}.{self.columns[i]}")
+            else:
+                out.append(f"{self.group}.{self.columns[i]}.{self.columns[j]}")
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    """Everything the engines need, and nothing about how they sample or optimise.
+
+    Attributes
+    ----------
+    formula : str
+        The formula as the user wrote it (bar terms included).
+    response : str
+        Name of the response expression.
+    y : ndarray, shape (n,)
+    X : ndarray, shape (n, p)
+    fixed_names : tuple of str
+        Column names of ``X``; the intercept is ``"(Intercept)"`` as in lme4.
+    blocks : tuple of RandomBlock
+        Sorted by decreasing number of levels (lme4's order, which is θ's order).
+    row_index : pandas.Index-like ndarray
+        The data's index labels of the rows used.
+    notes : tuple of str
+        What was done to the input and reported (rows dropped for missing values,
+        rank-deficient columns dropped).
+    dropped_fixed : tuple of str
+        Fixed-effect columns dropped because ``X`` was rank deficient.
+    """
+
+    formula: str
+    response: str
+    y: np.ndarray
+    X: np.ndarray
+    fixed_names: tuple[str, ...]
+    blocks: tuple[RandomBlock, ...]
+    row_index: np.ndarray
+    notes: tuple[str, ...] = field(default=())
+    dropped_fixed: tuple[str, ...] = field(default=())
+    fixed_formula: str = ""
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_fixed(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def n_theta(self) -> int:
+        return sum(b.n_theta for b in self.blocks)
+
+    @property
+    def theta_lower(self) -> np.ndarray:
+        return np.concatenate([b.theta_lower for b in self.blocks])
+
+    @property
+    def theta_start(self) -> np.ndarray:
+        return np.concatenate([b.theta_start for b in self.blocks])
+
+    def split_theta(self, theta: np.ndarray) -> list[np.ndarray]:
+        """Cut a full θ vector into one piece per block."""
+        theta = np.asarray(theta, dtype=float)
+        out, k = [], 0
+        for b in self.blocks:
+            out.append(theta[k : k + b.n_theta])
+            k += b.n_theta
+        return out
+
+    def theta_labels(self) -> list[str]:
+        return [lab for b in self.blocks for lab in b.labels()]
+
+    def group_names(self) -> list[str]:
+        """Distinct grouping factors, in block order."""
+        seen: list[str] = []
+        for b in self.blocks:
+            if b.group not in seen:
+                seen.append(b.group)
+        return seen

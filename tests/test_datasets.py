@@ -1,0 +1,199 @@
+"""Bundled data sets: shapes, R-faithful dtypes and level orders, errors, provenance."""
+
+from __future__ import annotations
+
+import gzip
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bayeslmm.datasets import dataset_info, list_datasets, load_dataset
+from bayeslmm.errors import BayesLMMError, DataError
+
+SHAPES = {
+    "sleepstudy": (180, 3),
+    "exam": (4059, 10),
+    "Dyestuff": (30, 2),
+    "Penicillin": (144, 3),
+    "InstEval": (73421, 7),
+}
+
+# column -> (number of levels, first levels in R's order, category dtype kind, ordered)
+FACTORS = {
+    "sleepstudy": {"Subject": (18, [308, 309, 310, 330], "i", False)},
+    "exam": {
+        "school": (65, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], "i", False),
+        "student": (650, [1, 2, 3], "i", False),
+        "schgend": (3, ["mixed", "boys", "girls"], "O", False),
+        "vr": (3, ["bottom 25%", "mid 50%", "top 25%"], "O", False),
+        "intake": (3, ["bottom 25%", "mid 50%", "top 25%"], "O", False),
+        "sex": (2, ["F", "M"], "O", False),
+        "type": (2, ["Mxd", "Sngl"], "O", False),
+    },
+    "Dyestuff": {"Batch": (6, list("ABCDEF"), "O", False)},
+    "Penicillin": {
+        "plate": (24, list("abcdefghijklmnopqrstuvwx"), "O", False),
+        "sample": (6, list("ABCDEF"), "O", False),
+    },
+    "InstEval": {
+        "s": (2972, [1, 2, 3], "i", False),
+        "d": (1128, [1, 6, 7, 8, 12], "i", False),
+        "studage": (4, [2, 4, 6, 8], "i", True),
+        "lectage": (6, [1, 2, 3, 4, 5, 6], "i", True),
+        "service": (2, [0, 1], "i", False),
+        "dept": (14, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15], "i", False),
+    },
+}
+
+NUMERIC = {
+    "sleepstudy": {"Reaction": "f", "Days": "i"},
+    "exam": {"normexam": "f", "schavg": "f", "standLRT": "f"},
+    "Dyestuff": {"Yield": "i"},
+    "Penicillin": {"diameter": "i"},
+    "InstEval": {"y": "i"},
+}
+
+
+def _kind(index: pd.Index) -> str:
+    """'i' for integer categories, 'O' for string categories (object or str dtype)."""
+    if pd.api.types.is_integer_dtype(index.dtype):
+        return "i"
+    assert pd.api.types.is_string_dtype(index.dtype), index.dtype
+    return "O"
+
+
+def test_list_datasets():
+    assert list_datasets() == ["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval"]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shape_and_columns(name):
+    df = load_dataset(name)
+    assert isinstance(df, pd.DataFrame)
+    assert df.shape == SHAPES[name]
+    assert not df.isna().any().any()
+    assert set(FACTORS[name]) | set(NUMERIC[name]) == set(df.columns)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_factor_columns_are_categorical_in_r_order(name):
+    df = load_dataset(name)
+    for column, (n_levels, first, kind, ordered) in FACTORS[name].items():
+        dtype = df[column].dtype
+        assert isinstance(dtype, pd.CategoricalDtype), column
+        cats = dtype.categories
+        assert len(cats) == n_levels, column
+        assert cats[: len(first)].tolist() == first, column
+        assert _kind(cats) == kind, column
+        assert dtype.ordered is ordered, column
+        assert df[column].nunique() == n_levels  # no unused levels
+        if kind == "i" and not ordered:  # numeric codes: sorted numerically, not as text
+            assert np.all(np.diff(cats.to_numpy()) > 0), column
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_numeric_columns_keep_csv_types(name):
+    df = load_dataset(name)
+    for column, kind in NUMERIC[name].items():
+        assert df[column].dtype.kind == kind, column
+
+
+def test_values_match_known_summaries():
+    # Figures any lme4 user can reproduce: grand means and counts.
+    assert load_dataset("Dyestuff")["Yield"].mean() == pytest.approx(1527.5)
+    sleep = load_dataset("sleepstudy")
+    assert sleep["Reaction"].mean() == pytest.approx(298.50789, abs=1e-5)
+    assert (sleep.groupby("Subject", observed=True).size() == 10).all()
+    pen = load_dataset("Penicillin")
+    assert (pd.crosstab(pen["plate"], pen["sample"]) == 1).all().all()  # fully crossed
+    inst = load_dataset("InstEval")
+    assert inst["y"].between(1, 5).all()
+    assert inst["d"].cat.categories.max() == 2160
+    exam = load_dataset("exam")
+    assert exam["school"].value_counts().sort_index().iloc[0] == 73  # school 1
+    # the first row keeps its values, e.g. Subject stays the integer 308
+    assert sleep.loc[0, "Subject"] == 308 and sleep.loc[0, "Reaction"] == 249.56
+
+
+def test_insteval_service_codes_as_service1_in_formulae():
+    formulae = pytest.importorskip("formulae")
+    inst = load_dataset("InstEval").head(200)
+    dm = formulae.design_matrices("y ~ 1 + service", inst)
+    assert dm.common.terms["service"].labels == ["service[1]"]
+
+
+@pytest.mark.parametrize("spelling", ["dyestuff", "DYESTUFF", " Dyestuff ", "dYeStUfF"])
+def test_names_are_case_insensitive(spelling):
+    assert load_dataset(spelling).shape == (30, 2)
+
+
+def test_exam_mlmrev_name_works():
+    assert load_dataset("Exam").shape == (4059, 10)
+
+
+def test_loads_are_independent():
+    first = load_dataset("Dyestuff")
+    first.loc[0, "Yield"] = -1
+    assert load_dataset("Dyestuff").loc[0, "Yield"] == 1545
+
+
+def test_unknown_name_lists_choices_and_suggests():
+    with pytest.raises(DataError) as info:
+        load_dataset("sleepstudi")
+    message = str(info.value)
+    assert "'sleepstudi'" in message
+    for name in list_datasets():
+        assert name in message
+    assert "Did you mean 'sleepstudy'?" in message
+    assert isinstance(info.value, BayesLMMError) and isinstance(info.value, ValueError)
+
+
+def test_unknown_name_without_close_match():
+    with pytest.raises(DataError, match="Unknown dataset 'iris'") as info:
+        load_dataset("iris")
+    assert "Did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [None, 3, ["sleepstudy"]])
+def test_non_string_name(bad):
+    with pytest.raises(DataError, match="must be a string"):
+        load_dataset(bad)
+
+
+@pytest.mark.parametrize(
+    "name, package, needles",
+    [
+        ("sleepstudy", "lme4 1.1-31", ["Belenky", "Journal of Sleep Research", "180 rows"]),
+        ("exam", "mlmRev 1.0-8", ["Goldstein", "Oxford Review of Education", "4,059 rows"]),
+        ("dyestuff", "lme4 1.1-31", ["Davies", "Goldsmith", "30 rows"]),
+        ("Penicillin", "lme4 1.1-31", ["Davies", "144 rows"]),
+        ("InstEval", "lme4 1.1-31", ["ETH", "73,421 rows"]),
+    ],
+)
+def test_dataset_info(name, package, needles):
+    info = dataset_info(name)
+    assert package in info
+    assert "GPL" in info
+    for needle in needles:
+        assert needle in info
+    for column in load_dataset(name).columns:  # every column is described
+        assert f"| {column} |" in info
+
+
+def test_dataset_info_unknown():
+    with pytest.raises(DataError, match="Available"):
+        dataset_info("nope")
+
+
+def test_data_files_ship_with_the_package():
+    data = resources.files("bayeslmm.datasets") / "data"
+    names = {p.name for p in data.iterdir()}
+    assert {"sleepstudy.csv", "exam.csv", "Dyestuff.csv", "Penicillin.csv",
+            "InstEval.csv.gz"} <= names
+    gz = (data / "InstEval.csv.gz").read_bytes()
+    assert len(gz) < 500_000  # kept small: about 375 kB
+    header = gzip.decompress(gz).split(b"\n", 1)[0]
+    assert header == b'"s","d","studage","lectage","service","dept","y"'
+    assert (resources.files("bayeslmm.datasets") / "README.md").is_file()
