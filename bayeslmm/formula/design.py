@@ -55,10 +55,16 @@ def formula_with_groups(formula: str, groups: Mapping[str, str] | Sequence[str] 
 def _check_columns(parsed: ParsedFormula, data: pd.DataFrame) -> list[str]:
     """All data columns the formula uses; unknown names raise a DataError."""
     cols = set(map(str, data.columns))
+    duplicated = set(map(str, data.columns[data.columns.duplicated()]))
     used: list[str] = []
 
     def need(name: str, where: str, known_functions: bool = True) -> None:
         if name in cols:
+            if name in duplicated:
+                raise DataError(
+                    f"the data have more than one column named {name!r} (used in {where} of the "
+                    "formula); rename or drop the duplicates"
+                )
             if name not in used:
                 used.append(name)
             return
@@ -114,10 +120,29 @@ def _check_missing(data: pd.DataFrame, used: list[str], missing: str) -> tuple[p
     return kept, notes
 
 
+def _formulae_frame(data: pd.DataFrame, used: list[str]) -> pd.DataFrame:
+    """A shallow copy of ``data`` in which formulae keeps R's level order.
+
+    formulae sorts the levels of an unordered categorical (so the reference level
+    of the treatment contrasts is the alphabetically first one); R uses the factor's
+    level order.  Unordered categoricals become ordered ones with the same
+    categories, which formulae codes by treatment contrasts in that order; unused
+    categories are dropped first, as ``model.frame(drop.unused.levels = TRUE)`` does.
+    """
+    out = data.copy(deep=False)
+    for col in used:
+        s = out[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            s = s.cat.remove_unused_categories()
+            out[col] = s if s.cat.ordered else s.cat.as_ordered()
+    return out
+
+
 def _design(rhs: str, data: pd.DataFrame, where: str) -> pd.DataFrame:
     """A formulae model matrix for a right-hand side, as a float DataFrame."""
     try:
-        dm = design_matrices(rhs, data, na_action="error")
+        with np.errstate(divide="ignore", invalid="ignore"):  # non-finite results are reported below
+            dm = design_matrices(rhs, data, na_action="error")
     except Exception as exc:  # formulae raises many kinds; name the place
         raise FormulaError(f"could not build {where} from {rhs!r}: {exc}") from exc
     if dm.common is None:
@@ -150,7 +175,7 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
             raise DataError(f"the response {expr!r} is not a single numeric column")
         y = frame.iloc[:, 0].to_numpy()
     if np.ptp(y) == 0:
-        raise DataError(f"the response {expr!r} is constant ({y[0]!r} in every row); nothing to model")
+        raise DataError(f"the response {expr!r} is constant ({float(y[0])!r} in every row); nothing to model")
     return y
 
 
@@ -173,7 +198,10 @@ def _group_codes(factor: tuple[str, ...], data: pd.DataFrame) -> tuple[np.ndarra
                         "a grouping factor names groups: convert it to strings or integer codes"
                     )
                 s = pd.Series(v.astype(np.int64), index=s.index)
-            uniq, c = np.unique(s.to_numpy(), return_inverse=True)
+            try:
+                uniq, c = np.unique(s.to_numpy(), return_inverse=True)
+            except TypeError:  # mixed types (strings and numbers): compare as strings
+                uniq, c = np.unique(s.astype(str).to_numpy(), return_inverse=True)
             lab = np.array([str(v) for v in uniq], dtype=object)
         if codes is None:
             codes, labels = c, [lab]
@@ -249,6 +277,8 @@ def build_spec(
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     if len(data) == 0:
         raise DataError("data is empty: it has no rows to fit")
+    if not all(isinstance(c, str) for c in data.columns):
+        data = data.rename(columns=str)  # formulas name columns by strings
     formula_full = formula_with_groups(formula, groups)
     parsed = parse_formula(formula_full)
     if not parsed.bars:
@@ -262,8 +292,9 @@ def build_spec(
         raise DataError("no rows left after dropping rows with missing values")
     n = len(data)
 
-    y = _response(parsed.response, data)
-    X = _design(parsed.fixed, data, "the fixed effects")
+    fdata = _formulae_frame(data, used)
+    y = _response(parsed.response, fdata)
+    X = _design(parsed.fixed, fdata, "the fixed effects")
     if X.shape[1] == 0:
         raise ModelError("the model has no fixed effects; keep the intercept (remove '0 +' / '- 1')")
     X, dropped = _drop_rank_deficient(X, rank_deficient)
@@ -275,13 +306,12 @@ def build_spec(
 
     blocks: list[RandomBlock] = []
     for bar in parsed.bars:
-        lhs = _design(bar.lhs, data, f"the term {bar.text}")
+        lhs = _design(bar.lhs, fdata, f"the term {bar.text}")
         if lhs.shape[1] == 0:
             raise FormulaError(f"the term {bar.text} has no random effects on its left side")
         for factor in bar.factors:
             blocks.append(_make_block(bar, factor, lhs, data, n))
-    # lme4's order: terms by decreasing number of levels (stable); θ follows it
-    blocks.sort(key=lambda b: -b.n_levels)
+    blocks = _lme4_order(blocks)
     return ModelSpec(
         formula=formula_full,
         response=parsed.response,
@@ -294,6 +324,29 @@ def build_spec(
         dropped_fixed=tuple(map(str, dropped)),
         fixed_formula=parsed.fixed,
     )
+
+
+def _lme4_order(blocks: list[RandomBlock]) -> list[RandomBlock]:
+    """Order the terms as lme4's ``mkReTrms`` does; θ follows this order.
+
+    lme4 leaves the terms as written when their numbers of levels never increase;
+    otherwise it takes ``rev(order(nl))``: decreasing number of levels, with ties in
+    reverse order of writing.  A ``||`` term is several terms in lme4 (one per
+    column), so when the order is reversed its columns are reversed too.
+    """
+    nl = [b.n_levels for b in blocks]
+    if not any(b > a for a, b in zip(nl, nl[1:])):
+        return blocks
+    order = sorted(range(len(blocks)), key=lambda k: nl[k])[::-1]  # R's order() is stable
+    out = []
+    for k in order:
+        b = blocks[k]
+        if not b.correlated and b.q > 1:
+            b = RandomBlock(group=b.group, codes=b.codes, levels=b.levels,
+                            Z=np.ascontiguousarray(b.Z[:, ::-1]), columns=b.columns[::-1],
+                            correlated=False)
+        out.append(b)
+    return out
 
 
 def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: pd.DataFrame, n: int) -> RandomBlock:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from formulae.parser import Parser
+from formulae.scanner import ScanError, Scanner
+
 from ..errors import FormulaError
 
 _IDENT = re.compile(r"`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*")
@@ -75,9 +78,9 @@ def split_top_level(text: str, sep: str) -> list[tuple[int, str]]:
     i = 0
     while i < len(text):
         ch = text[i]
-        if ch in "([":
+        if ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
         elif depth == 0 and text.startswith(sep, i):
             pieces.append((start, text[start:i]))
@@ -109,9 +112,9 @@ def _find_bar(inner: str) -> tuple[int, bool] | None:
     """Position of the top-level ``|`` or ``||`` in ``inner`` and whether it is double."""
     depth = 0
     for i, ch in enumerate(inner):
-        if ch in "([":
+        if ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
         elif ch == "|" and depth == 0:
             double = inner[i + 1 : i + 2] == "|"
@@ -138,9 +141,60 @@ def _parse_group(group: str, formula: str, offset: int) -> tuple[tuple[str, ...]
         names = tuple(_name(p) for _, p in split_top_level(part, ":"))
         if any(not n for n in names):
             raise _caret(formula, offset, f"empty grouping factor in {group!r}")
+        for _, raw in split_top_level(part, ":"):
+            if not _IDENT.fullmatch(raw.strip()):
+                where = formula.find(raw.strip(), offset)
+                raise _caret(
+                    formula, where if where >= 0 else offset,
+                    f"the grouping factor {raw.strip()!r} is not a column name: a grouping factor is a "
+                    "column, an interaction 'a:b' or a nesting 'a/b' (make other groupings a column first)",
+                )
         prefix = prefix + names
         factors.append(prefix)
     return tuple(factors)
+
+
+class _PositionScanner(Scanner):
+    """formulae's scanner, also recording where each token starts."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.starts: list[int] = []
+
+    def add_token(self, kind, literal=None):
+        self.starts.append(self.start)
+        super().add_token(kind, literal)
+
+
+def _check_syntax(text: str, formula: str, offset: int, where: str) -> None:
+    """Parse one right-hand-side expression as formulae will; a caret marks where it fails.
+
+    formulae stops quietly at a token it cannot continue with (``x z`` is read as
+    ``x``), so a leftover token is an error here rather than a dropped term.
+    """
+    lead = len(text) - len(text.lstrip())
+    body = text.strip()
+    if not body:
+        return
+    scanner = _PositionScanner(body)
+    try:
+        tokens = scanner.scan(add_intercept=False)
+    except ScanError as exc:
+        char = body[scanner.start] if scanner.start < len(body) else ""
+        hint = " (R's '^' for interaction powers is not supported: write the interactions out)" if char == "^" else ""
+        raise _caret(formula, offset + lead + scanner.start,
+                     f"unexpected character {char!r} in {where}{hint}") from exc
+    parser = Parser(tokens)
+    try:
+        parser.parse()
+    except Exception as exc:  # formulae's ParseError and friends
+        at = scanner.starts[parser.current] if parser.current < len(scanner.starts) else len(body)
+        raise _caret(formula, offset + lead + at, f"could not parse {where}: {exc}") from exc
+    if not parser.at_end():
+        at = scanner.starts[parser.current]
+        raise _caret(formula, offset + lead + at,
+                     f"unexpected {tokens[parser.current].lexeme!r} in {where}: is a '+' or an "
+                     "operator missing?")
 
 
 def parse_formula(formula: str) -> ParsedFormula:
@@ -177,29 +231,50 @@ def parse_formula(formula: str) -> ParsedFormula:
         raise _caret(formula, 0, "formula has no response on the left of '~'")
     if not rhs.strip():
         raise _caret(formula, len(formula), "formula has nothing on the right of '~'")
+    _check_syntax(formula[: cut - 1], formula, 0, "the response")
 
     fixed_terms: list[str] = []
+    removed: list[str] = []
     bars: list[BarTerm] = []
     for off, piece in split_top_level(rhs, "+"):
         pos = cut + off + (len(piece) - len(piece.lstrip()))
         if not piece.strip():
             raise _caret(formula, pos, "empty term: two '+' in a row, or a '+' at an end")
+        # '(1 | g) - 1': a bar term followed by removals from the fixed part
+        minus = split_top_level(piece, "-")
+        if len(minus) > 1 and _strip_outer(minus[0][1]) is not None:
+            head = minus[0][1]
+            for moff, rest in minus[1:]:
+                if not rest.strip():
+                    raise _caret(formula, cut + off + moff, "nothing after '-'")
+                _check_syntax(rest, formula, cut + off + moff, "the fixed effects")
+                removed.append(rest.strip())
+            piece = head
         inner = _strip_outer(piece)
+        inner_pos = pos + 1
+        # '((1 | g))': extra parentheses around a bar term
+        while inner is not None and _find_bar(inner) is None and _strip_outer(inner) is not None:
+            inner_pos += len(inner) - len(inner.lstrip()) + 1
+            inner = _strip_outer(inner)
         bar = _find_bar(inner) if inner is not None else None
         if bar is None:
             if "|" in piece:
                 raise _caret(formula, pos + piece.strip().find("|"),
                              "a random-effect term must be in parentheses: '(lhs | group)'")
+            _check_syntax(piece, formula, cut + off, "the fixed effects")
             fixed_terms.append(piece.strip())
             continue
         i, double = bar
         lhs = inner[:i].strip()
         group = inner[i + (2 if double else 1) :]
         if not lhs:
-            raise _caret(formula, pos + 1, "a bar term needs a left side, e.g. '(1 | g)'")
-        factors = _parse_group(group, formula, pos + i + 1)
+            raise _caret(formula, inner_pos, "a bar term needs a left side, e.g. '(1 | g)'")
+        _check_syntax(inner[:i], formula, inner_pos, f"the left side of {piece.strip()}")
+        factors = _parse_group(group, formula, inner_pos + i)
         bars.append(BarTerm(lhs=lhs, factors=factors, independent=double, text=piece.strip()))
     fixed = " + ".join(fixed_terms) if fixed_terms else "1"
+    if removed:
+        fixed += "".join(f" - {r}" for r in removed)
     return ParsedFormula(formula=formula, response=response, fixed=fixed, bars=tuple(bars))
 
 

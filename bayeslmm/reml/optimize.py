@@ -134,6 +134,14 @@ def minimize_bobyqa(
         step = 1e-3 * max(1.0, float(np.max(np.abs(x))))
         if np.isfinite(before) and before - best_f <= ftol_abs:
             break  # the restart found nothing better
+    # a variance that ends a hair above its bound is usually on it: snap when no worse
+    for i in np.flatnonzero(np.isfinite(lower) & (best_x - lower < 1e-5) & (best_x > lower)):
+        trial = best_x.copy()
+        trial[i] = lower[i]
+        count += 1
+        val = float(fun(trial))
+        if val <= best_f:
+            best_f, best_x = val, trial
     if not np.isfinite(best_f):
         warns.append("the objective was not finite anywhere the optimizer looked")
     return OptimizationRecord(

@@ -114,7 +114,9 @@ class FreqFit:
 
         Columns ``grp, var1, var2, vcov, sdcor``: a variance row has ``var2`` missing
         and ``sdcor`` the standard deviation; a covariance row has both names and
-        ``sdcor`` the correlation; the last row is the residual.
+        ``sdcor`` the correlation; the last row is the residual.  A correlation
+        involving an effect whose variance is exactly 0 is undefined (lme4 prints
+        NaN); it is reported as 0 and the fit is flagged :attr:`singular`.
         """
         rows = []
         for block, cov in zip(self.spec.blocks, self.block_covariances()):
@@ -125,7 +127,7 @@ class FreqFit:
                 for i in range(block.q):
                     for j in range(i + 1, block.q):
                         denom = sd[i] * sd[j]
-                        corr = cov[j, i] / denom if denom > 0 else np.nan
+                        corr = cov[j, i] / denom if denom > 0 else 0.0
                         rows.append((block.group, block.columns[i], block.columns[j], cov[j, i], corr))
         rows.append(("Residual", None, None, self.sigma**2, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])

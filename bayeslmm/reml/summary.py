@@ -31,7 +31,7 @@ class FreqSummary:
                 if block.correlated:
                     for j in range(i):
                         d = sd[i] * sd[j]
-                        corr.append(f"{cov[i, j] / d:.2f}" if d > 0 else "NaN")
+                        corr.append(f"{cov[i, j] / d:.2f}" if d > 0 else "0.00")
                 rows.append({"Groups": block.group if i == 0 else "", "Name": name,
                              "Variance": cov[i, i], "Std.Dev.": sd[i], "Corr": " ".join(corr)})
         rows.append({"Groups": "Residual", "Name": "", "Variance": fit.sigma**2, "Std.Dev.": fit.sigma, "Corr": ""})
@@ -62,9 +62,15 @@ class FreqSummary:
                   "     Min      1Q  Median      3Q     Max",
                   " ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
         re = self.random_effects_table()
-        re_txt = re.assign(Variance=re["Variance"].map(lambda v: f"{v:.4g}"),
-                           **{"Std.Dev.": re["Std.Dev."].map(lambda v: f"{v:.4g}")})
-        lines += [" " + ln for ln in re_txt.to_string(index=False).splitlines()]
+        cols = {"Groups": list(re["Groups"]), "Name": list(re["Name"]),
+                "Variance": [f"{v:.4g}" for v in re["Variance"]],
+                "Std.Dev.": [f"{v:.4g}" for v in re["Std.Dev."]], "Corr": list(re["Corr"])}
+        width = {k: max(len(k), *(len(v) for v in vals)) for k, vals in cols.items()}
+        left = {"Groups", "Name", "Corr"}
+        for i in range(-1, len(re)):
+            cells = [(k if i < 0 else cols[k][i]) for k in cols]
+            lines.append(" " + " ".join(c.ljust(width[k]) if k in left else c.rjust(width[k])
+                                        for k, c in zip(cols, cells)).rstrip())
         counts = ", ".join(f"{b.group}, {b.n_levels}" for b in _distinct_groups(fit.spec.blocks))
         lines.append(f"Number of obs: {fit.nobs}, groups:  {counts}")
         lines += ["", "Fixed effects:"]

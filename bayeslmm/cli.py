@@ -1,0 +1,86 @@
+"""Command line: ``bayeslmm fit DATA FORMULA --method reml|ml [--json PATH]``.
+
+DATA is a CSV or Parquet file, or the name of a bundled dataset
+(``bayeslmm datasets`` lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import BayesLMMError, DataError
+
+
+def read_data(source: str) -> tuple[pd.DataFrame, str]:
+    """A DataFrame from a CSV/Parquet path or a bundled dataset's name."""
+    from .datasets import list_datasets, load_dataset
+
+    path = Path(source)
+    if path.exists():
+        suffix = "".join(path.suffixes[-2:]).lower()
+        if path.suffix.lower() in (".parquet", ".pq") or path.is_dir():
+            try:
+                return pd.read_parquet(path), path.name
+            except ImportError as exc:
+                raise DataError("reading Parquet needs pyarrow: pip install 'bayeslmm[parquet]'") from exc
+        if path.suffix.lower() == ".csv" or suffix == ".csv.gz":
+            return pd.read_csv(path), path.name
+        raise DataError(f"DATA {source!r}: unknown file type {path.suffix!r}; give a .csv, .csv.gz or .parquet file")
+    if source.lower() in {n.lower() for n in list_datasets()}:
+        return load_dataset(source), source
+    raise DataError(
+        f"DATA {source!r} is neither an existing file nor a bundled dataset "
+        f"(bundled: {', '.join(list_datasets())})"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bayeslmm", description="Linear mixed models with lme4 formulas.")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="fit a model and print its summary")
+    f.add_argument("data", metavar="DATA", help="CSV or Parquet path, or a bundled dataset name")
+    f.add_argument("formula", metavar="FORMULA", help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
+    f.add_argument("--method", default="reml", choices=["reml", "ml"], help="estimation method (default: reml)")
+    f.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+    f.add_argument("--missing", default="raise", choices=["raise", "drop"],
+                   help="rows with missing values: raise an error (default) or drop them")
+    sub.add_parser("datasets", help="list the bundled datasets")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "datasets":
+            from .datasets import dataset_info, list_datasets
+
+            for name in list_datasets():
+                first = dataset_info(name).strip().splitlines()[0]
+                print(f"{name:12s} {first}")
+            return 0
+        from .model import Model
+
+        data, name = read_data(args.data)
+        model = Model(args.formula, data, missing=args.missing)
+        model.data_name = name
+        fit = model.fit(method=args.method)
+        print(fit.summary())
+        if args.json:
+            text = json.dumps(fit.to_dict(), indent=2)
+            if args.json == "-":
+                print(text)
+            else:
+                Path(args.json).write_text(text + "\n")
+        return 0
+    except BayesLMMError as exc:
+        print(f"bayeslmm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
