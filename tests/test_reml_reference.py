@@ -48,7 +48,7 @@ def _check(fit, m, sd_rel=1e-4):
         got = fit.fixef[_fixed_name(fit, name)]
         assert close(got, val), (name, got, val)
     for name, val in m["fixef_se"].items():
-        assert close(fit.fixef_se[_fixed_name(fit, name)], val), name
+        assert close(fit.fixef_se[_fixed_name(fit, name)], val, rel=sd_rel), name
     assert close(fit.sigma, m["sigma"])
     vc = fit.varcorr
     for row in m["varcorr"]:
@@ -86,7 +86,8 @@ def test_matches_lme4_insteval(fits):
 
     lme4's BOBYQA stops 1.2e-6 short of the optimum here (its ftol_abs is 1e-8
     on a criterion of 2.4e5); ours goes further, and the smallest sd (dept,
-    0.083) moves by 1.6e-4 relative.  The test holds 2e-4 for the sds, and
+    0.083) moves by 1.6e-4 relative, the SEs (which depend on θ) by 1.1e-4.
+    The test holds 2e-4 for the sds and SEs (fixed effects and σ keep 1e-4), and
     proves the gap is lme4's stopping rule: our deviance *at lme4's θ* is
     lme4's objective to 1e-9 relative, and our optimum is lower.
     """

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg as sla
+from scipy.linalg import lapack
 
 from ..crossprod import CrossProducts
 from ..spec import ModelSpec
@@ -37,7 +37,8 @@ class Factorization:
     T1: np.ndarray            # q1×q1 relative factor of the first block
     L1: np.ndarray            # (n1, q1, q1) per-level Cholesky factors of M_j = T1ᵀA11_jT1 + I
     Minv: np.ndarray          # (n1, q1, q1) M_j⁻¹
-    Lr: np.ndarray            # (m, m) Cholesky factor of the rest's Schur complement
+    Lr: np.ndarray            # (m, m) Cholesky factor of the rest's Schur complement (lower
+                              # triangle only: the upper holds leftovers, read it through np.tril)
     rest_T: list[np.ndarray]  # relative factors of the rest blocks
     logdet_Z: float
     logdet_X: float
@@ -88,16 +89,27 @@ class ProfiledDeviance:
             Minv = np.einsum("jba,jbc->jac", Linv, Linv)
             W = np.einsum("ab,jbc,dc->jad", T1, Minv, T1)
             logdet1 = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
-        C = cp.Arr - cp.schur_update(W)
-        rest_T = []
-        for block, off, th in zip(cp.rest_blocks, cp.rest_offsets, pieces[1:]):
-            T = block.T(th)
-            rest_T.append(T)
-            _scale_rows_cols(C, off, block.n_levels, T)
+        # C = Λ̃ᵀ (Arr − Σ_j B_j W_j B_jᵀ) Λ̃ + I on the rest's effects, Fortran order for LAPACK
+        C = np.array(cp.Arr, order="F")
+        C[cp.S_rows, cp.S_cols] -= cp.P @ W.ravel()
+        rest_T = [block.T(th) for block, th in zip(cp.rest_blocks, pieces[1:])]
+        if all(T.shape == (1, 1) for T in rest_T):
+            if rest_T:  # scalar blocks: one pass over the lower triangle's rows and columns
+                scale = np.ones(cp.m)
+                for block, off, T in zip(cp.rest_blocks, cp.rest_offsets, rest_T):
+                    scale[off : off + block.n_levels] = T[0, 0]
+                C *= scale[:, None]
+                C *= scale[None, :]
+        else:
+            C[cp.S_cols, cp.S_rows] = C[cp.S_rows, cp.S_cols]  # T mixes rows: keep C symmetric
+            for block, off, T in zip(cp.rest_blocks, cp.rest_offsets, rest_T):
+                _scale_rows_cols(C, off, block.n_levels, T)
         mR = cp.n_rest_effects
         idx = np.arange(mR)
         C[idx, idx] += 1.0
-        Lr = sla.cholesky(C, lower=True, check_finite=False)
+        Lr, info = lapack.dpotrf(C, lower=1, overwrite_a=1, clean=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dpotrf info {info}")
         d = np.diagonal(Lr)
         logdet_Z = logdet1 + 2.0 * float(np.sum(np.log(d[:mR])))
         logdet_X = 2.0 * float(np.sum(np.log(d[mR : mR + self.p])))

@@ -49,7 +49,7 @@ def compute_estimates(dev: ProfiledDeviance, f: Factorization, condvar: bool = T
     n, p = dev.n, dev.p
     mR = cp.n_rest_effects
     m = cp.m
-    Lr = f.Lr
+    Lr = np.tril(f.Lr)
     q1, n1 = cp.first.q, cp.first.n_levels
 
     # L_r1 = Λ̃ᵀ B (I⊗T1) blockdiag(L_j⁻ᵀ): the rest rows of the factor under block 1
@@ -99,7 +99,7 @@ def _conditional_variances(dev, f, Lr1, L1inv, sigma2) -> list[np.ndarray]:
     U1 = f.Minv.copy()  # (L11 L11ᵀ)⁻¹ per level
     out_rest = []
     if mR:
-        LRR_inv = sla.solve_triangular(f.Lr[:mR, :mR], np.eye(mR), lower=True, check_finite=False)
+        LRR_inv = sla.solve_triangular(np.tril(f.Lr[:mR, :mR]), np.eye(mR), lower=True, check_finite=False)
         # K = L_RR⁻¹ L_R1 L11⁻¹ adds Kᵀ K to block 1's inverse blocks
         K = np.asarray((sp.csr_matrix(Lr1[:mR, :]) @ _block_diag_sparse(L1inv)).T @ LRR_inv.T).T
         K = K.reshape(mR, n1, q1)

@@ -63,10 +63,12 @@ def minimize_bobyqa(
     lower: np.ndarray,
     *,
     ftol_rel: float = 1e-12,
+    xtol_rel: float = 0.0,
     ftol_abs: float = 1e-10,
     xtol_abs: float = 1e-10,
     maxeval: int = 100_000,
     restarts: int = 1,
+    initial_step: float | None = None,
 ) -> OptimizationRecord:
     """Minimise ``fun`` from ``start`` subject to ``θ ≥ lower`` with BOBYQA.
 
@@ -99,7 +101,7 @@ def minimize_bobyqa(
     message = ""
     warns: list[str] = []
     x = start.copy()
-    step = None
+    step = initial_step
     for _ in range(1 + restarts):
         if n == 1:
             # nlopt's BOBYQA needs at least two variables; pad with an inert one
@@ -120,6 +122,7 @@ def minimize_bobyqa(
         opt.set_ftol_rel(ftol_rel)
         opt.set_ftol_abs(ftol_abs)
         opt.set_xtol_abs(xtol_abs)
+        opt.set_xtol_rel(xtol_rel)
         opt.set_maxeval(max(maxeval - count, 10))
         before = best_f
         try:
