@@ -18,6 +18,7 @@ fixed, so the products ``B_j[r,a] B_j[s,b]`` are laid out once in a sparse matri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -93,6 +94,11 @@ class CrossProducts:
     def m(self) -> int:
         return self.Arr.shape[0]
 
+    @cached_property
+    def S_flat_f(self) -> np.ndarray:
+        """Positions of ``(S_rows, S_cols)`` in an m×m Fortran-ordered array, flattened."""
+        return self.S_cols * self.m + self.S_rows
+
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "CrossProducts":
         """Compute every block in one pass over the rows."""
@@ -131,7 +137,7 @@ class CrossProducts:
         return cls(
             n_obs=spec.n_obs, n_fixed=spec.n_fixed, first=first, A11=A11,
             rest_blocks=tuple(rest), rest_offsets=tuple(offsets), n_rest_effects=n_rest_eff,
-            Arr=np.ascontiguousarray(Arr), B=B, P=P, S_rows=S_rows, S_cols=S_cols,
+            Arr=np.asfortranarray(Arr), B=B, P=P, S_rows=S_rows, S_cols=S_cols,
         )
 
     def schur_update(self, W: np.ndarray) -> np.ndarray:

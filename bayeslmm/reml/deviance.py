@@ -90,8 +90,9 @@ class ProfiledDeviance:
             W = np.einsum("ab,jbc,dc->jad", T1, Minv, T1)
             logdet1 = 2.0 * float(np.sum(np.log(np.diagonal(L1, axis1=1, axis2=2))))
         # C = Λ̃ᵀ (Arr − Σ_j B_j W_j B_jᵀ) Λ̃ + I on the rest's effects, Fortran order for LAPACK
-        C = np.array(cp.Arr, order="F")
-        C[cp.S_rows, cp.S_cols] -= cp.P @ W.ravel()
+        C = cp.Arr.copy(order="F")
+        flat = C.reshape(-1, order="F")  # a view: C is Fortran-ordered
+        flat[cp.S_flat_f] -= cp.P @ W.ravel()
         rest_T = [block.T(th) for block, th in zip(cp.rest_blocks, pieces[1:])]
         if all(T.shape == (1, 1) for T in rest_T):
             if rest_T:  # scalar blocks: one pass over the lower triangle's rows and columns
