@@ -45,7 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a model and print its summary")
     f.add_argument("data", metavar="DATA", help="CSV or Parquet path, or a bundled dataset name")
     f.add_argument("formula", metavar="FORMULA", help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
-    f.add_argument("--method", default="reml", choices=["reml", "ml"], help="estimation method (default: reml)")
+    f.add_argument("--method", default="reml", choices=["reml", "ml", "nuts"],
+                   help="estimation method (default: reml); nuts samples the posterior")
+    f.add_argument("--draws", type=int, default=1000, help="nuts: draws per chain (default 1000)")
+    f.add_argument("--tune", type=int, default=1000, help="nuts: tuning steps per chain (default 1000)")
+    f.add_argument("--chains", type=int, default=4, help="nuts: number of chains (default 4)")
+    f.add_argument("--seed", type=int, default=None, help="nuts: random seed")
+    f.add_argument("--sampler", default="pymc", choices=["pymc", "nutpie"], help="nuts: sampler (default pymc)")
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     f.add_argument("--missing", default="raise", choices=["raise", "drop"],
                    help="rows with missing values: raise an error (default) or drop them")
@@ -68,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         data, name = read_data(args.data)
         model = Model(args.formula, data, missing=args.missing)
         model.data_name = name
-        fit = model.fit(method=args.method)
+        if args.method == "nuts":
+            fit = model.fit(method="nuts", draws=args.draws, tune=args.tune, chains=args.chains,
+                            random_seed=args.seed, sampler=args.sampler, progressbar=sys.stderr.isatty())
+        else:
+            fit = model.fit(method=args.method)
         print(fit.summary())
         if args.json:
             text = json.dumps(fit.to_dict(), indent=2)

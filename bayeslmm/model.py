@@ -12,7 +12,7 @@ from .errors import BayesLMMError
 from .formula import build_spec
 from .spec import ModelSpec
 
-METHODS = ("reml", "ml")
+METHODS = ("reml", "ml", "nuts")
 
 
 class Model:
@@ -70,25 +70,66 @@ class Model:
 
         Parameters
         ----------
-        method : {"reml", "ml"}
-            Restricted maximum likelihood (lme4's default) or maximum likelihood.
+        method : {"reml", "ml", "nuts"}
+            Restricted maximum likelihood (lme4's default), maximum likelihood, or
+            the posterior by NUTS.
         **options
             For REML/ML: ``start`` (θ) and optimizer settings (``ftol_rel``,
-            ``xtol_abs``, ``maxeval``, ``restarts``).
+            ``xtol_abs``, ``maxeval``, ``restarts``, ``initial_step``).
+
+            For NUTS: ``draws=1000``, ``tune=1000``, ``chains=4``, ``cores`` (1 for
+            PyMC's sampler, one thread per chain for nutpie), ``random_seed``,
+            ``sampler="pymc" | "nutpie"``, ``parameterization="collapsed" |
+            "explicit"``, ``priors`` (see :mod:`bayeslmm.bayes.priors`),
+            ``target_accept=0.8``, ``max_treedepth=10``, ``progressbar=True``,
+            ``log_likelihood`` (pointwise, for LOO; on by default below 5e7 values),
+            ``warn=True`` (convergence warnings).
 
         Returns
         -------
-        FreqFit
+        FreqFit or BayesFit
         """
         if not isinstance(method, str) or method.lower() not in METHODS:
             raise BayesLMMError(f"method must be one of {list(METHODS)}, got {method!r}")
+        if method.lower() == "nuts":
+            from .bayes.fit import fit_bayes
+
+            return fit_bayes(self.spec, self.crossprods, data_name=self.data_name, **_known(options, _NUTS_OPTIONS))
         from .reml import fit_frequentist
 
         return fit_frequentist(self.spec, reml=method.lower() == "reml", crossprods=self.crossprods,
-                               data_name=self.data_name, **options)
+                               data_name=self.data_name, **_known(options, _FREQ_OPTIONS))
+
+    def prior_predictive(self, draws: int = 500, priors: dict | None = None, random_seed: int | None = None):
+        """Draws of the response from the priors (a DataTree with ``prior`` and ``prior_predictive``).
+
+        Built from the explicit parameterisation, which has the same priors as the
+        collapsed one.
+        """
+        from .bayes.predictive import prior_predictive
+
+        return prior_predictive(self.spec, self.crossprods, draws=draws, priors=priors, random_seed=random_seed)
+
+    def prior_summary(self, priors: dict | None = None):
+        """The priors a NUTS fit would use: defaults scaled to the data, with ``priors`` applied."""
+        from .bayes.priors import resolve_priors
+
+        return resolve_priors(self.spec, priors).table(self.spec)
 
     def __repr__(self) -> str:
         s = self.spec
         groups = ", ".join(f"{b.group} ({b.n_levels} levels, {', '.join(b.columns)})" for b in s.blocks)
         return (f"Model({s.formula!r}: {s.n_obs} observations, fixed effects {list(s.fixed_names)}, "
                 f"random effects by {groups})")
+
+
+_FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step"}
+_NUTS_OPTIONS = {"draws", "tune", "chains", "cores", "random_seed", "sampler", "parameterization", "priors",
+                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn"}
+
+
+def _known(options: dict, allowed: set[str]) -> dict:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise BayesLMMError(f"unknown fit option(s) {unknown} for this method; allowed: {sorted(allowed)}")
+    return options

@@ -307,7 +307,7 @@ def test_no_fixed_effects(sleepstudy):
 @pytest.mark.parametrize("method", ["bayes", "REMLL", "", None, 3])
 def test_invalid_method(sleepstudy, method):
     model = Model(FORMULA, sleepstudy)
-    with pytest.raises(BayesLMMError, match=rf"method must be one of \['reml', 'ml'\], got {re.escape(repr(method))}"):
+    with pytest.raises(BayesLMMError, match=rf"method must be one of \['reml', 'ml', 'nuts'\], got {re.escape(repr(method))}"):
         model.fit(method=method)
 
 

@@ -58,3 +58,14 @@ def test_invalid_method_is_rejected(capsys):
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "bayeslmm", "datasets"], capture_output=True, text=True, check=True)
     assert "InstEval" in out.stdout
+
+
+def test_fit_nuts_from_the_command_line(tmp_path, capsys):
+    out_json = tmp_path / "nuts.json"
+    code = main(["fit", "Dyestuff", "Yield ~ 1 + (1 | Batch)", "--method", "nuts", "--draws", "300", "--tune", "300",
+                 "--chains", "2", "--seed", "1", "--json", str(out_json)])
+    assert code == 0
+    assert "Linear mixed model fit by NUTS" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert result["method"] == "NUTS" and result["seed"] == 1 and result["draws"] == 300
+    assert 1450 < result["posterior"]["beta[(Intercept)]"]["mean"] < 1600  # lme4: 1527.5

@@ -1,0 +1,187 @@
+"""Sample the posterior with NUTS (PyMC's or nutpie's) and assemble a :class:`BayesFit`."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import xarray as xr
+
+from ..crossprod import CrossProducts
+from ..errors import BayesLMMError
+from ..spec import ModelSpec
+from . import diagnostics
+from .collapsed import draw_first_block
+from .model import PARAMETERIZATIONS, build_pymc_model
+from .priors import resolve_priors
+from .results import BayesFit
+
+SAMPLERS = ("pymc", "nutpie")
+#: pointwise log-likelihood values stored by default at most (rows × draws)
+MAX_LOGLIK_VALUES = 50_000_000
+
+
+def _positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise BayesLMMError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_sampler_args(draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth,
+                       random_seed):
+    """Validate the sampling arguments with messages that name the argument."""
+    draws = _positive_int("draws", draws)
+    tune = _positive_int("tune", tune, 0)
+    chains = _positive_int("chains", chains)
+    if cores is not None:
+        cores = _positive_int("cores", cores)
+    if sampler not in SAMPLERS:
+        raise BayesLMMError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+    if parameterization not in PARAMETERIZATIONS:
+        raise BayesLMMError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+    if not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
+        raise BayesLMMError(f"target_accept must be a number strictly between 0 and 1, got {target_accept!r}")
+    max_treedepth = _positive_int("max_treedepth", max_treedepth)
+    if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, (int, np.integer))
+                                    or random_seed < 0):
+        raise BayesLMMError(f"random_seed must be a non-negative integer or None, got {random_seed!r}")
+    return draws, tune, chains, cores, max_treedepth
+
+
+def fit_bayes(
+    spec: ModelSpec,
+    crossprods: CrossProducts,
+    *,
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    cores: int | None = None,
+    random_seed: int | None = None,
+    sampler: str = "pymc",
+    parameterization: str = "collapsed",
+    priors: dict | None = None,
+    target_accept: float = 0.8,
+    max_treedepth: int = 10,
+    progressbar: bool = True,
+    log_likelihood: bool | None = None,
+    warn: bool = True,
+    data_name: str | None = None,
+) -> BayesFit:
+    """Sample the posterior of ``spec``; see :meth:`bayeslmm.Model.fit` for the arguments."""
+    draws, tune, chains, cores, max_treedepth = check_sampler_args(
+        draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth, random_seed)
+    prior_set = resolve_priors(spec, priors)
+    t0 = time.perf_counter()
+    built = build_pymc_model(spec, crossprods, prior_set, parameterization)
+    t1 = time.perf_counter()
+    seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
+    dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth, progressbar)
+    t2 = time.perf_counter()
+    post = dt["posterior"].to_dataset()
+    keep = [v for v in post.data_vars if v not in built.internal]
+    post = post[keep]
+    rng = np.random.default_rng([seed, 1])
+    if parameterization == "collapsed":
+        post = _add_first_block(spec, built, post, rng)
+    dt["posterior"] = xr.DataTree(post)
+    _add_data_groups(dt, spec)
+    n_values = spec.n_obs * chains * draws
+    if log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
+        dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
+    t3 = time.perf_counter()
+    fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
+                   sampler=sampler, seed=seed, data_name=data_name,
+                   timings={"build": t1 - t0, "sample": t2 - t1, "postprocess": t3 - t2})
+    diag = fit.diagnostics()
+    if warn:
+        diagnostics.warn(diag, stacklevel=4)
+    return fit
+
+
+def _sample(model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth, progressbar):
+    with warnings.catch_warnings():
+        # pip's PyTensor finds no BLAS it can link (numpy's is symbol-prefixed); the
+        # collapsed graph has no large products, and the fallback calls numpy's BLAS
+        warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS")
+        return _run_sampler(model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth,
+                            progressbar)
+
+
+def _run_sampler(model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth, progressbar):
+    import pymc as pm
+
+    if sampler == "nutpie":
+        import nutpie
+
+        compiled = nutpie.compile_pymc_model(model)
+        return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains,
+                             cores=cores if cores is not None else chains, seed=seed,
+                             progress_bar=progressbar, target_accept=target_accept, maxdepth=max_treedepth,
+                             save_warmup=False)
+    # PyMC's own NUTS; one process by default: for these models starting worker
+    # processes costs more than the sampling they would share
+    logger = logging.getLogger("pymc")
+    level = logger.level
+    if not progressbar:
+        logger.setLevel(logging.ERROR)
+    try:
+        with model:
+            step = pm.NUTS(target_accept=target_accept, max_treedepth=max_treedepth)
+            return pm.sample(draws=draws, tune=tune, chains=chains, cores=cores if cores is not None else 1,
+                             random_seed=seed, step=step, progressbar=progressbar, nuts_sampler="pymc",
+                             compute_convergence_checks=False)
+    finally:
+        logger.setLevel(level)
+
+
+def _cov_factor(post: xr.Dataset, name: str, block) -> np.ndarray:
+    """Per-draw absolute Cholesky factor L (chain, draw, q, q) from the sd and correlation draws."""
+    sd = post[f"{name}_sd"].to_numpy()
+    if block.correlated and block.q > 1:
+        corr = post[f"{name}_corr"].to_numpy()
+        return sd[..., :, None] * np.linalg.cholesky(corr)
+    return sd[..., :, None] * np.eye(block.q)
+
+
+def _add_first_block(spec, built, post, rng):
+    """Draw the integrated-out effects exactly from their Gaussian conditional."""
+    first, name = spec.blocks[0], built.names[0]
+    C, D = post.sizes["chain"], post.sizes["draw"]
+    beta = post["beta"].to_numpy().reshape(C * D, -1)
+    rest = [post[n].to_numpy().reshape(C * D, -1) for n in built.names[1:]]
+    gamma = np.concatenate(rest + [beta], axis=1)
+    L = _cov_factor(post, name, first).reshape(C * D, first.q, first.q)
+    sigma = post["sigma"].to_numpy().reshape(C * D)
+    b = draw_first_block(built.collapsed, gamma, L, sigma, rng).reshape(C, D, first.n_levels, first.q)
+    post[name] = xr.DataArray(b, dims=("chain", "draw", f"{name}_level", f"{name}_effect"),
+                              coords={f"{name}_level": list(first.levels), f"{name}_effect": list(first.columns)})
+    return post[[name] + [v for v in post.data_vars if v != name]]
+
+
+def linear_predictor(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> np.ndarray:
+    """Conditional means Xβ + Zb per draw: (chain, draw, obs)."""
+    beta = post["beta"].to_numpy()
+    mu = np.einsum("cdp,np->cdn", beta, spec.X)
+    for block, name in zip(spec.blocks, names):
+        b = post[name].to_numpy()
+        mu += np.einsum("cdnq,nq->cdn", b[:, :, block.codes, :], block.Z)
+    return mu
+
+
+def pointwise_loglik(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> xr.Dataset:
+    """log N(y_i | X_iβ + Z_ib, σ) per observation and draw (conditional on the effects, as brms)."""
+    mu = linear_predictor(spec, post, names)
+    sigma = post["sigma"].to_numpy()[..., None]
+    ll = -0.5 * np.log(2 * np.pi) - np.log(sigma) - 0.5 * ((spec.y - mu) / sigma) ** 2
+    return xr.Dataset({"y": (("chain", "draw", "obs"), ll)}, coords={"obs": np.arange(spec.n_obs)})
+
+
+def _add_data_groups(dt, spec: ModelSpec) -> None:
+    obs = np.arange(spec.n_obs)
+    dt["observed_data"] = xr.DataTree(xr.Dataset({"y": ("obs", spec.y)}, coords={"obs": obs}))
+    const = {"X": (("obs", "coef"), spec.X)}
+    for i, block in enumerate(spec.blocks):
+        const[f"codes_{i}"] = ("obs", block.codes)
+    dt["constant_data"] = xr.DataTree(xr.Dataset(const, coords={"obs": obs, "coef": list(spec.fixed_names)}))

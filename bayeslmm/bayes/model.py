@@ -1,0 +1,119 @@
+"""A ModelSpec becomes a PyMC model, in one of two parameterisations of the same model.
+
+* ``collapsed``: the first (largest) random-effect block is integrated out
+  analytically (:mod:`.collapsed`); other blocks, if any, are sampled non-centred.
+* ``explicit``: every random effect is sampled non-centred, b = z Lᵀ, with a
+  Normal likelihood over the rows — the general fallback and the cross-check.
+
+Variables (named dims throughout): ``beta`` (dim ``coef``), ``sigma``, and per
+block ``{g}_sd`` (dim ``{g}_effect``), ``{g}_corr`` for correlated blocks, and the
+effects ``{g}`` (dims ``{g}_level``, ``{g}_effect``; drawn after sampling in the
+collapsed parameterisation).  ``g`` is the grouping factor's name, with ``.1``,
+``.2`` appended when several blocks share a factor (lme4's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..crossprod import CrossProducts
+from ..spec import ModelSpec
+from .collapsed import CollapsedData, collapsed_loglik
+from .priors import PriorSet
+
+PARAMETERIZATIONS = ("collapsed", "explicit")
+
+
+def block_names(spec: ModelSpec) -> list[str]:
+    """Unique variable names for the blocks: the group, then group.1, group.2 ..."""
+    names, seen = [], {}
+    for b in spec.blocks:
+        k = seen.get(b.group, 0)
+        names.append(b.group if k == 0 else f"{b.group}.{k}")
+        seen[b.group] = k + 1
+    return names
+
+
+@dataclass
+class BuiltModel:
+    """A PyMC model with what is needed to read its draws back."""
+
+    model: object
+    parameterization: str
+    names: list[str]
+    collapsed: CollapsedData | None
+    internal: list[str]          # free variables that are not reported in the posterior
+
+
+def _block_cov(name: str, block, bp, pm, pt):
+    """The block's absolute Cholesky factor L (q×q), its sds and, if correlated, its correlation."""
+    dims_e = f"{name}_effect"
+    if block.correlated and block.q > 1:
+        chol, corr, sds = pm.LKJCholeskyCov(f"{name}_chol_cov", n=block.q, eta=bp.eta,
+                                            sd_dist=bp.sd.dist(shape=block.q), compute_corr=True)
+        pm.Deterministic(f"{name}_sd", sds, dims=dims_e)
+        pm.Deterministic(f"{name}_corr", corr, dims=(dims_e, f"{name}_effect_"))
+        return chol
+    sds = bp.sd.variable(f"{name}_sd", dims=dims_e)
+    return pt.diag(sds)
+
+
+def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
+                     parameterization: str = "collapsed") -> BuiltModel:
+    """The PyMC model of ``spec`` under ``priors``."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    names = block_names(spec)
+    coords = {"coef": list(spec.fixed_names)}
+    for name, block in zip(names, spec.blocks):
+        coords[f"{name}_level"] = list(block.levels)
+        coords[f"{name}_effect"] = list(block.columns)
+        coords[f"{name}_effect_"] = list(block.columns)
+    p = spec.n_fixed
+    # β = C β_c: β_c are the coefficients on centred predictors (intercept at the means)
+    Cm = np.eye(p)
+    if priors.centred:
+        i0 = list(spec.fixed_names).index("(Intercept)")
+        Cm[i0, :] -= priors.x_means
+        Cm[i0, i0] = 1.0
+    internal = ["beta_c"]
+    with pm.Model(coords=coords) as model:
+        mus = np.array([pr.params.get("mu", 0.0) for pr in priors.beta])
+        same_family = all(pr.family == "Normal" for pr in priors.beta)
+        if same_family:
+            sig = np.array([pr.params["sigma"] for pr in priors.beta])
+            beta_c = pm.Normal("beta_c", mu=mus, sigma=sig, dims="coef")
+        else:
+            beta_c = pt.stack([pr.variable(f"beta_c[{n}]") for pr, n in zip(priors.beta, spec.fixed_names)])
+            internal += [f"beta_c[{n}]" for n in spec.fixed_names]
+        beta = pm.Deterministic("beta", pt.dot(Cm, beta_c), dims="coef")
+        sigma = priors.sigma.variable("sigma")
+        chols = []
+        for name, block, bp in zip(names, spec.blocks, priors.blocks):
+            chols.append(_block_cov(name, block, bp, pm, pt))
+            if block.correlated and block.q > 1:
+                internal += [f"{name}_chol_cov", f"{name}_chol_cov_corr", f"{name}_chol_cov_stds"]
+        first = 1 if parameterization == "collapsed" else 0
+        effects = []
+        for name, block, L in zip(names[first:], spec.blocks[first:], chols[first:]):
+            z = pm.Normal(f"{name}_z", 0.0, 1.0, dims=(f"{name}_level", f"{name}_effect"))
+            internal.append(f"{name}_z")
+            effects.append(pm.Deterministic(name, pt.dot(z, L.T), dims=(f"{name}_level", f"{name}_effect")))
+        if parameterization == "collapsed":
+            data = CollapsedData.from_crossprods(cp)
+            gamma = pt.concatenate([e.ravel() for e in effects] + [beta]) if effects else beta
+            pm.Potential("marginal_loglik", collapsed_loglik(data, gamma, chols[0], sigma))
+        elif parameterization == "explicit":
+            data = None
+            mu = pt.dot(spec.X, beta)
+            for block, b in zip(spec.blocks, effects):
+                mu = mu + pt.sum(block.Z * b[block.codes], axis=1)
+            model.add_coord("obs", np.arange(spec.n_obs))
+            pm.Normal("y", mu=mu, sigma=sigma, observed=spec.y, dims="obs")
+        else:
+            raise ValueError(parameterization)
+    return BuiltModel(model=model, parameterization=parameterization, names=names, collapsed=data,
+                      internal=internal)

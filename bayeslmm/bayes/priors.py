@@ -1,0 +1,234 @@
+"""Priors: weakly informative defaults scaled to the data, every one overridable.
+
+Defaults (after rstanarm's autoscaling, Gabry & Goodrich, *Prior distributions for
+rstanarm models*; predictors are centred internally when the model has an
+intercept, as rstanarm, brms and bambi do):
+
+* intercept (at the predictors' means): ``Normal(mean(y), 2.5·sd(y))``
+* coefficient of column k:           ``Normal(0, 2.5·sd(y)/sd(x_k))``
+  (``rms(x_k)`` instead of ``sd`` for columns of a model without intercept)
+* residual sd σ:                     ``Exponential(rate = 1/sd(y))``
+* sd of random-effect column c:      ``HalfNormal(sd(y)/s_c)``, s_c the column's sd
+  (1 for an intercept; its rms when it does not vary)
+* correlation of a correlated block: ``LKJ(η = 1)``, uniform over correlation matrices
+  (brms' default); the block is one ``pm.LKJCholeskyCov``.
+
+Override with a dict passed to ``Model.fit(method="nuts", priors=...)``::
+
+    {"Days": Prior("Normal", mu=0, sigma=10),          # one coefficient
+     "Intercept": Prior("Normal", mu=250, sigma=100),   # "(Intercept)" works too
+     "sigma": Prior("HalfStudentT", nu=3, sigma=50),
+     "Subject": {"sd": Prior("HalfNormal", sigma=[30, 10]), "eta": 2.0},
+     "Subject|Days": Prior("HalfNormal", sigma=8)}      # one random-effect sd
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import BayesLMMError
+from ..spec import ModelSpec
+
+#: distributions a prior may name, with the parameters that must be positive
+LOCATION_FAMILIES = {"Normal": ("sigma",), "StudentT": ("nu", "sigma"), "Cauchy": ("beta",),
+                     "Laplace": ("b",), "Logistic": ("s",)}
+SCALE_FAMILIES = {"HalfNormal": ("sigma",), "HalfStudentT": ("nu", "sigma"), "HalfCauchy": ("beta",),
+                  "Exponential": ("lam",), "Gamma": ("alpha", "beta"), "InverseGamma": ("alpha", "beta"),
+                  "LogNormal": ("sigma",), "Weibull": ("alpha", "beta")}
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A prior distribution by PyMC name and parameters, e.g. ``Prior("Normal", mu=0, sigma=10)``."""
+
+    family: str
+    params: dict = field(default_factory=dict)
+
+    def __init__(self, family: str, **params):
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "params", params)
+
+    def check(self, where: str, kind: str) -> "Prior":
+        """Validate against the allowed families of ``kind`` ("location" or "scale")."""
+        families = LOCATION_FAMILIES if kind == "location" else SCALE_FAMILIES
+        if self.family not in families:
+            raise BayesLMMError(
+                f"prior for {where}: unknown or unsuitable distribution {self.family!r}; "
+                f"use one of {sorted(families)}"
+            )
+        for name in families[self.family]:
+            if name not in self.params:
+                raise BayesLMMError(f"prior for {where}: {self.family} needs the parameter {name!r}")
+        for name, value in self.params.items():
+            arr = np.asarray(value, dtype=float)
+            if not np.all(np.isfinite(arr)):
+                raise BayesLMMError(f"prior for {where}: parameter {name}={value!r} must be finite")
+            if name in families[self.family] and np.any(arr <= 0):
+                raise BayesLMMError(f"prior for {where}: parameter {name}={value!r} must be positive")
+        return self
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={_short(v)}" for k, v in self.params.items())
+        return f"{self.family}({args})"
+
+    def dist(self, **shape):
+        """The PyMC distribution object (``pm.X.dist``)."""
+        import pymc as pm
+
+        return getattr(pm, self.family).dist(**self.params, **shape)
+
+    def variable(self, name: str, **kwargs):
+        import pymc as pm
+
+        return getattr(pm, self.family)(name, **self.params, **kwargs)
+
+
+def _short(v) -> str:
+    if np.ndim(v) == 0:
+        return f"{float(v):.4g}"
+    return "[" + ", ".join(f"{float(x):.4g}" for x in np.ravel(v)) + "]"
+
+
+@dataclass(frozen=True)
+class BlockPriors:
+    """Priors of one random-effect block: a shared sd family with per-column parameters, and η."""
+
+    sd: Prior
+    eta: float
+
+
+@dataclass(frozen=True)
+class PriorSet:
+    """All priors of a model, on the scale the sampler sees (centred predictors)."""
+
+    beta: tuple[Prior, ...]           # per fixed-effect column (centred intercept first if any)
+    sigma: Prior
+    blocks: tuple[BlockPriors, ...]
+    centred: bool                      # predictors centred at their means (model has an intercept)
+    x_means: np.ndarray                # means used for centring (0 for the intercept)
+
+    def table(self, spec: ModelSpec) -> pd.DataFrame:
+        """One row per prior: parameter, distribution, and what it is on."""
+        rows = []
+        for name, prior in zip(spec.fixed_names, self.beta):
+            note = "at the predictors' means" if (self.centred and name == "(Intercept)") else ""
+            rows.append(("fixed", name, str(prior), note))
+        rows.append(("residual", "sigma", str(self.sigma), ""))
+        for block, bp in zip(spec.blocks, self.blocks):
+            for c, col in enumerate(block.columns):
+                params = {k: (np.ravel(v)[c] if np.ndim(v) else v) for k, v in bp.sd.params.items()}
+                rows.append(("sd", f"{block.group}|{col}", str(Prior(bp.sd.family, **params)), ""))
+            if block.correlated and block.q > 1:
+                rows.append(("correlation", block.group, f"LKJ(eta={bp.eta:g})", "pm.LKJCholeskyCov"))
+        return pd.DataFrame(rows, columns=["class", "parameter", "prior", "note"])
+
+
+def _scale(values: np.ndarray) -> float:
+    sd = float(np.std(values))
+    if sd > 1e-12 * max(1.0, float(np.max(np.abs(values)))):
+        return sd
+    rms = float(np.sqrt(np.mean(values**2)))
+    return rms if rms > 0 else 1.0
+
+
+def default_priors(spec: ModelSpec) -> PriorSet:
+    """The documented defaults for ``spec``."""
+    y = spec.y
+    sy = float(np.std(y))
+    names = list(spec.fixed_names)
+    centred = "(Intercept)" in names
+    means = np.zeros(spec.n_fixed)
+    beta = []
+    for k, name in enumerate(names):
+        col = spec.X[:, k]
+        if name == "(Intercept)":
+            beta.append(Prior("Normal", mu=float(np.mean(y)) if centred else 0.0, sigma=2.5 * sy))
+            continue
+        if centred:
+            means[k] = float(np.mean(col))
+            s = _scale(col)
+        else:
+            s = float(np.sqrt(np.mean(col**2))) or 1.0
+        beta.append(Prior("Normal", mu=0.0, sigma=2.5 * sy / s))
+    blocks = []
+    for block in spec.blocks:
+        scales = [sy / _scale(block.Z[:, c]) if block.columns[c] != "(Intercept)" else sy for c in range(block.q)]
+        blocks.append(BlockPriors(sd=Prior("HalfNormal", sigma=np.array(scales)), eta=1.0))
+    return PriorSet(beta=tuple(beta), sigma=Prior("Exponential", lam=1.0 / sy), blocks=tuple(blocks),
+                    centred=centred, x_means=means)
+
+
+def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
+    """Defaults with the user's overrides applied and checked."""
+    base = default_priors(spec)
+    if not overrides:
+        return base
+    if not isinstance(overrides, dict):
+        raise BayesLMMError("priors must be a dict such as {'Days': Prior('Normal', mu=0, sigma=10)}")
+    beta = list(base.beta)
+    sigma = base.sigma
+    blocks = list(base.blocks)
+    names = list(spec.fixed_names)
+    groups = [b.group for b in spec.blocks]
+    for key, value in overrides.items():
+        fixed_key = "(Intercept)" if key == "Intercept" else key
+        if fixed_key in names:
+            beta[names.index(fixed_key)] = _as_prior(value, f"coefficient {key!r}").check(f"coefficient {key!r}", "location")
+        elif key == "sigma":
+            sigma = _as_prior(value, "sigma").check("sigma", "scale")
+        elif key in groups:
+            i = groups.index(key)
+            if not isinstance(value, dict) or not set(value) <= {"sd", "eta"}:
+                raise BayesLMMError(f"prior for block {key!r} must be a dict with keys 'sd' and/or 'eta'")
+            bp = blocks[i]
+            sd, eta = bp.sd, bp.eta
+            if "sd" in value:
+                sd = _as_prior(value["sd"], f"{key} sd").check(f"{key} sd", "scale")
+                sd = Prior(sd.family, **{k: _per_column(v, spec.blocks[i].q, f"{key} sd {k}") for k, v in sd.params.items()})
+            if "eta" in value:
+                eta = value["eta"]
+                if not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta <= 0:
+                    raise BayesLMMError(f"prior for block {key!r}: LKJ eta must be a positive number, got {eta!r}")
+            blocks[i] = BlockPriors(sd=sd, eta=float(eta))
+        elif "|" in key and key.split("|", 1)[0] in groups:
+            group, col = key.split("|", 1)
+            i = groups.index(group)
+            cols = list(spec.blocks[i].columns)
+            col = "(Intercept)" if col in ("1", "Intercept") else col
+            if col not in cols:
+                raise BayesLMMError(f"prior {key!r}: {group!r} has no random effect {col!r} (it has {cols})")
+            new = _as_prior(value, key).check(key, "scale")
+            bp = blocks[i]
+            if new.family != bp.sd.family or set(new.params) != set(bp.sd.params):
+                raise BayesLMMError(
+                    f"prior {key!r}: the sds of one block share a distribution ({bp.sd}); give "
+                    f"{bp.sd.family} parameters, or set the whole block with {{'{group}': {{'sd': ...}}}}"
+                )
+            params = {k: np.array(_per_column(v, len(cols), key), dtype=float) for k, v in bp.sd.params.items()}
+            for k, v in new.params.items():
+                params[k][cols.index(col)] = float(v)
+            blocks[i] = BlockPriors(sd=Prior(bp.sd.family, **params), eta=bp.eta)
+        else:
+            raise BayesLMMError(
+                f"prior key {key!r} names nothing in the model; use a coefficient {names}, 'sigma', "
+                f"a grouping factor {groups} (with 'sd'/'eta'), or 'group|column' for one sd"
+            )
+    return PriorSet(beta=tuple(beta), sigma=sigma, blocks=tuple(blocks), centred=base.centred, x_means=base.x_means)
+
+
+def _as_prior(value, where: str) -> Prior:
+    if not isinstance(value, Prior):
+        raise BayesLMMError(f"prior for {where} must be a bayeslmm.Prior, e.g. Prior('Normal', mu=0, sigma=1); got {value!r}")
+    return value
+
+
+def _per_column(v, q: int, where: str):
+    arr = np.asarray(v, dtype=float)
+    if arr.ndim == 0:
+        return np.full(q, float(arr))
+    if arr.shape != (q,):
+        raise BayesLMMError(f"{where}: give one value or {q} (one per random-effect column), got shape {arr.shape}")
+    return arr
