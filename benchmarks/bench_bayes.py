@@ -223,6 +223,42 @@ def _diagnose(cfg, fitted, dt) -> dict:
     return out
 
 
+def save_frame(df, path) -> None:
+    """A DataFrame as .npz (numeric columns, categoricals as codes + categories): read by
+    both virtual environments, which need not share pandas' optional dependencies."""
+    import numpy as np
+    import pandas as pd
+
+    arrays, kinds = {}, {}
+    for col in df.columns:
+        s = df[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            cats = np.asarray(s.cat.categories)
+            arrays[f"{col}__codes"] = s.cat.codes.to_numpy()
+            arrays[f"{col}__cats"] = cats if cats.dtype.kind in "iuf" else cats.astype(str)
+            kinds[col] = "category"
+        else:
+            arrays[col] = s.to_numpy()
+            kinds[col] = "numeric"
+    arrays["__columns__"] = np.array(json.dumps(kinds))
+    np.savez(path, **arrays)
+
+
+def load_frame(path):
+    import numpy as np
+    import pandas as pd
+
+    z = np.load(path)
+    kinds = json.loads(str(z["__columns__"]))
+    cols = {}
+    for col, kind in kinds.items():
+        if kind == "category":
+            cols[col] = pd.Categorical.from_codes(z[f"{col}__codes"], categories=z[f"{col}__cats"])
+        else:
+            cols[col] = z[col]
+    return pd.DataFrame(cols)
+
+
 def worker(cfg_path: str, out_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     result = {"config": cfg, "runs": [], "python": sys.executable}
@@ -259,7 +295,7 @@ def worker(cfg_path: str, out_path: str) -> int:
     result["pytensor_compiledir"] = str(pytensor.config.compiledir)
     timer = _CompileTimer()
     timer.install()
-    df = pd.read_pickle(cfg["data"])
+    df = load_frame(cfg["data"])
     save()
     for run in range(cfg["runs"]):
         gc.collect()
@@ -339,6 +375,7 @@ def run_worker(python: str, cfg: dict, workdir: Path, timeout: float | None, env
     elapsed = time.perf_counter() - t0
     cpu1 = os.times()
     res = json.loads(out_path.read_text()) if out_path.exists() else {"runs": []}
+    res.setdefault("config", cfg)
     res.update(tag=tag, process_seconds=elapsed, timed_out=timed_out, returncode=proc.returncode,
                process_cpu_seconds=(cpu1.children_user + cpu1.children_system)
                - (cpu0.children_user + cpu0.children_system),
@@ -590,8 +627,6 @@ def main(argv=None) -> int:
         caches.append(d)
         return {"PYTENSOR_FLAGS": f"compiledir={d / 'pytensor'}", "NUMBA_CACHE_DIR": str(d / "numba")}
 
-    import pandas as pd  # noqa: E402  (after the worker branch: the parent only)
-
     sys.path.insert(0, str(ROOT))
     from bayeslmm.datasets import load_dataset
     from bayeslmm.simulate import simulate_lmm
@@ -602,8 +637,8 @@ def main(argv=None) -> int:
 
     # ----------------------------------------------------------------- part 1
     if not a.skip_sleepstudy:
-        data = tmp / "sleepstudy.pkl"
-        load_dataset("sleepstudy").to_pickle(data)
+        data = tmp / "sleepstudy.npz"
+        save_frame(load_dataset("sleepstudy"), data)
         configs = [
             dict(engine="bayeslmm", sampler="pymc", parameterization="collapsed"),
             dict(engine="bayeslmm", sampler="nutpie", parameterization="collapsed"),
@@ -640,8 +675,8 @@ def main(argv=None) -> int:
             if n % j:
                 p.error(f"size {n}x{j}: rows must be a multiple of groups")
             df = simulate_lmm(n_groups=j, n_per_group=n // j, seed=a.seed, **SIM_TRUTH)
-            path = tmp / f"sim_{n}_{j}.pkl"
-            df.to_pickle(path)
+            path = tmp / f"sim_{n}_{j}.npz"
+            save_frame(df, path)
             sim_data[(n, j)] = path
             del df
         samplers = [s.strip() for s in a.sim_samplers.split(",") if s.strip()]
@@ -726,6 +761,11 @@ def main(argv=None) -> int:
         print("\nwarnings raised during the timed fits:")
         for w in odd:
             print(f"  {w[:200]}")
+    same = [res["tag"] for res in results["sleepstudy"] + results["sim"] if len(res["runs"]) > 1
+            and len({r.get("checksum") for r in res["runs"]}) > 1]
+    if any(len(res["runs"]) > 1 for res in results["sleepstudy"] + results["sim"]):
+        print("\nsame seed, same draws in the warm run as in the cold one: "
+              + ("yes, everywhere" if not same else f"NO for {', '.join(same)}"))
     for res in results["sleepstudy"] + results["sim"]:
         if res.get("sampler_log"):
             print(f"  [{res['tag']}] {' | '.join(res['sampler_log'][:1])}")

@@ -38,6 +38,10 @@ class CollapsedData:
     yty: float
     n_obs: int
 
+    def with_response(self, g, Xty, yty) -> "CollapsedData":
+        """The same design with other response-dependent blocks (arrays or shared tensors)."""
+        return CollapsedData(G=self.G, H=self.H, g=g, XtX=self.XtX, Xty=Xty, yty=yty, n_obs=self.n_obs)
+
     @classmethod
     def from_crossprods(cls, cp: CrossProducts) -> "CollapsedData":
         J, q = cp.first.n_levels, cp.first.q

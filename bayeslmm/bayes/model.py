@@ -104,8 +104,11 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
             effects.append(pm.Deterministic(name, pt.dot(z, L.T), dims=(f"{name}_level", f"{name}_effect")))
         if parameterization == "collapsed":
             data = CollapsedData.from_crossprods(cp)
+            # the response enters only through these three: shared, so that a compiled
+            # model can be refitted to new y of the same design (simulation-based calibration)
+            shared = data.with_response(pm.Data("Z1ty", data.g), pm.Data("Xty", data.Xty), pm.Data("yty", data.yty))
             gamma = pt.concatenate([e.ravel() for e in effects] + [beta]) if effects else beta
-            pm.Potential("marginal_loglik", collapsed_loglik(data, gamma, chols[0], sigma))
+            pm.Potential("marginal_loglik", collapsed_loglik(shared, gamma, chols[0], sigma))
         elif parameterization == "explicit":
             data = None
             mu = pt.dot(spec.X, beta)
