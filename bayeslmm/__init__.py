@@ -1,5 +1,6 @@
-"""bayeslmm: linear mixed models with lme4 formulas, fitted by REML/ML and (soon) by NUTS."""
+"""bayeslmm: linear mixed models with lme4 formulas, fitted by REML/ML and by NUTS."""
 
+from .bayes.priors import Prior
 from .errors import BayesLMMError, DataError, FormulaError, ModelError
 from .model import Model
 from .reml import FreqFit
@@ -7,5 +8,5 @@ from .spec import ModelSpec, RandomBlock
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesLMMError", "DataError", "FormulaError", "FreqFit", "Model", "ModelError", "ModelSpec",
+__all__ = ["BayesLMMError", "Prior", "DataError", "FormulaError", "FreqFit", "Model", "ModelError", "ModelSpec",
            "RandomBlock", "__version__"]
