@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--tune", type=int, default=1000, help="nuts: tuning steps per chain (default 1000)")
     f.add_argument("--chains", type=int, default=4, help="nuts: number of chains (default 4)")
     f.add_argument("--seed", type=int, default=None, help="nuts: random seed")
-    f.add_argument("--sampler", default="pymc", choices=["pymc", "nutpie"], help="nuts: sampler (default pymc)")
+    f.add_argument("--sampler", default="auto", choices=["auto", "pymc", "nutpie"],
+                   help="nuts: sampler (default auto: pymc for small models, nutpie for big ones)")
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     f.add_argument("--missing", default="raise", choices=["raise", "drop"],
                    help="rows with missing values: raise an error (default) or drop them")

@@ -41,12 +41,14 @@ def test_collapsed_loglik_is_the_ml_deviance(data, formula):
     assert _loglik_fn(cd)(fit.fixef.to_numpy() + 1.0, fit.sigma * T, fit.sigma) < val
 
 
-def test_effect_draws_have_conditional_mean_and_variance(data):
-    model = Model("Reaction ~ Days + (Days | Subject)", data)
+@pytest.mark.parametrize("formula", [FORMULAS[0], FORMULAS[1], FORMULAS[3]])  # q = 1, 2 (closed form), 3
+def test_effect_draws_have_conditional_mean_and_variance(data, formula):
+    model = Model(formula, data)
     fit = model.fit(method="reml")
     cd = CollapsedData.from_crossprods(model.crossprods)
     S = 20_000
-    L = np.broadcast_to(fit.sigma * model.spec.blocks[0].T(fit.theta), (S, 2, 2))
+    q = model.spec.blocks[0].q
+    L = np.broadcast_to(fit.sigma * model.spec.blocks[0].T(fit.theta), (S, q, q))
     b = draw_first_block(cd, np.tile(fit.fixef.to_numpy(), (S, 1)), np.array(L), np.full(S, fit.sigma),
                          np.random.default_rng(0))
     mean, modes = b.mean(0), fit.estimates.b[0]

@@ -70,11 +70,16 @@ def collapsed_loglik(data: CollapsedData, gamma, L, sigma):
 
     q = data.G.shape[1]
     s2 = sigma**2
-    u = data.g - pt.tensordot(data.H, gamma, axes=[[2], [0]])          # (J, q)
+    r = data.H.shape[2]
+    if r <= 8:  # few coefficients: unrolled, so the whole likelihood fuses into elementwise loops
+        u = [data.g[:, i] - sum(data.H[:, i, k] * gamma[k] for k in range(r)) for i in range(q)]
+    else:
+        ug = data.g - pt.tensordot(data.H, gamma, axes=[[2], [0]])      # (J, q)
+        u = [ug[:, i] for i in range(q)]
     if q == 1:
         a = L[0, 0]
         M = 1.0 + a**2 * data.G[:, 0, 0] / s2
-        w = a * u[:, 0]
+        w = a * u[0]
         logdet = pt.sum(pt.log(M))
         quad = pt.sum(w**2 / M)
     else:
@@ -84,7 +89,7 @@ def collapsed_loglik(data: CollapsedData, gamma, L, sigma):
         GL = [[sum(data.G[:, i, k] * L[k, c] for k in range(q)) for c in range(q)] for i in range(q)]
         M = [[sum(L[i, a] * GL[i][b] for i in range(q)) / s2 + (1.0 if a == b else 0.0) for b in range(q)]
              for a in range(q)]
-        w = [sum(L[i, a] * u[:, i] for i in range(q)) for a in range(q)]        # Lᵀu_j
+        w = [sum(L[i, a] * u[i] for i in range(q)) for a in range(q)]           # Lᵀu_j
         C = [[None] * q for _ in range(q)]
         v = [None] * q
         logdet = 0.0
@@ -125,6 +130,9 @@ def draw_first_block(data: CollapsedData, gamma: np.ndarray, L: np.ndarray, sigm
         sl = slice(start, min(S, start + chunk))
         gm, Ls, s2 = gamma[sl], L[sl], sigma[sl] ** 2
         u = data.g[None] - np.einsum("jqr,sr->sjq", data.H, gm)                    # (s, J, q)
+        if q <= 2:
+            out[sl] = _draw_small(data.G, u, Ls, s2, rng)
+            continue
         w = np.einsum("sba,sjb->sja", Ls, u)                                        # Lᵀu
         M = np.einsum("sba,jbc,scd->sjad", Ls, data.G, Ls) / s2[:, None, None, None]
         M += np.eye(q)
@@ -138,3 +146,33 @@ def draw_first_block(data: CollapsedData, gamma: np.ndarray, L: np.ndarray, sigm
         v = mean + noise
         out[sl] = np.einsum("sab,sjb->sja", Ls, v)
     return out
+
+
+def _draw_small(G: np.ndarray, u: np.ndarray, L: np.ndarray, s2: np.ndarray, rng) -> np.ndarray:
+    """The same draw for q = 1 or 2 in closed form, elementwise over (draws, levels)."""
+    q = G.shape[1]
+    s2 = s2[:, None]
+    if q == 1:
+        a = L[:, 0, 0][:, None]
+        M = 1.0 + a**2 * G[None, :, 0, 0] / s2
+        w = a * u[..., 0]
+        v = w / (s2 * M) + rng.standard_normal(w.shape) / np.sqrt(M)
+        return (a * v)[..., None]
+    a, b, c = L[:, 0, 0][:, None], L[:, 1, 0][:, None], L[:, 1, 1][:, None]
+    g11, g12, g22 = G[None, :, 0, 0], G[None, :, 0, 1], G[None, :, 1, 1]
+    m11 = 1.0 + (a**2 * g11 + 2 * a * b * g12 + b**2 * g22) / s2
+    m12 = c * (a * g12 + b * g22) / s2
+    m22 = 1.0 + c**2 * g22 / s2
+    det = m11 * m22 - m12**2
+    w1 = (a * u[..., 0] + b * u[..., 1]) / s2
+    w2 = c * u[..., 1] / s2
+    mean1 = (m22 * w1 - m12 * w2) / det
+    mean2 = (m11 * w2 - m12 * w1) / det
+    c11 = np.sqrt(m11)
+    c21 = m12 / c11
+    c22 = np.sqrt(m22 - c21**2)
+    eps = rng.standard_normal((2,) + w1.shape)
+    n2 = eps[1] / c22                      # Cᵀ n = ε, C = chol(M) lower
+    n1 = (eps[0] - c21 * n2) / c11
+    v1, v2 = mean1 + n1, mean2 + n2
+    return np.stack([a * v1, b * v1 + c * v2], axis=-1)

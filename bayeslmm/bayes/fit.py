@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 
@@ -18,7 +19,9 @@ from .model import PARAMETERIZATIONS, build_pymc_model
 from .priors import resolve_priors
 from .results import BayesFit
 
-SAMPLERS = ("pymc", "nutpie")
+SAMPLERS = ("auto", "pymc", "nutpie")
+#: per-gradient work (array elements touched) above which "auto" picks nutpie
+AUTO_NUTPIE_WORK = 20_000
 #: pointwise log-likelihood values stored by default at most (rows × draws)
 MAX_LOGLIK_VALUES = 50_000_000
 
@@ -59,7 +62,7 @@ def fit_bayes(
     chains: int = 4,
     cores: int | None = None,
     random_seed: int | None = None,
-    sampler: str = "pymc",
+    sampler: str = "auto",
     parameterization: str = "collapsed",
     priors: dict | None = None,
     target_accept: float = 0.8,
@@ -73,6 +76,8 @@ def fit_bayes(
     draws, tune, chains, cores, max_treedepth = check_sampler_args(
         draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth, random_seed)
     prior_set = resolve_priors(spec, priors)
+    if sampler == "auto":
+        sampler = choose_sampler(spec, parameterization)
     t0 = time.perf_counter()
     built = build_pymc_model(spec, crossprods, prior_set, parameterization)
     t1 = time.perf_counter()
@@ -100,6 +105,21 @@ def fit_bayes(
     return fit
 
 
+def choose_sampler(spec: ModelSpec, parameterization: str) -> str:
+    """PyMC's NUTS for small gradients (it starts in ~2 s), nutpie's when a gradient is big.
+
+    nutpie's numba compilation costs ~10 s but each gradient then runs in compiled
+    code, on one thread per chain; PyMC's NUTS pays Python overhead on every step.
+    """
+    first = spec.blocks[0]
+    if parameterization == "collapsed":
+        r = sum(b.n_effects for b in spec.blocks[1:]) + spec.n_fixed
+        work = first.n_levels * first.q * (first.q + r) + r * r
+    else:
+        work = spec.n_obs * (spec.n_fixed + sum(b.q for b in spec.blocks))
+    return "nutpie" if work > AUTO_NUTPIE_WORK else "pymc"
+
+
 def _sample(model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth, progressbar):
     with warnings.catch_warnings():
         # pip's PyTensor finds no BLAS it can link (numpy's is symbol-prefixed); the
@@ -116,8 +136,9 @@ def _run_sampler(model, draws, tune, chains, cores, seed, sampler, target_accept
         import nutpie
 
         compiled = nutpie.compile_pymc_model(model)
-        return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains,
-                             cores=cores if cores is not None else chains, seed=seed,
+        if cores is None:  # one thread per chain, but no more threads than processors
+            cores = max(1, min(chains, os.cpu_count() or 1))
+        return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                              progress_bar=progressbar, target_accept=target_accept, maxdepth=max_treedepth,
                              save_warmup=False)
     # PyMC's own NUTS; one process by default: for these models starting worker
