@@ -78,10 +78,10 @@ class Model:
             ``xtol_abs``, ``maxeval``, ``restarts``, ``initial_step``).
 
             For NUTS: ``draws=1000``, ``tune=1000``, ``chains=4``, ``cores`` (1 for
-            PyMC's sampler; for nutpie one thread per chain up to
-            the number of processors), ``random_seed``,
-            ``sampler="auto" | "pymc" | "nutpie"`` (auto: PyMC's NUTS for small
-            gradients, nutpie's for big ones, see ``bayes.fit.choose_sampler``), ``parameterization="collapsed" |
+            PyMC's sampler; for nutpie one thread per chain up to the number of
+            processors), ``random_seed``, ``sampler="auto" | "pymc" | "nutpie"``
+            (auto: PyMC's NUTS for small gradients, nutpie's for big ones, see
+            ``bayes.fit.choose_sampler``), ``parameterization="collapsed" |
             "explicit"``, ``priors`` (see :mod:`bayeslmm.bayes.priors`),
             ``target_accept=0.8``, ``max_treedepth=10``, ``progressbar=True``,
             ``log_likelihood`` (pointwise, for LOO; on by default below 5e7 values),

@@ -28,7 +28,8 @@ bayeslmm / bambi of min-ESS-per-second, cold against cold and warm against warm.
 
 Part 2 -- simulated ``y ~ x + (1 + x | g)`` (``bayeslmm.simulate.simulate_lmm``, 100
 rows per group) at 1e4 x 100, 1e5 x 1000 and 1e6 x 10000 rows x groups: bayeslmm
-collapsed (both samplers), each in a fresh subprocess: wall, max R-hat, min bulk ESS
+collapsed (``pymc`` with the engine's default cores, ``nutpie``, and ``pymc`` with
+``cores=2``), each in a fresh subprocess: wall, max R-hat, min bulk ESS
 (over the same parameters, and separately over the 2 x groups random effects).
 Target: 1e6 x 1e4 in <= 30 s wall with every R-hat <= 1.01 and bulk ESS >= 400.
 bambi on the sizes in order until one does not finish within ``--bambi-budget``
@@ -37,7 +38,14 @@ seconds (a subprocess with a timeout); the ratio is taken at the largest common 
 bambi 0.21 needs formulae < 0.7 and bayeslmm needs formulae >= 0.9, so bambi runs in
 its own virtual environment (``--bambi-python``; by default
 ``benchmarks/results/bambi-venv``, created on first use with the same PyMC,
-PyTensor, numpy, scipy, pandas and xarray versions as the running interpreter).
+PyTensor, numpy, scipy, pandas and xarray versions as the running interpreter, and
+without nutpie, so that bambi's default ``pm.sample`` is PyMC's own NUTS: PyMC 6
+switches to nutpie by itself when nutpie is installed).
+
+Compilation is measured by wrapping PyTensor's ``FunctionMaker`` (graph rewrites
+and linking of every compiled function) and ``nutpie.compile_pymc_model`` in the
+worker process; bayeslmm's ``fit.timings["sample"]`` contains it, and the table's
+"sample" column is ``fit.timings["sample"]`` minus it.
 
 Usage
 -----
@@ -62,6 +70,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from machine import CpuMeter, _cpu_name  # benchmarks/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -176,7 +186,7 @@ def _fit_bayeslmm(cfg, df):
     _ = model.crossprods  # computed on first use; timed as part of the model
     t1 = time.perf_counter()
     fit = model.fit(method="nuts", draws=cfg["draws"], tune=cfg["tune"], chains=cfg["chains"],
-                    random_seed=cfg["seed"], sampler=cfg["sampler"],
+                    cores=cfg.get("cores"), random_seed=cfg["seed"], sampler=cfg["sampler"],
                     parameterization=cfg["parameterization"], progressbar=False)
     t2 = time.perf_counter()
     return fit, fit.idata, {"model": t1 - t0, "fit": t2 - t1, "wall": t2 - t0,
@@ -277,10 +287,17 @@ def worker(cfg_path: str, out_path: str) -> int:
         sys.path.insert(0, str(ROOT))
         import bayeslmm
         result["bayeslmm_version"] = bayeslmm.__version__
+        result["bayeslmm_file"] = bayeslmm.__file__
+        result["sources_sha256"] = code_fingerprint(git=False)["sources_sha256"]
         fitter = _fit_bayeslmm
     else:
         import bambi
         result["bambi_version"] = bambi.__version__
+        try:  # PyMC 6 picks nutpie for pm.sample() when it is installed, PyMC's NUTS otherwise
+            import nutpie  # noqa: F401
+            result["bambi_nuts_sampler"] = "nutpie (installed, so PyMC's default)"
+        except ImportError:
+            result["bambi_nuts_sampler"] = "pymc (nutpie not installed)"
         fitter = _fit_bambi
     result["import_seconds"] = time.perf_counter() - t0
     import arviz
@@ -318,37 +335,6 @@ def worker(cfg_path: str, out_path: str) -> int:
 
 
 # =========================================================================== parent
-class CpuMeter:
-    """Average CPU use of *other* processes (cores) over a stretch of wall time:
-    /proc/stat busy time minus this process's and its waited-for children's."""
-
-    def __init__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_seconds(), _own_seconds()
-
-    def others(self):
-        busy1 = _busy_seconds()
-        if busy1 is None or self.busy0 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        other = (busy1 - self.busy0) - (_own_seconds() - self.own0)
-        return max(other, 0.0) / wall if wall > 0 else None
-
-
-def _busy_seconds():
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds():
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def run_worker(python: str, cfg: dict, workdir: Path, timeout: float | None, env_extra: dict | None = None) -> dict:
     """Run one configuration in a fresh interpreter; returns the worker's JSON plus
     the subprocess's own wall time, CPU, background load and any error."""
@@ -446,6 +432,7 @@ def summarize_run(res: dict, run: dict) -> dict:
     comp = run.get("compile", 0.0)
     row = {
         "engine": res["config"]["engine"], "sampler": res["config"].get("sampler") or "pymc (default)",
+        "cores": res["config"].get("cores"),
         "parameterization": res["config"].get("parameterization") or "non-centred",
         "run": run["run"], "wall": run["wall"], "model": run["model"], "fit": run["fit"], "compile": comp,
         "build": et.get("build"), "sample_engine": et.get("sample"), "postprocess": et.get("postprocess"),
@@ -490,7 +477,8 @@ def md_table(headers, rows, align=None) -> str:
 def _label(row):
     if row["engine"] == "bambi":
         return "bambi (uncorrelated)"
-    return f"bayeslmm {row['parameterization']} / {row['sampler']}"
+    cores = f" cores={row['cores']}" if row.get("cores") else ""
+    return f"bayeslmm {row['parameterization']} / {row['sampler']}{cores}"
 
 
 def sleep_table(rows) -> str:
@@ -506,18 +494,19 @@ def sleep_table(rows) -> str:
 def sim_table(rows) -> str:
     headers = ["rows x groups", "engine / sampler", "wall s", "model s", "compile s", "sample s", "post s",
                "max R-hat", "min ESS", "min ESS/s", "effects: max R-hat", "effects: min ESS", "div",
-               "steps/draw", "target"]
+               "steps/draw", "note"]
     body = []
     for r in rows:
-        if r.get("failed"):
-            body.append([r["size_label"], _label(r), r["failed"]] + [""] * (len(headers) - 3))
+        if r.get("failed") and r.get("wall") is None:
+            body.append([r["size_label"], _label(r)] + ["-"] * (len(headers) - 3) + [r["failed"]])
             continue
         eff = r.get("effects") or {}
         body.append([r["size_label"], _label(r), _f(r["wall"]), _f(r["model"]), _f(r["compile"]),
                      _f(r["sample_net"]), _f(r["postprocess"]), _f(r["max_rhat"], "{:.4f}"),
-                     _f(r["min_ess"], "{:.0f}"), _f(r["ess_per_s"], "{:.0f}"),
+                     _f(r["min_ess"], "{:.0f}"), _f(r["ess_per_s"], "{:.3g}"),
                      _f(eff.get("max_r_hat"), "{:.4f}"), _f(eff.get("min_ess_bulk"), "{:.0f}"),
-                     _f(r["divergences"], "{}"), _f(r["mean_steps"], "{:.1f}"), r.get("target", "")])
+                     _f(r["divergences"], "{}"), _f(r["mean_steps"], "{:.1f}"),
+                     "; ".join(x for x in (r.get("target") and f"target {r['target']}", r.get("failed")) if x)])
     return md_table(headers, body, ["l", "l"] + ["r"] * (len(headers) - 3) + ["l"])
 
 
@@ -537,7 +526,7 @@ def size_label(n, j) -> str:
     return f"{short(n)} x {short(j)}"
 
 
-def code_fingerprint() -> dict:
+def code_fingerprint(git: bool = True) -> dict:
     """git HEAD, whether the tree is dirty, and a hash of the package's sources (the
     engine is edited while benchmarks run: this ties a result to a code state)."""
     h = hashlib.sha256()
@@ -545,6 +534,8 @@ def code_fingerprint() -> dict:
         h.update(str(p.relative_to(ROOT)).encode())
         h.update(p.read_bytes())
     info = {"sources_sha256": h.hexdigest()[:16]}
+    if not git:
+        return info
     try:
         info["git_head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                           text=True).stdout.strip()
@@ -556,17 +547,6 @@ def code_fingerprint() -> dict:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-# --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -574,8 +554,12 @@ def main(argv=None) -> int:
     p.add_argument("--tune", type=int, default=1000)
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--seed", type=int, default=20261121, help="random_seed for every engine and the simulator")
+    p.add_argument("--cores", type=int, default=None,
+                   help="cores= for bayeslmm's fit (default: the engine's default)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"simulated sizes, rows x groups (default {DEFAULT_SIZES})")
-    p.add_argument("--sim-samplers", default="pymc,nutpie", help="bayeslmm samplers on the simulated data")
+    p.add_argument("--sim-samplers", default="pymc,nutpie,pymc:2",
+                   help="bayeslmm samplers on the simulated data; 'pymc:2' = fit(cores=2) "
+                        "(default pymc,nutpie,pymc:2)")
     p.add_argument("--sim-warm", action="store_true", help="also a warm (second, same-process) run per size")
     p.add_argument("--bambi-budget", type=float, default=600.0,
                    help="seconds bambi may take on one simulated size (default 600)")
@@ -613,10 +597,11 @@ def main(argv=None) -> int:
 
     bambi_py, bambi_note = (None, "bambi skipped (--no-bambi)") if a.no_bambi else \
         find_or_make_bambi_python(a.bambi_python, not a.no_bambi_setup)
-    print(bambi_note, flush=True)
+    print(bambi_note + " (bambi's default fit: pm.sample, PyMC's NUTS unless nutpie is installed "
+          "in bambi's environment; the one made here does not install it)", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_bayes_"))
-    base = {"draws": a.draws, "tune": a.tune, "chains": a.chains, "seed": a.seed}
+    base = {"draws": a.draws, "tune": a.tune, "chains": a.chains, "seed": a.seed, "cores": a.cores}
     caches = []
 
     def extra_env(tag):
@@ -681,9 +666,11 @@ def main(argv=None) -> int:
             del df
         samplers = [s.strip() for s in a.sim_samplers.split(",") if s.strip()]
         for n, j in sizes:
-            for s in samplers:
-                tag = f"sim_{n}_{j}_bayeslmm_{s}"
+            for spec in samplers:
+                s, _, cores = spec.partition(":")
+                tag = f"sim_{n}_{j}_bayeslmm_{s}" + (f"_cores{cores}" if cores else "")
                 cfg = {**base, "engine": "bayeslmm", "sampler": s, "parameterization": "collapsed", "tag": tag,
+                       **({"cores": int(cores)} if cores else {}),
                        "dataset": "sim", "data": str(sim_data[(n, j)]), "formula": SIM_FORMULA,
                        "runs": 2 if a.sim_warm else 1, "effects_diagnostics": not a.no_effects_diagnostics}
                 res = run_worker(sys.executable, cfg, tmp, timeout=3600, env_extra=extra_env(tag))
@@ -737,7 +724,7 @@ def main(argv=None) -> int:
         results["sim_ratios"] = sr
         for r in sr:
             print(f"\nat {r['size']} (largest size bambi finished): min-ESS/s ratio bayeslmm/bambi "
-                  + ", ".join(f"{k}: {v['ratio']:.1f}x (wall {v['wall_ratio']:.1f}x faster)"
+                  + "; ".join(f"{k}: {v['ratio']:.1f}x (bambi's wall / bayeslmm's {v['wall_ratio']:.1f}x)"
                               for k, v in r["by_sampler"].items()))
         for r in sim_rows:
             if r["engine"] == "bayeslmm" and tuple(r["size"]) == TARGET_SIM_SIZE and not r.get("failed"):
@@ -745,12 +732,18 @@ def main(argv=None) -> int:
                 ok = (r["wall"] <= TARGET_SIM_SECONDS and r["max_rhat"] <= TARGET_RHAT
                       and r["min_ess"] >= TARGET_ESS)
                 targets.append({"target": f"1e6 x 1e4 in <= {TARGET_SIM_SECONDS:g} s, R-hat <= {TARGET_RHAT}, "
-                                          f"bulk ESS >= {TARGET_ESS:g} ({r['sampler']}, {r['run']})",
+                                          f"bulk ESS >= {TARGET_ESS:g} ({_label(r).removeprefix('bayeslmm collapsed / ')}, "
+                                          f"{r['run']})",
                                 "value": f"{r['wall']:.1f} s, R-hat {r['max_rhat']:.4f}, ESS {r['min_ess']:.0f}"
                                          + (f"; effects R-hat {eff['max_r_hat']:.4f}, ESS {eff['min_ess_bulk']:.0f}"
                                             if eff else ""),
                                 "met": ok})
     print_where_time_goes(sleep_rows, sim_rows)
+    shas = {res.get("sources_sha256") for res in results["sleepstudy"] + results["sim"]
+            if res.get("sources_sha256")}
+    if shas - {env_info["sources_sha256"]}:
+        print(f"\nNOTE: bayeslmm's sources changed during the run (start {env_info['sources_sha256']}, "
+              f"workers saw {', '.join(sorted(shas))}): the rows may come from different code")
     loads = [(res["tag"], res.get("other_load_cores")) for res in results["sleepstudy"] + results["sim"]]
     noisy = [t for t, v in loads if v is not None and v > BUSY_WARN_CORES]
     if noisy:
@@ -782,16 +775,27 @@ def main(argv=None) -> int:
     return 1 if a.strict and any(not t["met"] for t in targets) else 0
 
 
+def _short_error(line: str) -> str:
+    """'numpy._core._exceptions._ArrayMemoryError: msg' -> '_ArrayMemoryError: msg' (shortened)."""
+    head, _, msg = line.partition(": ")
+    return f"{head.rsplit('.', 1)[-1]}: {msg}"[:110] if msg else line[:110]
+
+
 def _report_sim(res, n, j, sim_rows, budget) -> bool:
     label = size_label(n, j)
     eng = res["config"]["engine"]
-    name = f"{eng} {res['config'].get('sampler') or ''}".strip()
+    cores = res["config"].get("cores")
+    name = f"{eng} {res['config'].get('sampler') or ''}".strip() + (f" cores={cores}" if cores else "")
     if res.get("timed_out") or res.get("error") or not res["runs"]:
-        why = (f"did not finish in {budget:g} s" if res.get("timed_out") else "failed")
+        err = [ln.strip() for ln in (res.get("error") or "").splitlines() if ln.strip()]
+        why = (f"did not finish in {budget:g} s" if res.get("timed_out") else
+               "failed: " + (_short_error(err[-1]) if err else "no result"))
         sim_rows.append({"size": [n, j], "size_label": label, "engine": eng, "sampler": res["config"].get("sampler")
-                         or "pymc (default)", "parameterization": "", "failed": why})
+                         or "pymc (default)", "parameterization": res["config"].get("parameterization") or "",
+                         "cores": res["config"].get("cores"), "failed": why})
         print(f"  {label} {name}: {why} (process {res['process_seconds']:.0f} s)"
-              + (f"\n{res.get('error')}" if res.get("error") else ""), flush=True)
+              + (f"; last lines of its output:\n{chr(10).join(res['error'].splitlines()[-3:])}"
+                 if res.get("error") and not why.startswith("failed: ") else ""), flush=True)
         return False
     ok = True
     for run in res["runs"]:
@@ -836,7 +840,7 @@ def sim_ratios(rows) -> list[dict]:
     by = {}
     for r in done:
         if r["engine"] == "bayeslmm" and tuple(r["size"]) == size:
-            by[r["sampler"]] = {"ratio": r["ess_per_s"] / b["ess_per_s"], "wall_ratio": b["wall"] / r["wall"],
+            by[_label(r)] = {"ratio": r["ess_per_s"] / b["ess_per_s"], "wall_ratio": b["wall"] / r["wall"],
                                 "bayeslmm_ess_per_s": r["ess_per_s"], "bambi_ess_per_s": b["ess_per_s"]}
     return [{"size": size_label(*size), "by_sampler": by}]
 

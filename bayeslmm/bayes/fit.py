@@ -95,6 +95,10 @@ def fit_bayes(
     n_values = spec.n_obs * chains * draws
     if log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
         dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
+    elif log_likelihood is None and warn:
+        warnings.warn(f"the pointwise log-likelihood was not stored: {spec.n_obs} rows × {chains * draws} draws "
+                      f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
+                      "to store it for LOO", UserWarning, stacklevel=3)
     t3 = time.perf_counter()
     fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
                    sampler=sampler, seed=seed, data_name=data_name,
