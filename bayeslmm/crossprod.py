@@ -140,14 +140,6 @@ class CrossProducts:
             Arr=np.asfortranarray(Arr), B=B, P=P, S_rows=S_rows, S_cols=S_cols,
         )
 
-    def schur_update(self, W: np.ndarray) -> np.ndarray:
-        """``Σ_j B_j W_j B_jᵀ`` as a dense symmetric m×m matrix, for W of shape (n1, q1, q1)."""
-        vals = self.P @ W.ravel()
-        S = np.zeros((self.m, self.m))
-        S[self.S_rows, self.S_cols] = vals
-        S[self.S_cols, self.S_rows] = vals
-        return S
-
 
 def _pair_products(B: sp.csr_matrix, n1: int, q1: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """Lay out ``B_j[r,a] B_j[s,b]`` (r ≥ s) for every level j, without a loop over levels."""

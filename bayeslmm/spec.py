@@ -178,8 +178,16 @@ class ModelSpec:
 
     def group_names(self) -> list[str]:
         """Distinct grouping factors, in block order."""
-        seen: list[str] = []
+        return list(self.group_levels())
+
+    def group_levels(self) -> dict[str, int]:
+        """Number of levels of each distinct grouping factor, in block order."""
+        out: dict[str, int] = {}
         for b in self.blocks:
-            if b.group not in seen:
-                seen.append(b.group)
-        return seen
+            out.setdefault(b.group, b.n_levels)
+        return out
+
+    def counts_line(self) -> str:
+        """lme4's ``Number of obs: 180, groups:  Subject, 18`` line."""
+        groups = ", ".join(f"{g}, {n}" for g, n in self.group_levels().items())
+        return f"Number of obs: {self.n_obs}, groups:  {groups}"

@@ -6,7 +6,6 @@ Fixed effects, their SEs, σ, every sd and correlation: within 1e-4 relative
 """
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from bayeslmm import Model

@@ -3,7 +3,6 @@
 The default suite runs a 20-simulation smoke test; `make test-slow` runs 200.
 """
 
-import numpy as np
 import pytest
 
 from bayeslmm import Model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -157,12 +158,18 @@ class BayesFit:
                    f"sd[{g}|{v1}]" if v2 is None or (isinstance(v2, float) and np.isnan(v2)) else f"corr[{g}|{v1},{v2}]")
                   for g, v1, v2 in zip(vc.grp, vc.var1, vc.var2)]
         vc.index = labels
-        return pd.concat([fe, vc[SUMMARY_COLUMNS]])
+        table = pd.concat([fe, vc[SUMMARY_COLUMNS]])
+        table.attrs["interval"] = fe.attrs["interval"]
+        return table
 
-    def diagnostics(self) -> diag_mod.Diagnostics:
-        """Divergences, tree depth, E-BFMI, R-hat and ESS against their thresholds."""
+    @cached_property
+    def _diagnostics(self) -> diag_mod.Diagnostics:
         stats = self.idata["sample_stats"].to_dataset()
         return diag_mod.check(self.summary_table(), stats, self.n_draws)
+
+    def diagnostics(self) -> diag_mod.Diagnostics:
+        """Divergences, tree depth, E-BFMI, R-hat and ESS against their thresholds (computed once)."""
+        return self._diagnostics
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready results: the posterior summary, diagnostics and settings."""
@@ -178,7 +185,7 @@ class BayesFit:
             "seed": self.seed,
             "chains": int(post.sizes["chain"]),
             "draws": int(post.sizes["draw"]),
-            "interval": table.attrs.get("interval", self.fixef().attrs.get("interval")),
+            "interval": table.attrs["interval"],
             "posterior": {k: {c: float(v) for c, v in row.items()} for k, row in table.iterrows()},
             "diagnostics": {"divergences": diag.divergences, "max_rhat": diag.max_rhat,
                             "min_ess_bulk": diag.min_ess_bulk, "min_ess_tail": diag.min_ess_tail,

@@ -15,8 +15,7 @@ class BayesSummary:
         lines = ["Linear mixed model fit by NUTS (bayeslmm)", f"Formula: {fit.spec.formula}"]
         if fit.data_name:
             lines.append(f"   Data: {fit.data_name}")
-        groups = ", ".join(f"{b.group}, {b.n_levels}" for b in fit.spec.blocks)
-        lines.append(f"Number of obs: {fit.spec.n_obs}, groups:  {groups}")
+        lines.append(fit.spec.counts_line())
         lines.append(f"Draws: {post.sizes['chain']} chains × {post.sizes['draw']} ({fit.sampler} NUTS, "
                      f"{fit.parameterization} parameterisation, seed {fit.seed})")
         return lines
@@ -24,8 +23,7 @@ class BayesSummary:
     def __str__(self) -> str:
         fit = self.fit
         table = fit.summary_table()
-        interval = fit.fixef().attrs.get("interval", "interval")
-        lines = self.header() + ["", f"Posterior (interval: {interval}):"]
+        lines = self.header() + ["", f"Posterior (interval: {table.attrs['interval']}):"]
         lines += table.to_string(float_format=lambda v: f"{v:.4g}").splitlines()
         diag = fit.diagnostics()
         lines.append("")

@@ -13,7 +13,7 @@ penalised residual sum of squares r² (the last diagonal entry, squared) give
 
 (Bates, Mächler, Bolker & Walker 2015, JSS 67(1), eqs. 34 and 41).  The first
 random-effect block is factored level by level (q₁×q₁ Cholesky factors); its
-Schur complement on the rest comes from :meth:`CrossProducts.schur_update`; the
+Schur complement on the rest is one sparse product with ``CrossProducts.P``; the
 rest — other random-effect blocks, X and y — is one dense Cholesky.  Nothing here
 touches the n rows.
 """

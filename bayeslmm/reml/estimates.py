@@ -14,7 +14,6 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from ..crossprod import block_Z
 from .deviance import Factorization, ProfiledDeviance
 
 
@@ -101,8 +100,7 @@ def _conditional_variances(dev, f, Lr1, L1inv, sigma2) -> list[np.ndarray]:
     if mR:
         LRR_inv = sla.solve_triangular(np.tril(f.Lr[:mR, :mR]), np.eye(mR), lower=True, check_finite=False)
         # K = L_RR⁻¹ L_R1 L11⁻¹ adds Kᵀ K to block 1's inverse blocks
-        K = np.asarray((sp.csr_matrix(Lr1[:mR, :]) @ _block_diag_sparse(L1inv)).T @ LRR_inv.T).T
-        K = K.reshape(mR, n1, q1)
+        K = np.asarray(LRR_inv @ (Lr1[:mR, :] @ _block_diag_sparse(L1inv))).reshape(mR, n1, q1)
         U1 += np.einsum("ija,ijb->jab", K, K)
         for block, off in zip(cp.rest_blocks, cp.rest_offsets):
             cols = LRR_inv[:, off : off + block.n_effects].reshape(mR, block.n_levels, block.q)
@@ -111,7 +109,3 @@ def _conditional_variances(dev, f, Lr1, L1inv, sigma2) -> list[np.ndarray]:
     Ts = [f.T1] + list(f.rest_T)
     return [sigma2 * np.einsum("ab,jbc,dc->jad", T, U, T) for T, U in zip(Ts, out)]
 
-
-def block_model_matrix(dev: ProfiledDeviance) -> sp.csc_matrix:
-    """The full sparse Z in θ order (used by tests and diagnostics)."""
-    return sp.hstack([block_Z(b) for b in dev.spec.blocks], format="csc")

@@ -82,6 +82,10 @@ def minimize_bobyqa(
         nlopt stopping rules.
     restarts : int
         Extra passes from the best point with a small initial step.
+    xtol_rel : float
+        nlopt's relative tolerance on θ (0: off).
+    initial_step : float, optional
+        The first pass's initial step for every coordinate (nlopt's heuristic when None).
     """
     t0 = time.perf_counter()
     start = np.asarray(start, dtype=float)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,9 @@ from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .estimates import Estimates
 from .optimize import OptimizationRecord
+
+if TYPE_CHECKING:
+    from .summary import FreqSummary
 
 #: lme4's tolerance for calling a fit singular (``isSingular(tol = 1e-4)``)
 SINGULAR_TOL = 1e-4

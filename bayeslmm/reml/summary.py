@@ -71,8 +71,7 @@ class FreqSummary:
             cells = [(k if i < 0 else cols[k][i]) for k in cols]
             lines.append(" " + " ".join(c.ljust(width[k]) if k in left else c.rjust(width[k])
                                         for k, c in zip(cols, cells)).rstrip())
-        counts = ", ".join(f"{b.group}, {b.n_levels}" for b in _distinct_groups(fit.spec.blocks))
-        lines.append(f"Number of obs: {fit.nobs}, groups:  {counts}")
+        lines.append(fit.spec.counts_line())
         lines += ["", "Fixed effects:"]
         fe = fit.fixef_table()
         lines += fe.to_string(float_format=lambda v: f"{v:.4f}").splitlines()
@@ -105,9 +104,3 @@ class FreqSummary:
         return (f"<div><p>{head}</p><h4>Random effects</h4>{re}"
                 f"<p>Number of obs: {fit.nobs}</p><h4>Fixed effects</h4>{fe}{flag}</div>")
 
-
-def _distinct_groups(blocks):
-    seen = {}
-    for b in blocks:
-        seen.setdefault(b.group, b)
-    return list(seen.values())
