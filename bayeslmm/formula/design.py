@@ -8,6 +8,7 @@ formulae's whole group-specific matrix (which took seconds on InstEval).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -342,9 +343,7 @@ def _lme4_order(blocks: list[RandomBlock]) -> list[RandomBlock]:
     for k in order:
         b = blocks[k]
         if not b.correlated and b.q > 1:
-            b = RandomBlock(group=b.group, codes=b.codes, levels=b.levels,
-                            Z=np.ascontiguousarray(b.Z[:, ::-1]), columns=b.columns[::-1],
-                            correlated=False)
+            b = dataclasses.replace(b, Z=np.ascontiguousarray(b.Z[:, ::-1]), columns=b.columns[::-1])
         out.append(b)
     return out
 
