@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c 'import sys; assert sys.version_info >= (3, 12), f"bayeslmm needs Python >= 3.12, the venv has {sys.version}"'
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
