@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +132,13 @@ class ModelSpec:
         rank-deficient columns dropped).
     dropped_fixed : tuple of str
         Fixed-effect columns dropped because ``X`` was rank deficient.
+    data : pandas.DataFrame or None
+        The rows and columns the model used (after any dropping of missing values):
+        what prediction needs to rebuild contrasts and levels for new data, and what
+        ``save`` stores so a fit can be rebuilt.  ``None`` when the cross-products
+        were computed out of memory.
+    missing, rank_deficient : str
+        The options ``build_spec`` was called with.
     """
 
     formula: str
@@ -143,6 +151,9 @@ class ModelSpec:
     notes: tuple[str, ...] = field(default=())
     dropped_fixed: tuple[str, ...] = field(default=())
     fixed_formula: str = ""
+    data: "pd.DataFrame | None" = field(default=None, repr=False)
+    missing: str = "raise"
+    rank_deficient: str = "drop"
 
     @property
     def n_obs(self) -> int:

@@ -324,6 +324,9 @@ def build_spec(
         notes=tuple(notes),
         dropped_fixed=tuple(map(str, dropped)),
         fixed_formula=parsed.fixed,
+        data=data[list(used)],
+        missing=missing,
+        rank_deficient=rank_deficient,
     )
 
 
