@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from . import diagnostics as diag_mod
 from .priors import PriorSet
@@ -143,6 +144,42 @@ class BayesFit:
                                            "mean": d[:, :, a].mean(0), "sd": d[:, :, a].std(0, ddof=1),
                                            "lower": lo[:, a], "upper": hi[:, a]}))
         return pd.concat(parts, ignore_index=True)
+
+    # -- predictions ------------------------------------------------------------
+    def posterior_predictive(self, random_seed: int | None = None) -> xr.DataArray:
+        """Replicated responses for the training rows: y_rep = Xβ + Zb + σε per draw.
+
+        One replicate per posterior draw, using that draw's β, effects b and σ (the
+        draws ``arviz`` posterior predictive checks compare with the observed ``y``).
+
+        Parameters
+        ----------
+        random_seed : int, optional
+            Seed of the noise ε.  ``None`` derives it from the fit's own seed, so
+            repeated calls return the same draws.
+
+        Returns
+        -------
+        xarray.DataArray named ``y`` with dims ``(chain, draw, obs)``; ``obs`` is the row
+        position, and the coordinate ``row`` holds the data's index labels.
+        """
+        from .fit import linear_predictor
+
+        rng = self._rng(random_seed, 2)
+        post = self.posterior
+        mu = linear_predictor(self.spec, post, self.names)
+        sigma = post["sigma"].to_numpy()[..., None]
+        y = mu + sigma * rng.standard_normal(mu.shape)
+        return xr.DataArray(y, dims=("chain", "draw", "obs"), name="y",
+                            coords={"chain": post["chain"].to_numpy(), "draw": post["draw"].to_numpy(),
+                                    "obs": np.arange(self.spec.n_obs), "row": ("obs", self.spec.row_index)})
+
+    def _rng(self, random_seed, stream: int) -> np.random.Generator:
+        if random_seed is None:
+            return np.random.default_rng([self.seed, stream])
+        if isinstance(random_seed, bool) or not isinstance(random_seed, (int, np.integer)) or random_seed < 0:
+            raise BayesLMMError(f"random_seed must be a non-negative integer or None, got {random_seed!r}")
+        return np.random.default_rng(int(random_seed))
 
     def prior_summary(self) -> pd.DataFrame:
         """The priors used (defaults scaled to the data, with any overrides)."""
