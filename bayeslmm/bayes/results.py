@@ -129,6 +129,26 @@ class BayesFit:
             out[name] = pd.DataFrame(mean, index=pd.Index(block.levels, name=block.group), columns=list(block.columns))
         return out
 
+    def coef(self) -> dict[str, pd.DataFrame]:
+        """Posterior means of fixed plus random effects per level, like lme4's ``coef`` (and ``FreqFit.coef``).
+
+        One frame per grouping factor (levels × fixed-effect names, plus any random
+        column with no fixed counterpart); blocks on one factor are added together.
+        """
+        post = self.posterior
+        beta = post["beta"].mean(("chain", "draw"))
+        fe = pd.Series(beta.sel(coef=list(self.spec.fixed_names)).to_numpy(), index=list(self.spec.fixed_names))
+        out: dict[str, pd.DataFrame] = {}
+        for name, block in zip(self.names, self.spec.blocks):
+            mean = post[name].mean(("chain", "draw")).to_numpy()
+            if block.group not in out:
+                out[block.group] = pd.DataFrame(np.tile(fe.to_numpy(), (block.n_levels, 1)),
+                                                index=pd.Index(block.levels, name=block.group), columns=fe.index)
+            frame = out[block.group]
+            for a, col in enumerate(block.columns):
+                frame[col] = (frame[col] if col in frame.columns else 0.0) + mean[:, a]
+        return out
+
     def ranef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
         """Long table: group, term, level, posterior mean, sd and interval of each effect."""
         import arviz as az
@@ -146,33 +166,168 @@ class BayesFit:
         return pd.concat(parts, ignore_index=True)
 
     # -- predictions ------------------------------------------------------------
-    def posterior_predictive(self, random_seed: int | None = None) -> xr.DataArray:
-        """Replicated responses for the training rows: y_rep = Xβ + Zb + σε per draw.
+    def posterior_predictive(self, random_seed: int | None = None, *, newdata=None, kind: str = "conditional",
+                             new_groups: str = "population") -> xr.DataArray:
+        """Replicated responses y_rep = Xβ + Zb + σε, one per posterior draw.
 
-        One replicate per posterior draw, using that draw's β, effects b and σ (the
-        draws ``arviz`` posterior predictive checks compare with the observed ``y``).
+        For the training rows by default: the draws ArviZ's posterior predictive
+        checks compare with the observed ``y`` (see :meth:`add_posterior_predictive`).
+        Each draw uses that draw's β, effects b and σ.
 
         Parameters
         ----------
         random_seed : int, optional
-            Seed of the noise ε.  ``None`` derives it from the fit's own seed, so
-            repeated calls return the same draws.
+            Seed of the noise ε (and of new groups' effects).  ``None`` derives it from
+            the fit's own seed, so repeated calls return the same draws.
+        newdata, kind, new_groups
+            As in :meth:`predict`.
 
         Returns
         -------
         xarray.DataArray named ``y`` with dims ``(chain, draw, obs)``; ``obs`` is the row
         position, and the coordinate ``row`` holds the data's index labels.
         """
+        from ..predict import bayes_draws
+
+        return bayes_draws(self, newdata, kind, new_groups, True, random_seed)[0]
+
+    def predict_draws(self, newdata=None, kind: str = "conditional", new_groups: str = "population",
+                      predictive: bool = False, random_seed: int | None = None) -> xr.DataArray:
+        """Per-draw predicted means (or, ``predictive=True``, new responses): DataArray (chain, draw, obs)."""
+        from ..predict import bayes_draws
+
+        return bayes_draws(self, newdata, kind, new_groups, predictive, random_seed)[0]
+
+    def predict(self, newdata=None, kind: str = "conditional", new_groups: str = "population",
+                predictive: bool = False, ci_prob: float | None = None,
+                random_seed: int | None = None) -> pd.DataFrame:
+        """Posterior predictions: mean, sd, median and interval per row.
+
+        Parameters
+        ----------
+        newdata : DataFrame or dict of columns, optional
+            Rows to predict; the training rows when omitted.  The fixed-effect design
+            is rebuilt with the training data's contrasts and levels; a missing
+            column, a missing value or an unseen category of a fixed-effect factor
+            raises a :class:`~bayeslmm.errors.DataError` naming the column.
+        kind : {"conditional", "marginal"}
+            Xβ + Zb (with the groups' effects) or Xβ (the population mean).
+        new_groups : {"population", "sample", "error"}
+            For grouping levels not seen in fitting: no effect (the population mean),
+            effects drawn from the fitted distribution N(0, Σ) for each posterior draw
+            (one draw per new level, shared by its rows), or an error.
+        predictive : bool
+            ``False``: the posterior of the mean (its interval is the uncertainty of
+            the mean).  ``True``: posterior predictive draws of new observations,
+            residual noise σε included.
+        ci_prob : float, optional
+            Probability of the equal-tailed interval (ArviZ's default, 0.89).
+        random_seed : int, optional
+            For ``predictive`` noise and sampled new groups; the fit's seed by default.
+
+        Returns
+        -------
+        DataFrame indexed like ``newdata`` with columns ``mean, sd, median, lower, upper``;
+        ``attrs`` records the kind, the interval and the unseen levels.
+        """
+        from ..predict import bayes_predict
+
+        return bayes_predict(self, newdata, kind, new_groups, predictive, ci_prob, random_seed)
+
+    def add_posterior_predictive(self, random_seed: int | None = None):
+        """Store :meth:`posterior_predictive` draws as ``idata["posterior_predictive"]`` and return ``idata``.
+
+        With the ``observed_data`` group already there, ArviZ's checks work on it:
+        ``arviz.plot_ppc_dist(fit.add_posterior_predictive())``.  Calling it again
+        replaces the group.
+        """
+        yrep = self.posterior_predictive(random_seed).drop_vars("row")
+        self.idata["posterior_predictive"] = xr.DataTree(xr.Dataset({"y": yrep}))
+        return self.idata
+
+    def loo(self, pointwise: bool | None = None, **kwargs):
+        """PSIS-LOO (Vehtari, Gelman & Gabry 2017) by ``arviz.loo`` on the stored pointwise log-likelihood.
+
+        The log-likelihood is conditional on the drawn group effects (as brms stores
+        it), so this estimates the predictive accuracy for new observations of the
+        fitted groups.  Extra keyword arguments go to ``arviz.loo``.
+        """
+        import arviz as az
+
+        if "log_likelihood" not in self.idata.children:
+            raise BayesLMMError("this fit has no pointwise log-likelihood (it is skipped above 5e7 rows × draws); "
+                                "refit with fit(method='nuts', log_likelihood=True) to use LOO")
+        return az.loo(self.idata, pointwise=pointwise, var_name="y", **kwargs)
+
+    # -- variance decomposition and R² -----------------------------------------------
+    def block_covariance_draws(self) -> list[np.ndarray]:
+        """Σ = L Lᵀ of each block per posterior draw: arrays (chain, draw, q, q), in ``spec.blocks`` order."""
+        from ..predict import block_factor_draws
+
+        post = self.posterior
+        out = []
+        for name, block in zip(self.names, self.spec.blocks):
+            L = block_factor_draws(post, name, block)
+            out.append(np.einsum("cdab,cdeb->cdae", L, L))
+        return out
+
+    def variance_component_draws(self, at: dict | None = None) -> dict[str, np.ndarray]:
+        """Per-draw variance of each grouping factor's part of Var(y) at ``at``, ``Residual`` and ``Total``."""
+        from .. import variance as V
+
+        z = V.z_at(self.spec, at)
+        out = V.group_variances(self.spec, z, self.block_covariance_draws())
+        out["Residual"] = self.posterior["sigma"].to_numpy() ** 2
+        out["Total"] = sum(out.values())
+        return out
+
+    def variance_components(self, at: dict | None = None, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior of Var(y)'s decomposition at the point ``at`` (see ``FreqFit.variance_components``).
+
+        One row per grouping factor, ``Residual`` and ``Total``: the posterior summary
+        of each part's variance (computed per draw), and ``proportion``, the
+        posterior mean of its share of the total.
+        """
+        draws = self.variance_component_draws(at)
+        table = summarize_draws(draws, ci_prob)
+        total = draws["Total"]
+        table["proportion"] = [float(np.mean(v / total)) for v in draws.values()]
+        table.index.name = "component"
+        table.attrs["at"] = dict(at) if at else {}
+        return table
+
+    def icc(self, at: dict | None = None, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior of each grouping factor's intraclass correlation at ``at`` (per draw: its share of Var(y))."""
+        draws = self.variance_component_draws(at)
+        total = draws.pop("Total")
+        draws.pop("Residual")
+        table = summarize_draws({g: v / total for g, v in draws.items()}, ci_prob)
+        table.index.name = "group"
+        table.attrs["at"] = dict(at) if at else {}
+        return table
+
+    def r2(self, method: str = "nakagawa", ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior of the marginal and conditional R², computed per draw.
+
+        ``method="nakagawa"``: Nakagawa & Schielzeth (2013) with Johnson's (2014)
+        random-slope extension; ``"gelman"``: Gelman, Goodrich, Gabry & Vehtari (2019),
+        residual form as ``brms::bayes_R2``.  See :mod:`bayeslmm.variance`.
+        """
+        from .. import variance as V
         from .fit import linear_predictor
 
-        rng = self._rng(random_seed, 2)
+        V.check_r2_method(method)
         post = self.posterior
-        mu = linear_predictor(self.spec, post, self.names)
-        sigma = post["sigma"].to_numpy()[..., None]
-        y = mu + sigma * rng.standard_normal(mu.shape)
-        return xr.DataArray(y, dims=("chain", "draw", "obs"), name="y",
-                            coords={"chain": post["chain"].to_numpy(), "draw": post["draw"].to_numpy(),
-                                    "obs": np.arange(self.spec.n_obs), "row": ("obs", self.spec.row_index)})
+        beta = post["beta"].to_numpy()
+        if method == "nakagawa":
+            marg, cond = V.nakagawa_r2(self.spec, beta, self.block_covariance_draws(),
+                                       post["sigma"].to_numpy() ** 2)
+        else:
+            marg = V.gelman_r2(self.spec.y, np.einsum("cdp,np->cdn", beta, self.spec.X))
+            cond = V.gelman_r2(self.spec.y, linear_predictor(self.spec, post, self.names))
+        table = summarize_draws({"marginal": marg, "conditional": cond}, ci_prob)
+        table.attrs["method"] = method
+        return table
 
     def _rng(self, random_seed, stream: int) -> np.random.Generator:
         if random_seed is None:
@@ -230,6 +385,15 @@ class BayesFit:
             "timings": self.timings,
             "priors": self.prior_summary().to_dict(orient="records"),
         }
+
+    def save(self, path):
+        """Write the fit to ``path`` without pickling: a netCDF file (``.nc``) or a ``.zarr`` folder.
+
+        ``bayeslmm.load(path)`` reads it back; see :mod:`bayeslmm.io` for what is stored.
+        """
+        from ..io import save_fit
+
+        return save_fit(self, path)
 
     def summary(self):
         from .summary import BayesSummary

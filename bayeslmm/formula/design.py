@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -144,6 +145,13 @@ def _design(rhs: str, data: pd.DataFrame, where: str) -> pd.DataFrame:
     try:
         with np.errstate(divide="ignore", invalid="ignore"):  # non-finite results are reported below
             dm = design_matrices(rhs, data, na_action="error")
+    except KeyError as exc:  # a name formulae cannot resolve: columns are checked before, so a function
+        name = str(exc.args[0]) if exc.args else ""
+        hint = f" (numpy's is np.{name})" if name.isidentifier() and hasattr(np, name) else ""
+        raise FormulaError(
+            f"could not build {where} from {rhs!r}: unknown function or name {name!r}{hint}; formulas "
+            "call numpy's functions as np.log, np.exp, np.sqrt, and I(...) for arithmetic"
+        ) from exc
     except Exception as exc:  # formulae raises many kinds; name the place
         raise FormulaError(f"could not build {where} from {rhs!r}: {exc}") from exc
     if dm.common is None:
@@ -164,10 +172,11 @@ def _design(rhs: str, data: pd.DataFrame, where: str) -> pd.DataFrame:
 def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
     if expr in data.columns:
         s = data[expr]
-        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+        if (pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s)
+                or pd.api.types.is_complex_dtype(s)):
             raise DataError(
                 f"the response {expr!r} is not numeric (dtype {s.dtype}); a linear mixed model "
-                "needs a numeric response: convert it, or choose another column"
+                "needs a real numeric response: convert it, or choose another column"
             )
         y = s.to_numpy(dtype=float)
     else:
@@ -177,7 +186,28 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
         y = frame.iloc[:, 0].to_numpy()
     if np.ptp(y) == 0:
         raise DataError(f"the response {expr!r} is constant ({float(y[0])!r} in every row); nothing to model")
+    _check_scale(y, f"the response {expr!r}", spread=True)
     return y
+
+
+#: values beyond these magnitudes make sums of squares overflow or underflow double precision
+_HUGE, _TINY = 1e150, 1e-150
+
+
+def _check_scale(values: np.ndarray, what: str, spread: bool = False) -> None:
+    """Refuse a column whose cross-products would overflow or underflow (inf or 0 in ZᵀZ, XᵀX, yᵀy)."""
+    size = float(np.max(np.abs(values))) if len(values) else 0.0
+    if size > _HUGE:
+        raise DataError(
+            f"{what} has values as large as {size:.3g}: their squares overflow double precision. "
+            f"Rescale it (divide by 1e{int(np.log10(size))}) and fit again"
+        )
+    small = float(np.ptp(values)) if spread else size
+    if 0 < small < _TINY:
+        raise DataError(
+            f"{what} {'varies' if spread else 'has values'} only by {small:.3g}: their squares underflow "
+            f"double precision. Rescale it (multiply by 1e{-int(np.log10(small))}) and fit again"
+        )
 
 
 def _group_codes(factor: tuple[str, ...], data: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -304,6 +334,14 @@ def build_spec(
                f"column{'s' if len(dropped) > 1 else ''}: {dropped}")
         notes.append(msg)
         warnings.warn(msg, stacklevel=3)
+    for col in X.columns:
+        _check_scale(X[col].to_numpy(), f"the fixed-effect column {col!r}")
+    if X.shape[1] >= n:
+        raise ModelError(
+            f"the fixed effects have {X.shape[1]} linearly independent columns for {n} observations: "
+            "they fit the response exactly and leave nothing to estimate the variances. Use fewer "
+            "predictors (or fewer levels of a categorical predictor), or more data"
+        )
 
     blocks: list[RandomBlock] = []
     for bar in parsed.bars:
@@ -312,6 +350,7 @@ def build_spec(
             raise FormulaError(f"the term {bar.text} has no random effects on its left side")
         for factor in bar.factors:
             blocks.append(_make_block(bar, factor, lhs, data, n))
+    _check_residual_identifiable(X.to_numpy(), blocks, n)
     blocks = _lme4_order(blocks)
     return ModelSpec(
         formula=formula_full,
@@ -373,6 +412,10 @@ def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: 
             f"{n} observations; the random effects and the residual variance are unidentifiable. "
             "Simplify the term (fewer slopes) or use more data"
         )
+    for col in lhs.columns:
+        _check_scale(lhs[col].to_numpy(), f"the column {col!r} of {bar.text}")
+    if q > 1:
+        _check_varies_within(bar, group, codes, n_levels, lhs)
     return RandomBlock(
         group=group,
         codes=codes,
@@ -381,3 +424,338 @@ def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: 
         columns=tuple(map(str, lhs.columns)),
         correlated=not bar.independent or q == 1,
     )
+
+
+def _check_varies_within(bar: BarTerm, group: str, codes: np.ndarray, n_levels: int, lhs: pd.DataFrame) -> None:
+    """A term's columns must be linearly independent within at least one level of its factor.
+
+    When every level's rows Z_j have rank < q — typically a slope on a variable that is
+    constant within each group, such as a group-level covariate in ``(1 + x | g)`` — the
+    random effects of the dependent columns cannot be told apart from the others'
+    (only between-group heteroscedasticity would separate them), and the fit runs to a
+    singular boundary.  Random slopes belong to variables that vary within the groups
+    (Snijders & Bosker 2012, *Multilevel Analysis*, 2nd ed., §5.1); lme4 fits such a
+    term without a word, we say so instead.
+    """
+    Z = lhs.to_numpy()
+    q = Z.shape[1]
+    scale = np.sqrt(np.mean(Z**2, axis=0))
+    scale[scale == 0] = 1.0
+    Zs = Z / scale
+    gram = np.empty((n_levels, q, q))
+    for a in range(q):
+        for b in range(a, q):
+            gram[:, a, b] = gram[:, b, a] = np.bincount(codes, weights=Zs[:, a] * Zs[:, b], minlength=n_levels)
+    ev = np.linalg.eigvalsh(gram)                                  # ascending, per level
+    rank = np.sum(ev > 1e-10 * np.maximum(ev[:, -1:], 1e-300), axis=1)
+    if rank.max() == q:
+        return
+    counts = np.bincount(codes, minlength=n_levels)
+    means = np.stack([np.bincount(codes, weights=Zs[:, c], minlength=n_levels) for c in range(q)], axis=1)
+    means /= np.maximum(counts, 1)[:, None]
+    within = np.sum((Zs - means[codes]) ** 2, axis=0) / len(Zs)    # within-level variance (scaled)
+    columns = [str(c) for c in lhs.columns]
+    fixed = [c for c, w in zip(columns, within) if c != INTERCEPT and w <= 1e-10]
+    if INTERCEPT in columns and fixed:
+        which = ", ".join(repr(c) for c in fixed)
+        raise ModelError(
+            f"the slope{'s' if len(fixed) > 1 else ''} {which} in {bar.text} do{'' if len(fixed) > 1 else 'es'} "
+            f"not vary within any level of {group!r}: a random slope on a variable that is constant "
+            "within each group cannot be told apart from the random intercept. Keep it as a fixed "
+            f"effect and drop it from the term, e.g. (1 | {group})"
+        )
+    raise ModelError(
+        f"the columns {columns} of {bar.text} are linearly dependent within every level of {group!r} "
+        f"(rank at most {int(rank.max())} of {q} in any level), so their variances and correlations "
+        "cannot be estimated: drop a column from the term"
+    )
+
+
+#: [X Z] is checked for full row rank (a dense SVD) only up to this many observations
+_MAX_RANK_CHECK_ROWS = 1000
+
+
+def _check_residual_identifiable(X: np.ndarray, blocks: list[RandomBlock], n: int) -> None:
+    """Refuse fixed and random effects that together reproduce every observation.
+
+    If [X Z] has rank n, the profiled ML deviance has no minimum (σ → 0 as the random
+    effects' variance grows) and REML has no residual degree of freedom left.  That can
+    only happen when the columns are at least as many as the rows, which is checked first.
+    """
+    n_re = sum(b.n_effects for b in blocks)
+    p = X.shape[1]
+    if p + n_re < n or n > _MAX_RANK_CHECK_ROWS:
+        return
+    cols = [X]
+    for b in blocks:
+        Zd = np.zeros((n, b.n_effects))
+        rows = np.arange(n)
+        for c in range(b.q):
+            Zd[rows, b.codes * b.q + c] = b.Z[:, c]
+        cols.append(Zd)
+    rank = np.linalg.matrix_rank(np.hstack(cols))
+    if rank >= n:
+        terms = ", ".join(f"{b.group}: {b.n_effects}" for b in blocks)
+        raise ModelError(
+            f"the fixed and random effects together fit every observation exactly ([X Z] has rank {rank} "
+            f"for {n} observations: {p} fixed-effect columns and {n_re} random effects, {terms}), which "
+            "leaves nothing to estimate the residual variance. Use fewer predictors or random-effect "
+            "terms, or more data"
+        )
+
+
+# -- designs for new data (prediction) -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NewDesign:
+    """The fixed-effect design and each block's columns and codes for new rows.
+
+    Attributes
+    ----------
+    index : pandas.Index
+        The new data's row labels.
+    X : ndarray (m, p) or None
+        Fixed-effect design, columns as ``spec.fixed_names`` (None when not asked for).
+    Z : tuple of ndarray (m, q) or None
+        Each block's value columns, in ``spec.blocks`` order and column order.
+    codes : tuple of ndarray of int or None
+        Each block's level index of every row; a level not seen in fitting has a
+        negative code, ``-1 - k`` for the k-th entry of ``new_levels``.
+    new_levels : tuple of tuple of str
+        Per block, the levels of the new data that the fit has not seen, in order of appearance.
+    """
+
+    index: pd.Index
+    X: np.ndarray | None
+    Z: tuple
+    codes: tuple
+    new_levels: tuple
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.index)
+
+
+class _TrainingDesigns:
+    """formulae designs of the training data, kept to evaluate new data with their levels and state."""
+
+    def __init__(self, spec: ModelSpec):
+        data = spec.data
+        self.parsed = parse_formula(spec.formula)
+        self.columns = [str(c) for c in data.columns]
+        self.fdata = _formulae_frame(data, self.columns)
+        self._fixed = None
+        self._lhs: dict[str, object] = {}
+
+    def fixed(self):
+        if self._fixed is None:
+            self._fixed = self._build(self.parsed.fixed)
+        return self._fixed
+
+    def lhs(self, expr: str):
+        if expr not in self._lhs:
+            self._lhs[expr] = self._build(expr)
+        return self._lhs[expr]
+
+    def _build(self, rhs: str):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return design_matrices(rhs, self.fdata, na_action="error").common
+
+
+_TRAINING_CACHE: "weakref.WeakKeyDictionary[ModelSpec, _TrainingDesigns]" = weakref.WeakKeyDictionary()
+
+
+def _training_designs(spec: ModelSpec) -> _TrainingDesigns:
+    try:
+        return _TRAINING_CACHE[spec]
+    except KeyError:
+        out = _TRAINING_CACHE[spec] = _TrainingDesigns(spec)
+        return out
+
+
+def group_labels(factor: Sequence[str], data: pd.DataFrame) -> np.ndarray:
+    """Level labels of a grouping factor for each row, spelled as :func:`_group_codes` spells levels."""
+
+    def spell(s: pd.Series) -> np.ndarray:
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            return np.array([str(v) for v in s.to_numpy()], dtype=object)
+        if pd.api.types.is_float_dtype(s):
+            v = s.to_numpy(dtype=float)
+            if np.all(v == np.round(v)):
+                return np.array([str(int(x)) for x in v], dtype=object)
+        return np.array([str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+                         for v in s.to_numpy()], dtype=object)
+
+    parts = [spell(data[name]) for name in factor]
+    if len(parts) == 1:
+        return parts[0]
+    return np.array([":".join(p) for p in zip(*parts)], dtype=object)
+
+
+def _block_terms(spec: ModelSpec, designs: _TrainingDesigns) -> list[BarTerm]:
+    """The bar term (as written) behind each of ``spec.blocks``."""
+    out = []
+    for block in spec.blocks:
+        candidates = [bar for bar in designs.parsed.bars if block.group in (":".join(f) for f in bar.factors)]
+        if len(candidates) > 1:
+            wanted = set(block.columns)
+            candidates = [bar for bar in candidates if set(_rename(designs.lhs(bar.lhs).as_dataframe().columns))
+                          == wanted] or candidates
+        if not candidates:  # cannot happen for a spec built by build_spec
+            raise ModelError(f"cannot find the term of block {block.group!r} in {spec.formula!r}")
+        out.append(candidates[0])
+    return out
+
+
+def _rename(cols) -> list[str]:
+    return [INTERCEPT if c == "Intercept" else str(c) for c in cols]
+
+
+def new_data_design(spec: ModelSpec, newdata, *, fixed: bool = True, random: bool = True,
+                    groups: bool = True, argument: str = "newdata") -> NewDesign:
+    """Evaluate the model's design on new rows with the training data's contrasts and levels.
+
+    The fixed-effect columns are formulae's design of the training data evaluated on
+    ``newdata`` (same reference levels, same stateful transforms); each block's value
+    columns likewise; grouping factors become codes into the fitted levels (negative
+    for a level the fit has not seen, see :class:`NewDesign`).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        A spec that kept its data (``spec.data``).
+    newdata : pandas.DataFrame or dict of columns
+    fixed, random, groups : bool
+        Which parts to build: the fixed-effect design, the blocks' value columns, the
+        blocks' level codes.  Only the columns the requested parts use are required.
+    argument : str
+        The argument's name in error messages.
+
+    Raises
+    ------
+    DataError
+        ``newdata`` is not a table, lacks a column the model uses, has missing or
+        non-finite values in one, or has a category of a fixed-effect factor that
+        the training data did not have.
+    """
+    if spec.data is None:
+        raise ModelError("this model did not keep its data (cross-products computed out of memory), so it "
+                         "cannot build designs for new data; refit from a DataFrame to predict")
+    if isinstance(newdata, Mapping):
+        try:
+            newdata = pd.DataFrame(dict(newdata))
+        except ValueError:  # all scalars
+            newdata = pd.DataFrame({k: [v] for k, v in newdata.items()})
+    if not isinstance(newdata, pd.DataFrame):
+        raise DataError(f"{argument} must be a pandas DataFrame (or a dict of columns), got "
+                        f"{type(newdata).__name__}")
+    if len(newdata) == 0:
+        raise DataError(f"{argument} has no rows")
+    if not all(isinstance(c, str) for c in newdata.columns):
+        newdata = newdata.rename(columns=str)
+    designs = _training_designs(spec)
+    parsed = designs.parsed
+    train_cols = set(designs.columns)
+    terms = _block_terms(spec, designs)
+
+    need: dict[str, str] = {}  # column -> where it is used
+    value_cols: set[str] = set()
+
+    def add(expr: str, where: str, values: bool) -> None:
+        for name, _ in referenced_names(expr):
+            if name in train_cols:
+                need.setdefault(name, where)
+                if values:
+                    value_cols.add(name)
+
+    if fixed:
+        add(parsed.fixed, "the fixed effects", True)
+    if random:
+        for term in terms:
+            add(term.lhs, f"the term {term.text}", True)
+    if groups:
+        for block, term in zip(spec.blocks, terms):
+            for name in block.group.split(":"):
+                need.setdefault(name, f"the grouping factor of {term.text}")
+    have = set(map(str, newdata.columns))
+    for name, where in need.items():
+        if name not in have:
+            raise DataError(f"{argument} lacks the column {name!r}, used in {where} of the model; "
+                            f"{argument} has columns {sorted(have)}.{did_you_mean(name, have)}")
+    for name, where in need.items():
+        s = newdata[name]
+        miss = s.isna()
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            miss = miss | ~np.isfinite(s.to_numpy(dtype=float, na_value=np.nan))
+        if miss.any():
+            raise DataError(f"{argument} column {name!r} (used in {where}) has {int(miss.sum())} missing or "
+                            f"infinite value(s); fill them or drop those rows before predicting")
+
+    new_f = newdata[list(need)].copy()
+    for name in sorted(value_cols):
+        new_f[name] = _match_training_column(name, newdata[name], designs.fdata[name], argument)
+
+    X = None
+    if fixed:
+        X = _evaluate(designs.fixed(), new_f, list(spec.fixed_names), "the fixed effects", argument)
+    Z, codes, new_levels = [], [], []
+    for block, term in zip(spec.blocks, terms):
+        Z.append(_evaluate(designs.lhs(term.lhs), new_f, list(block.columns), f"the term {term.text}", argument)
+                 if random else None)
+        if groups:
+            labels = group_labels(block.group.split(":"), newdata)
+            lookup = {lev: k for k, lev in enumerate(block.levels)}
+            c = np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
+            unseen = tuple(dict.fromkeys(labels[c < 0]))
+            if unseen:  # unseen level k gets code -1 - k
+                k = {lab: i for i, lab in enumerate(unseen)}
+                c[c < 0] = [-1 - k[lab] for lab in labels[c < 0]]
+            codes.append(c)
+            new_levels.append(unseen)
+        else:
+            codes.append(None)
+            new_levels.append(())
+    return NewDesign(index=newdata.index, X=X, Z=tuple(Z), codes=tuple(codes), new_levels=tuple(new_levels))
+
+
+def _match_training_column(name: str, new: pd.Series, train: pd.Series, argument: str) -> pd.Series:
+    """``new`` with the training column's type and categories; unseen categories raise."""
+    categorical_train = (isinstance(train.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(train)
+                         or pd.api.types.is_string_dtype(train) or pd.api.types.is_bool_dtype(train))
+    if not categorical_train:
+        if pd.api.types.is_bool_dtype(new) or not pd.api.types.is_numeric_dtype(new):
+            raise DataError(f"{argument} column {name!r} is not numeric (dtype {new.dtype}), but the model was "
+                            "fitted with a numeric column of that name; convert it")
+        return new.astype(float)
+    known = list(train.cat.categories) if isinstance(train.dtype, pd.CategoricalDtype) else list(pd.unique(train))
+    known_str = {str(k): k for k in known}
+    values = new.to_numpy()
+    unseen = sorted({str(v) for v in values if str(v) not in known_str})
+    if unseen:
+        raise DataError(f"{argument} column {name!r} has categories {unseen} that the fitted data did not have "
+                        f"(known: {sorted(known_str)}); a fixed effect cannot be predicted for an unseen "
+                        "category: drop those rows or refit with them")
+    mapped = [known_str[str(v)] for v in values]
+    if isinstance(train.dtype, pd.CategoricalDtype):
+        return pd.Series(pd.Categorical(mapped, categories=train.cat.categories, ordered=train.cat.ordered),
+                         index=new.index)
+    return pd.Series(mapped, index=new.index, dtype=train.dtype)
+
+
+def _evaluate(common, new_f: pd.DataFrame, columns: list[str], where: str, argument: str) -> np.ndarray:
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frame = common.evaluate_new_data(new_f).as_dataframe()
+    except Exception as exc:  # formulae raises many kinds; name the place
+        raise DataError(f"could not evaluate {where} on {argument}: {exc}") from exc
+    frame.columns = _rename(frame.columns)
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:  # cannot happen when the types match; say so rather than misalign
+        raise DataError(f"{where} evaluated on {argument} lacks the columns {absent}")
+    out = frame[columns].to_numpy(dtype=float)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        col = columns[int(np.flatnonzero(bad.any(axis=0))[0])]
+        raise DataError(f"{where}: the column {col!r} evaluated on {argument} has {int(bad.any(axis=1).sum())} "
+                        "non-finite value(s) (log of zero or a negative number?)")
+    return out

@@ -225,6 +225,86 @@ class FreqFit:
         idx = self.spec.row_index[rows]
         return pd.DataFrame(V, index=idx, columns=idx)
 
+    # -- predictions -----------------------------------------------------------
+    def predict(self, newdata=None, kind: str = "conditional", new_groups: str = "population") -> pd.Series:
+        """Predicted means: Xβ̂ + Zb̂ (``kind="conditional"``) or Xβ̂ (``kind="marginal"``).
+
+        Parameters
+        ----------
+        newdata : DataFrame or dict of columns, optional
+            Rows to predict; the training rows when omitted (then the conditional
+            prediction is :attr:`fitted`).  The fixed-effect design is rebuilt with
+            the training data's contrasts and levels.
+        kind : {"conditional", "marginal"}
+            With the groups' conditional modes b̂, or at the population level (lme4's
+            ``re.form = NULL`` / ``NA``).
+        new_groups : {"population", "error"}
+            A grouping level not seen in fitting gets no effect (b = 0, lme4's
+            ``allow.new.levels = TRUE``), or raises.  The levels so predicted are listed
+            in ``result.attrs["new_levels"]``.
+
+        Returns
+        -------
+        Series indexed like ``newdata``.
+        """
+        from ..predict import freq_predict
+
+        return freq_predict(self, newdata, kind, new_groups)
+
+    # -- variance decomposition and R² ---------------------------------------------
+    def variance_components(self, at: dict | None = None) -> pd.DataFrame:
+        """Var(y) split into each grouping factor's part and the residual, at the point ``at``.
+
+        For ``(1 + x | g)`` the group's part is σ²_u0 + 2σ_u01 x + σ²_u1 x² (the seeds'
+        formula), so ``at={"x": value}`` is required; a random-intercept model needs
+        no ``at``.  Columns ``variance, sd, proportion``; rows the grouping factors,
+        ``Residual`` and ``Total``.  See :mod:`bayeslmm.variance`.
+        """
+        from .. import variance as V
+
+        z = V.z_at(self.spec, at)
+        parts = {g: float(v) for g, v in V.group_variances(self.spec, z, self.block_covariances()).items()}
+        return V.components_frame(self.spec, parts, self.sigma**2, at)
+
+    def icc(self, at: dict | None = None) -> pd.Series:
+        """Intraclass correlation of each grouping factor at ``at``: its share of Var(y).
+
+        For a random intercept ICC = σ²_u / (σ²_u + σ²).
+        """
+        vc = self.variance_components(at)
+        groups = [g for g in vc.index if g not in ("Residual", "Total")]
+        out = vc.loc[groups, "proportion"].rename("ICC")
+        out.attrs["at"] = vc.attrs["at"]
+        return out
+
+    def r2(self, method: str = "nakagawa") -> pd.Series:
+        """Marginal (fixed effects) and conditional (fixed and random) R².
+
+        ``method="nakagawa"``: Nakagawa & Schielzeth (2013) with Johnson's (2014)
+        random-slope extension; ``"gelman"``: the residual form of Gelman et al.
+        (2019) at the point estimates.  See :mod:`bayeslmm.variance`.
+        """
+        from .. import variance as V
+
+        V.check_r2_method(method)
+        if method == "nakagawa":
+            marg, cond = V.nakagawa_r2(self.spec, self.estimates.beta, self.block_covariances(), self.sigma**2)
+        else:
+            marg = V.gelman_r2(self.spec.y, self.spec.X @ self.estimates.beta)
+            cond = V.gelman_r2(self.spec.y, self.estimates.fitted)
+        out = pd.Series({"marginal": float(marg), "conditional": float(cond)}, name="R2")
+        out.attrs["method"] = method
+        return out
+
+    def save(self, path):
+        """Write the fit to ``path`` without pickling: a netCDF file (``.nc``) or a ``.zarr`` folder.
+
+        ``bayeslmm.load(path)`` reads it back; see :mod:`bayeslmm.io` for what is stored.
+        """
+        from ..io import save_fit
+
+        return save_fit(self, path)
+
     # -- presentation ----------------------------------------------------------
     def summary(self) -> "FreqSummary":
         from .summary import FreqSummary
