@@ -1,0 +1,450 @@
+"""Figures of a fitted model: shrinkage, caterpillar, variance components, posterior predictive check.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no
+global figure registry, no ``plt.show()``), so it works under the Agg backend, in
+scripts and in notebooks (a figure displays itself there) alike; save it with
+``fig.savefig(path)``.  Pass ``ax=`` to draw into an axes of your own figure instead
+(single-panel plots only).
+
+The plotted artists carry a ``gid`` naming what they show (``"no_pooling"``,
+``"partial_pooling"``, ``"shrinkage_arrow"``, ``"population"``, ``"ellipse"``,
+``"interval"``, ``"estimate"``, ``"posterior"``, ``"reml"``, ``"y"``, ``"y_rep"``), so a
+figure's content can be read back.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+
+from .errors import BayesLMMError, ModelError
+from .pooling import group_design, is_bayes, pooling_table, resolve_fit
+
+__all__ = ["caterpillar_plot", "ppc_plot", "shrinkage_plot", "variance_plot"]
+
+_NO_POOL = "C0"
+_PARTIAL = "C3"
+_POP = "0.25"
+
+
+def _new_axes(ax, n_panels: int = 1, *, ncols: int | None = None, panel_size=(4.2, 3.4), sharey=False):
+    """A fresh Figure with ``n_panels`` axes, or the caller's ``ax`` (one panel only)."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    if ax is not None:
+        if not isinstance(ax, Axes):
+            raise BayesLMMError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}")
+        if n_panels != 1:
+            raise BayesLMMError(f"this figure has {n_panels} panels; `ax=` is only accepted for a single panel, "
+                                "leave it out to get a new figure")
+        return ax.figure, [ax]
+    ncols = ncols or n_panels
+    nrows = -(-n_panels // ncols)
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel()
+    for extra in axes[n_panels:]:
+        extra.set_visible(False)
+    return fig, list(axes[:n_panels])
+
+
+def _arrow(ax, start, end, color="0.45"):
+    ax.annotate("", xy=end, xytext=start, gid="shrinkage_arrow",
+                arrowprops=dict(arrowstyle="-|>", color=color, lw=0.8, shrinkA=0, shrinkB=0, mutation_scale=8))
+
+
+# -------------------------------------------------------------------- shrinkage
+def shrinkage_plot(fit, group: str | None = None, columns=None, *, layout: str = "auto",
+                   ellipse=(0.5, 0.95), no_pooling: str = "shared", ax=None):
+    """Each level's estimate moving from no pooling to partial pooling.
+
+    Parameters
+    ----------
+    fit : FreqFit, BayesFit or Model
+        As for :func:`bayeslmm.pooling_table` (a Model is fitted by REML).
+    group : str, optional
+        The grouping factor (default: the first block's).
+    columns : str or pair of str, optional
+        The coefficient(s) to show.  Default: the factor's first two columns, or its
+        one column for a random-intercept model.
+    layout : {"auto", "n", "rows"}
+        One column only.  ``"n"``: x = the level's number of observations, y = the
+        estimate — arrows from the no-pooling to the partial-pooling value, the
+        population (fixed effect) and the complete-pooling value as horizontal lines;
+        levels with few observations travel furthest.  ``"rows"``: the estimates on one
+        horizontal axis, no pooling in the top row, partial pooling in the bottom one,
+        an arrow per level, the population as a vertical line.  ``"auto"`` takes
+        ``"n"`` when the levels' sizes differ and ``"rows"`` when they are all equal.
+    ellipse : sequence of float or None
+        Two columns only: contours of the fitted random-effect distribution
+        N(population, G) enclosing these probabilities (REML: G at the estimates;
+        NUTS: the posterior mean of G).  ``None`` or ``()`` draws none.
+    no_pooling : {"shared", "separate"}
+        Passed to :func:`~bayeslmm.pooling_table`.
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        ``fig.pooling_table`` holds the table the figure was drawn from.
+
+    Levels whose no-pooling estimate is missing (NaN, see the table's ``note``) are
+    drawn at their partial-pooling value only, without an arrow.
+    """
+    fit = resolve_fit(fit)
+    table = pooling_table(fit, group, no_pooling=no_pooling)
+    all_cols = table.attrs["columns"]
+    if columns is None:
+        columns = all_cols[:2]
+    elif isinstance(columns, str):
+        columns = [columns]
+    else:
+        columns = list(columns)
+    unknown = [c for c in columns if c not in all_cols]
+    if unknown or not 1 <= len(columns) <= 2 or len(set(columns)) != len(columns):
+        raise BayesLMMError(f"`columns` must be one or two distinct columns of {table.attrs['group']!r}'s random "
+                            f"effects {all_cols}, got {columns!r}")
+    if layout not in ("auto", "n", "rows"):
+        raise BayesLMMError(f"`layout` must be 'auto', 'n' or 'rows', got {layout!r}")
+    if len(columns) == 1:
+        fig = _shrinkage_1d(table, columns[0], layout, ax)
+    else:
+        fig = _shrinkage_2d(fit, table, columns, ellipse, ax)
+    fig.pooling_table = table
+    return fig
+
+
+def _shrinkage_1d(table, col, layout, ax):
+    fig, (ax,) = _new_axes(ax, panel_size=(7.0, 4.5))
+    n = table["n"].to_numpy()
+    npool = table[("no_pooling", col)].to_numpy()
+    part = table[("partial", col)].to_numpy()
+    pop = table.attrs["population"][col]
+    comp = table[("complete", col)].iloc[0]
+    ok = np.isfinite(npool)
+    if layout == "auto":
+        layout = "rows" if np.all(n == n[0]) else "n"
+    if layout == "n":
+        ax.scatter(n[ok], npool[ok], s=22, facecolors="none", edgecolors=_NO_POOL, label="no pooling",
+                   gid="no_pooling", zorder=3)
+        ax.scatter(n, part, s=16, color=_PARTIAL, label="partial pooling", gid="partial_pooling", zorder=4)
+        for x, a, b in zip(n[ok], npool[ok], part[ok]):
+            _arrow(ax, (x, a), (x, b))
+        ax.axhline(pop, color=_POP, lw=1.2, label="population (fixed effect)", gid="population")
+        ax.axhline(comp, color=_POP, lw=1.0, ls=":", label="complete pooling", gid="complete_pooling")
+        if n.min() > 0 and n.max() / n.min() >= 10:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"observations in the level of {table.attrs['group']}")
+        ax.set_ylabel(col)
+    else:
+        ax.scatter(npool[ok], np.ones(ok.sum()), s=22, facecolors="none", edgecolors=_NO_POOL,
+                   label="no pooling", gid="no_pooling", zorder=3)
+        ax.scatter(part, np.zeros_like(part), s=16, color=_PARTIAL, label="partial pooling",
+                   gid="partial_pooling", zorder=4)
+        for a, b in zip(npool[ok], part[ok]):
+            _arrow(ax, (a, 1.0), (b, 0.0))
+        ax.axvline(pop, color=_POP, lw=1.2, label="population (fixed effect)", gid="population")
+        ax.axvline(comp, color=_POP, lw=1.0, ls=":", label="complete pooling", gid="complete_pooling")
+        ax.set_yticks([0, 1], ["partial pooling", "no pooling"])
+        ax.set_ylim(-0.3, 1.45)
+        ax.set_xlabel(col)
+    ax.set_title(f"Shrinkage of {table.attrs['group']}'s {col} ({table.attrs['method']})")
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def group_covariance(fit, gd) -> np.ndarray:
+    """The q×q covariance of the factor's random effects: REML estimate, or posterior mean."""
+    G = np.zeros((gd.q, gd.q))
+    if is_bayes(fit):
+        post = fit.posterior
+        for k, pos in gd.blocks:
+            name, block = fit.names[k], fit.spec.blocks[k]
+            sd = post[f"{name}_sd"].to_numpy()
+            if block.correlated and block.q > 1:
+                corr = post[f"{name}_corr"].to_numpy()
+            else:
+                corr = np.broadcast_to(np.eye(block.q), sd.shape + (block.q,))
+            cov = (sd[..., :, None] * corr * sd[..., None, :]).mean(axis=(0, 1))
+            G[np.ix_(pos, pos)] += cov
+    else:
+        covs = fit.block_covariances()
+        for k, pos in gd.blocks:
+            G[np.ix_(pos, pos)] += covs[k]
+    return G
+
+
+def ellipse_points(center, cov, prob: float, n: int = 200) -> np.ndarray:
+    """Points (n, 2) of the contour of N(center, cov) that encloses probability ``prob``."""
+    from scipy import stats
+
+    radius = np.sqrt(stats.chi2.ppf(prob, df=2))
+    w, V = np.linalg.eigh(np.asarray(cov, dtype=float))
+    t = np.linspace(0, 2 * np.pi, n)
+    circle = np.vstack([np.cos(t), np.sin(t)])
+    return (np.asarray(center)[:, None] + radius * (V * np.sqrt(np.maximum(w, 0.0))) @ circle).T
+
+
+def _shrinkage_2d(fit, table, cols, ellipse, ax):
+    fig, (ax,) = _new_axes(ax, panel_size=(6.5, 5.5))
+    npool = table["no_pooling"][cols].to_numpy()
+    part = table["partial"][cols].to_numpy()
+    ok = np.isfinite(npool).all(axis=1)
+    pop = np.array([table.attrs["population"][c] for c in cols])
+    comp = table["complete"][cols].iloc[0].to_numpy()
+    if ellipse:
+        probs = list(ellipse) if np.ndim(ellipse) else [ellipse]
+        bad = [p for p in probs if not isinstance(p, (int, float)) or not 0 < p < 1]
+        if bad:
+            raise BayesLMMError(f"`ellipse` must be probabilities strictly between 0 and 1, got {ellipse!r}")
+        gd = group_design(fit.spec, table.attrs["group"])
+        idx = [gd.columns.index(c) for c in cols]
+        G = group_covariance(fit, gd)[np.ix_(idx, idx)]
+        for p in probs:
+            pts = ellipse_points(pop, G, p)
+            ax.plot(pts[:, 0], pts[:, 1], color="0.6", lw=0.9, ls="--", gid="ellipse", label=f"{p:.0%} of N(β, G)")
+    ax.scatter(npool[ok, 0], npool[ok, 1], s=26, facecolors="none", edgecolors=_NO_POOL, label="no pooling",
+               gid="no_pooling", zorder=3)
+    ax.scatter(part[:, 0], part[:, 1], s=18, color=_PARTIAL, label="partial pooling", gid="partial_pooling",
+               zorder=4)
+    for a, b in zip(npool[ok], part[ok]):
+        _arrow(ax, tuple(a), tuple(b))
+    ax.scatter([pop[0]], [pop[1]], marker="X", s=90, color="k", label="population (fixed effects)",
+               gid="population", zorder=5)
+    ax.scatter([comp[0]], [comp[1]], marker="+", s=90, color="k", label="complete pooling",
+               gid="complete_pooling", zorder=5)
+    ax.set_xlabel(cols[0])
+    ax.set_ylabel(cols[1])
+    ax.set_title(f"Shrinkage of {table.attrs['group']}'s coefficients ({table.attrs['method']})")
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+# ------------------------------------------------------------------- caterpillar
+def _check_prob(prob, name="prob"):
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 < prob < 1:
+        raise BayesLMMError(f"`{name}` must be a probability strictly between 0 and 1, got {prob!r}")
+    return float(prob)
+
+
+def effect_intervals(fit, group: str | None = None, prob: float | None = None):
+    """Per level and column: estimate, lower and upper bound of the random effect b_j.
+
+    REML/ML: conditional mode ± z·conditional sd (z = 1.96 for ``prob=0.95``, the
+    default).  NUTS: posterior mean and the equal-tailed posterior interval (default
+    ArviZ's ``stats.ci_prob``).  Returns ``(design, est, lower, upper, prob)`` with the
+    arrays shaped (levels, columns).
+    """
+    fit = resolve_fit(fit)
+    gd = group_design(fit.spec, group)
+    J = len(gd.levels)
+    est, lo, hi = np.zeros((J, gd.q)), np.zeros((J, gd.q)), np.zeros((J, gd.q))
+    if is_bayes(fit):
+        import arviz as az
+
+        prob = _check_prob(az.rcParams["stats.ci_prob"] if prob is None else prob)
+        post = fit.posterior
+        draws = np.zeros((post.sizes["chain"] * post.sizes["draw"], J, gd.q))
+        for k, pos in gd.blocks:
+            d = post[fit.names[k]].to_numpy()
+            draws[:, :, list(pos)] += d.reshape(-1, J, d.shape[-1])
+        est = draws.mean(axis=0)
+        lo, hi = np.quantile(draws, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+    else:
+        from scipy import stats
+
+        prob = _check_prob(0.95 if prob is None else prob)
+        z = stats.norm.ppf((1 + prob) / 2)
+        var = np.zeros((J, gd.q))
+        for k, pos in gd.blocks:
+            est[:, list(pos)] += fit.estimates.b[k]
+            var[:, list(pos)] += np.diagonal(fit.estimates.b_condvar[k], axis1=1, axis2=2)
+        sd = np.sqrt(np.maximum(var, 0.0))
+        lo, hi = est - z * sd, est + z * sd
+    return gd, est, lo, hi, prob
+
+
+def caterpillar_plot(fit, group: str | None = None, prob: float | None = None, *, max_labels: int = 60, ax=None):
+    """The random effects of one grouping factor, sorted, with intervals.
+
+    One panel per column of the factor's effects (``(Intercept)``, ``Days``, ...); the
+    levels are sorted by the first column's estimate and keep that order in every
+    panel, as lme4's ``dotplot(ranef(fit, condVar = TRUE))``.
+
+    Parameters
+    ----------
+    fit : FreqFit, BayesFit or Model
+    group : str, optional
+        The grouping factor (default: the first block's).
+    prob : float, optional
+        Interval probability.  REML/ML: conditional mode ± z·conditional sd, default
+        0.95 (z = 1.96, from the fit's ``ranef_table``); NUTS: equal-tailed posterior
+        interval, default ArviZ's ``stats.ci_prob`` (0.89).
+    max_labels : int
+        Level names are written on the y axis up to this many levels.
+    ax : matplotlib Axes, optional
+        Only for a factor with one column.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Per panel, the ``"estimate"`` points and ``"interval"`` segments, bottom to top in
+        the sorted order; ``fig.levels_order`` lists the levels bottom to top.
+    """
+    fit = resolve_fit(fit)
+    gd, est, lo, hi, prob = effect_intervals(fit, group, prob)
+    J = len(gd.levels)
+    order = np.argsort(est[:, 0], kind="stable")
+    fig, axes = _new_axes(ax, gd.q, panel_size=(4.0, min(2.0 + 0.16 * J, 12.0)), sharey=True)
+    pos = np.arange(J)
+    kind = "posterior mean" if is_bayes(fit) else "conditional mode"
+    for a, (axis, col) in enumerate(zip(axes, gd.columns)):
+        axis.axvline(0.0, color="0.6", lw=0.8, ls="--")
+        axis.hlines(pos, lo[order, a], hi[order, a], color="0.35", lw=1.2, gid="interval")
+        axis.scatter(est[order, a], pos, s=14, color=_PARTIAL, zorder=3, gid="estimate")
+        axis.set_title(col)
+        axis.set_xlabel(f"{kind}, {prob:.0%} interval")
+    if J <= max_labels:
+        axes[0].set_yticks(pos, [gd.levels[i] for i in order], fontsize="small")
+    else:
+        axes[0].set_yticks([])
+    axes[0].set_ylabel(gd.group)
+    axes[0].set_ylim(-1, J)
+    fig.suptitle(f"Random effects of {gd.group} ({fit.method})")
+    fig.levels_order = [gd.levels[i] for i in order]
+    return fig
+
+
+# -------------------------------------------------------------- variance components
+def _bayes_fit(fit, name="bayes_fit"):
+    if not is_bayes(fit):
+        raise ModelError(f"`{name}` must be a BayesFit (Model.fit(method='nuts')), got {type(fit).__name__}")
+    return fit
+
+
+def _density(x: np.ndarray):
+    from arviz_stats.base import array_stats
+
+    grid, pdf, _ = array_stats.kde(np.asarray(x, dtype=float).ravel())
+    return np.asarray(grid), np.asarray(pdf)
+
+
+def _vc_label(grp, v1, v2) -> str:
+    if grp == "Residual":
+        return "sigma"
+    if v2 is None or (isinstance(v2, float) and np.isnan(v2)):
+        return f"sd[{grp}|{v1}]"
+    return f"corr[{grp}|{v1},{v2}]"
+
+
+def variance_plot(bayes_fit, reml_fit=None, *, ncols: int = 3):
+    """Posterior density of every sd, correlation and σ, with the REML/ML estimate as a line.
+
+    Parameters
+    ----------
+    bayes_fit : BayesFit
+    reml_fit : FreqFit, optional
+        A REML or ML fit of the same model; its ``varcorr`` estimates are drawn as
+        vertical lines (``gid="reml"``).
+    ncols : int
+        Panels per row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per variance parameter, titled as in ``BayesFit.summary_table``
+        (``sd[Subject|Days]``, ``corr[Subject|(Intercept),Days]``, ``sigma``).  Densities
+        are ArviZ's boundary-corrected KDE of the draws (arviz-stats).
+    """
+    from .reml.results import FreqFit
+
+    fit = _bayes_fit(bayes_fit)
+    if isinstance(ncols, bool) or not isinstance(ncols, Integral) or ncols < 1:
+        raise BayesLMMError(f"`ncols` must be a positive integer, got {ncols!r}")
+    rows, draws = fit._varcorr_draws()
+    labels = [_vc_label(grp, v1, v2) for _, grp, v1, v2 in rows]
+    ref = None
+    if reml_fit is not None:
+        if not isinstance(reml_fit, FreqFit):
+            raise ModelError(f"`reml_fit` must be a FreqFit (Model.fit(method='reml'|'ml')), "
+                             f"got {type(reml_fit).__name__}")
+        vc = reml_fit.varcorr
+        ref_labels = [_vc_label(g, v1, v2) for g, v1, v2 in zip(vc.grp, vc.var1, vc.var2)]
+        if (reml_fit.spec.formula != fit.spec.formula or reml_fit.spec.n_obs != fit.spec.n_obs
+                or sorted(ref_labels) != sorted(_vc_label(g, v1, v2) for (_, g, v1, v2) in rows)):
+            raise ModelError(f"`reml_fit` is not a fit of the same model: {reml_fit.spec.formula!r} on "
+                             f"{reml_fit.spec.n_obs} rows vs {fit.spec.formula!r} on {fit.spec.n_obs} rows")
+        ref = _match_rows(ref_labels, vc.sdcor.to_numpy(), labels)
+    fig, axes = _new_axes(None, len(rows), ncols=min(ncols, len(rows)), panel_size=(3.8, 2.9))
+    for i, (axis, (key, *_), label) in enumerate(zip(axes, rows, labels)):
+        grid, pdf = _density(draws[key])
+        axis.plot(grid, pdf, color="C0", lw=1.5, gid="posterior", label="posterior")
+        axis.fill_between(grid, pdf, color="C0", alpha=0.15)
+        if ref is not None:
+            axis.axvline(ref[i], color="k", lw=1.2, ls="--", gid="reml", label=f"{reml_fit.method} estimate")
+        axis.set_title(label, fontsize="medium")
+        axis.set_yticks([])
+        axis.set_ylim(bottom=0)
+    axes[0].legend(fontsize="small")
+    fig.suptitle("Variance components: posterior" + (f" and {reml_fit.method} estimate" if ref is not None else ""))
+    fig.parameter_labels = labels
+    return fig
+
+
+def _match_rows(ref_labels, values, labels) -> np.ndarray:
+    """Values of ``ref_labels`` in the order of ``labels``; repeated labels matched in order."""
+    pools: dict[str, list] = {}
+    for lab, v in zip(ref_labels, values):
+        pools.setdefault(lab, []).append(float(v))
+    return np.array([pools[lab].pop(0) for lab in labels])
+
+
+# ------------------------------------------------------- posterior predictive check
+def ppc_plot(bayes_fit, n_draws: int = 50, random_seed: int | None = None, *, ax=None):
+    """Density of the observed response against densities of posterior predictive replicates.
+
+    Each replicate is one posterior draw's y_rep = Xβ + Zb + σε for the training rows
+    (``BayesFit.posterior_predictive``); ``n_draws`` of them, evenly spaced through the
+    chains, are drawn thin, the observed ``y`` thick (ArviZ's KDE, arviz-stats).
+
+    Parameters
+    ----------
+    bayes_fit : BayesFit
+    n_draws : int
+        Replicates to draw, at most the number of posterior draws.
+    random_seed : int, optional
+        Seed of the replicates' noise (``None``: derived from the fit's seed).
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Lines with ``gid="y_rep"`` (one per replicate) and ``gid="y"``;
+        ``fig.draw_index`` holds the flat (chain × draw) index of each replicate.
+    """
+    fit = _bayes_fit(bayes_fit)
+    total = fit.n_draws
+    if isinstance(n_draws, bool) or not isinstance(n_draws, Integral) or not 1 <= n_draws <= total:
+        raise BayesLMMError(f"`n_draws` must be an integer from 1 to the {total} posterior draws, got {n_draws!r}")
+    y_rep = fit.posterior_predictive(random_seed=random_seed)
+    flat = y_rep.to_numpy().reshape(total, -1)
+    index = np.unique(np.linspace(0, total - 1, n_draws).round().astype(int))
+    fig, (ax,) = _new_axes(ax, panel_size=(6.5, 4.2))
+    for k, i in enumerate(index):
+        grid, pdf = _density(flat[i])
+        ax.plot(grid, pdf, color="C0", alpha=0.3, lw=0.8, gid="y_rep",
+                label="posterior predictive" if k == 0 else None)
+    grid, pdf = _density(fit.spec.y)
+    ax.plot(grid, pdf, color="k", lw=2.0, gid="y", label=f"observed {fit.spec.response}")
+    ax.set_xlabel(fit.spec.response)
+    ax.set_yticks([])
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Posterior predictive check ({len(index)} replicates)")
+    ax.legend(fontsize="small")
+    fig.draw_index = index
+    return fig
