@@ -1,7 +1,9 @@
 """Command line: ``bayeslmm fit DATA FORMULA --method reml|ml [--json PATH]``.
 
 DATA is a CSV or Parquet file, or the name of a bundled dataset
-(``bayeslmm datasets`` lists them).
+(``bayeslmm datasets`` lists them).  Parquet data go through Dask, partition by
+partition (:mod:`bayeslmm.outofcore`), when DATA is a glob, a folder of several
+files or above ``DASK_BYTES`` on disk, or when ``--dask`` asks for it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ def read_data(source: str) -> tuple[pd.DataFrame, str]:
     )
 
 
+#: Parquet data larger than this on disk are read out of memory (through Dask)
+DASK_BYTES = 1 << 30
+
+
+def use_dask(source: str, force: bool = False) -> bool:
+    """Whether DATA should be read partition by partition with Dask."""
+    from .outofcore import is_parquet_source
+
+    if not is_parquet_source(source):
+        if force:
+            raise DataError(f"--dask reads Parquet data (a file, a folder or a glob); {source!r} is not one")
+        return False
+    if force or any(ch in source for ch in "*?["):
+        return True
+    path = Path(source)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    return len(files) > 1 or sum(f.stat().st_size for f in files if f.exists()) > DASK_BYTES
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bayeslmm", description="Linear mixed models with lme4 formulas.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     f.add_argument("--missing", default="raise", choices=["raise", "drop"],
                    help="rows with missing values: raise an error (default) or drop them")
+    f.add_argument("--dask", action="store_true",
+                   help="read Parquet DATA out of memory with Dask (automatic for a glob, a folder of "
+                        "several files, or more than 1 GiB); per-row outputs are then not available")
     sub.add_parser("datasets", help="list the bundled datasets")
     return p
 
@@ -72,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .model import Model
 
-        data, name = read_data(args.data)
-        model = Model(args.formula, data, missing=args.missing)
+        if use_dask(args.data, args.dask):
+            model = Model(args.formula, args.data, missing=args.missing)
+            name = Path(args.data).name
+        else:
+            data, name = read_data(args.data)
+            model = Model(args.formula, data, missing=args.missing)
         model.data_name = name
         if args.method == "nuts":
             fit = model.fit(method="nuts", draws=args.draws, tune=args.tune, chains=args.chains,

@@ -115,10 +115,6 @@ class CrossProducts:
                 "grouping factors"
             )
         A11 = _per_level_products(first.codes, first.Z, first.Z, n1)
-        offsets, k = [], 0
-        for b in rest:
-            offsets.append(k)
-            k += b.n_effects
         XyXy = Xy.T @ Xy
         B_xy = _per_level_products(first.codes, Xy, first.Z, n1)  # (n1, p+1, q1)
         B_xy = B_xy.transpose(1, 0, 2).reshape(Xy.shape[1], n1 * q1)
@@ -132,12 +128,34 @@ class CrossProducts:
         else:
             Arr = XyXy
             B = sp.csr_matrix(B_xy)
+        return cls.from_blocks(spec.n_obs, spec.n_fixed, first, tuple(rest), A11, Arr, B)
+
+    @classmethod
+    def from_blocks(cls, n_obs: int, n_fixed: int, first: RandomBlock, rest_blocks: tuple[RandomBlock, ...],
+                    A11: np.ndarray, Arr: np.ndarray, B) -> "CrossProducts":
+        """Assemble from the sums themselves, however they were computed.
+
+        ``A11`` (n1, q1, q1), ``Arr`` (m, m) and ``B`` (m, n1·q1, any sparse or dense
+        matrix) are the sums over rows described above — computed here by
+        :meth:`from_spec`, or accumulated chunk by chunk by :mod:`bayeslmm.outofcore`.
+        The blocks' ``codes`` and ``Z`` are not read (they may have no rows).
+        """
+        n1, q1 = first.n_levels, first.q
+        offsets, k = [], 0
+        for b in rest_blocks:
+            offsets.append(k)
+            k += b.n_effects
+        m = k + n_fixed + 1
+        if Arr.shape != (m, m) or B.shape != (m, n1 * q1) or A11.shape != (n1, q1, q1):
+            raise ModelError(f"cross-product blocks of the wrong shape: A11 {A11.shape}, Arr {Arr.shape}, "
+                             f"B {B.shape} for {n1} levels × {q1} and m = {m}")
+        B = sp.csr_matrix(B)
         B.eliminate_zeros()
         P, S_rows, S_cols = _pair_products(B, n1, q1)
         return cls(
-            n_obs=spec.n_obs, n_fixed=spec.n_fixed, first=first, A11=A11,
-            rest_blocks=tuple(rest), rest_offsets=tuple(offsets), n_rest_effects=n_rest_eff,
-            Arr=np.asfortranarray(Arr), B=B, P=P, S_rows=S_rows, S_cols=S_cols,
+            n_obs=n_obs, n_fixed=n_fixed, first=first, A11=np.ascontiguousarray(A11, dtype=float),
+            rest_blocks=tuple(rest_blocks), rest_offsets=tuple(offsets), n_rest_effects=k,
+            Arr=np.asfortranarray(Arr, dtype=float), B=B, P=P, S_rows=S_rows, S_cols=S_cols,
         )
 
 

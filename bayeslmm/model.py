@@ -23,7 +23,12 @@ class Model:
     formula : str
         lme4 syntax: ``"y ~ x + (1 + x | g)"``, ``(x || g)``, ``(1 | a/b)``,
         ``(1 | a) + (1 | b)``.
-    data : pandas.DataFrame, or the name of a bundled dataset
+    data : pandas.DataFrame, the name of a bundled dataset, or data larger than memory
+        A Dask DataFrame, or the path of a Parquet file, folder or glob
+        (``"runs/*.parquet"``): the cross-products are then computed partition by
+        partition (:mod:`bayeslmm.outofcore`, ``docs/scale.md``) and the model keeps
+        no rows, so REML/ML and collapsed NUTS fits work but per-row results
+        (fitted values, residuals) do not.
     groups : dict, list or str, optional
         The grouping-columns form: ``Model("y ~ x", data, groups={"school": "1 + x"})``
         is ``y ~ x + (1 + x | school)``.
@@ -51,6 +56,15 @@ class Model:
         rank_deficient: str = "drop",
     ):
         self.data_name = None
+        from .outofcore import build_out_of_core, is_dask_dataframe, is_parquet_source
+
+        if is_dask_dataframe(data) or is_parquet_source(data):
+            if isinstance(data, str):
+                self.data_name = data
+            self.formula = formula
+            self.spec, self.crossprods = build_out_of_core(formula, data, groups=groups, missing=missing,
+                                                           rank_deficient=rank_deficient)
+            return
         if isinstance(data, str):
             from .datasets import load_dataset
 
@@ -96,6 +110,11 @@ class Model:
         if method.lower() == "nuts":
             from .bayes.fit import fit_bayes
 
+            if options.get("parameterization") == "explicit":
+                self.spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
+            if options.get("log_likelihood"):
+                self.spec.require_rows("the pointwise log-likelihood (log_likelihood=True)")
+
             return fit_bayes(self.spec, self.crossprods, data_name=self.data_name, **_known(options, _NUTS_OPTIONS))
         from .reml import fit_frequentist
 
@@ -110,6 +129,7 @@ class Model:
         """
         from .bayes.predictive import prior_predictive
 
+        self.spec.require_rows("prior predictive draws of the response")
         return prior_predictive(self.spec, self.crossprods, draws=draws, priors=priors, random_seed=random_seed)
 
     def prior_summary(self, priors: dict | None = None):

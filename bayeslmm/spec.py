@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .errors import DataError
+
 
 @dataclass(frozen=True, eq=False)
 class RandomBlock:
@@ -110,6 +112,72 @@ class RandomBlock:
 
 
 @dataclass(frozen=True, eq=False)
+class Moments:
+    """Count, means, sums of squared deviations and largest |value| of some columns.
+
+    What the default priors need from the rows (means and standard deviations),
+    kept when the rows themselves are not (cross-products computed out of memory).
+    Partial moments of row chunks combine exactly with :meth:`combine` (Chan, Golub
+    & LeVeque 1979's pairwise update), which is stable where Σx² − n·mean² is not.
+    """
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray       # Σ (x − mean)² per column
+    max_abs: np.ndarray
+    minimum: np.ndarray
+    maximum: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> "Moments":
+        """Moments of the columns of a 2-d array (or of a 1-d array as one column)."""
+        v = np.asarray(values, dtype=float)
+        v = v[:, None] if v.ndim == 1 else v
+        k = v.shape[1]
+        if len(v) == 0:
+            empty = np.zeros(k)
+            return cls(0, empty, empty.copy(), empty.copy(), np.full(k, np.inf), np.full(k, -np.inf))
+        mean = v.mean(axis=0)
+        return cls(len(v), mean, ((v - mean) ** 2).sum(axis=0), np.abs(v).max(axis=0),
+                   v.min(axis=0), v.max(axis=0))
+
+    def combine(self, other: "Moments") -> "Moments":
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        return Moments(n, mean, m2, np.maximum(self.max_abs, other.max_abs),
+                       np.minimum(self.minimum, other.minimum), np.maximum(self.maximum, other.maximum))
+
+    def take(self, columns) -> "Moments":
+        """The moments of some of the columns."""
+        c = np.asarray(columns, dtype=int)
+        return Moments(self.n, self.mean[c], self.m2[c], self.max_abs[c], self.minimum[c], self.maximum[c])
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviations (``np.std``'s)."""
+        return np.sqrt(self.m2 / self.n)
+
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.mean**2 + self.m2 / self.n)
+
+
+@dataclass(frozen=True, eq=False)
+class RowMoments:
+    """Moments of the response, of each fixed-effect column and of each block's columns."""
+
+    y: Moments
+    X: Moments
+    Z: tuple[Moments, ...]   # one per block, in ``ModelSpec.blocks`` order
+
+
+@dataclass(frozen=True, eq=False)
 class ModelSpec:
     """Everything the engines need, and nothing about how they sample or optimise.
 
@@ -139,6 +207,13 @@ class ModelSpec:
         were computed out of memory.
     missing, rank_deficient : str
         The options ``build_spec`` was called with.
+    n_rows : int or None
+        The number of observations when the per-row arrays are not kept
+        (cross-products computed out of memory, :mod:`bayeslmm.outofcore`): then ``y``,
+        ``X`` and each block's ``codes`` and ``Z`` have no rows, and ``moments``
+        holds what the default priors need.  ``None`` for an in-memory spec.
+    moments : RowMoments or None
+        Means and standard deviations of y and of the design columns (out of memory only).
     """
 
     formula: str
@@ -154,10 +229,26 @@ class ModelSpec:
     data: "pd.DataFrame | None" = field(default=None, repr=False)
     missing: str = "raise"
     rank_deficient: str = "drop"
+    n_rows: int | None = None
+    moments: RowMoments | None = field(default=None, repr=False)
 
     @property
     def n_obs(self) -> int:
-        return len(self.y)
+        return len(self.y) if self.n_rows is None else self.n_rows
+
+    @property
+    def rows_in_memory(self) -> bool:
+        """False when the model was built out of memory and keeps no per-row arrays."""
+        return self.n_rows is None
+
+    def require_rows(self, what: str) -> None:
+        """Raise a DataError saying that ``what`` needs the rows in memory."""
+        if not self.rows_in_memory:
+            raise DataError(
+                f"{what} needs the data's rows in memory, and this model was built out of memory "
+                f"(a Dask DataFrame or Parquet dataset: {self.n_obs} rows, cross-products only). "
+                "Build the model from a pandas DataFrame (ddf.compute(), or a sample of it) for per-row results"
+            )
 
     @property
     def n_fixed(self) -> int:

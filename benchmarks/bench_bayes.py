@@ -187,7 +187,8 @@ def _fit_bayeslmm(cfg, df):
     t1 = time.perf_counter()
     fit = model.fit(method="nuts", draws=cfg["draws"], tune=cfg["tune"], chains=cfg["chains"],
                     cores=cfg.get("cores"), random_seed=cfg["seed"], sampler=cfg["sampler"],
-                    parameterization=cfg["parameterization"], progressbar=False)
+                    parameterization=cfg["parameterization"], backend=cfg.get("backend", "auto"),
+                    progressbar=False)
     t2 = time.perf_counter()
     return fit, fit.idata, {"model": t1 - t0, "fit": t2 - t1, "wall": t2 - t0,
                             "engine_timings": dict(getattr(fit, "timings", {}) or {})}
@@ -432,7 +433,7 @@ def summarize_run(res: dict, run: dict) -> dict:
     comp = run.get("compile", 0.0)
     row = {
         "engine": res["config"]["engine"], "sampler": res["config"].get("sampler") or "pymc (default)",
-        "cores": res["config"].get("cores"),
+        "cores": res["config"].get("cores"), "backend": et.get("backend"),
         "parameterization": res["config"].get("parameterization") or "non-centred",
         "run": run["run"], "wall": run["wall"], "model": run["model"], "fit": run["fit"], "compile": comp,
         "build": et.get("build"), "sample_engine": et.get("sample"), "postprocess": et.get("postprocess"),
@@ -478,7 +479,8 @@ def _label(row):
     if row["engine"] == "bambi":
         return "bambi (uncorrelated)"
     cores = f" cores={row['cores']}" if row.get("cores") else ""
-    return f"bayeslmm {row['parameterization']} / {row['sampler']}{cores}"
+    backend = f" ({row['backend']})" if row.get("backend") else ""
+    return f"bayeslmm {row['parameterization']} / {row['sampler']}{backend}{cores}"
 
 
 def sleep_table(rows) -> str:
@@ -557,7 +559,7 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=None,
                    help="cores= for bayeslmm's fit (default: the engine's default)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"simulated sizes, rows x groups (default {DEFAULT_SIZES})")
-    p.add_argument("--sim-samplers", default="pymc,nutpie,pymc:2",
+    p.add_argument("--sim-samplers", default="auto,pymc",
                    help="bayeslmm samplers on the simulated data; 'pymc:2' = fit(cores=2) "
                         "(default pymc,nutpie,pymc:2)")
     p.add_argument("--sim-warm", action="store_true", help="also a warm (second, same-process) run per size")
@@ -625,15 +627,17 @@ def main(argv=None) -> int:
         data = tmp / "sleepstudy.npz"
         save_frame(load_dataset("sleepstudy"), data)
         configs = [
+            dict(engine="bayeslmm", sampler="auto", parameterization="collapsed"),
             dict(engine="bayeslmm", sampler="pymc", parameterization="collapsed"),
-            dict(engine="bayeslmm", sampler="nutpie", parameterization="collapsed"),
+            dict(engine="bayeslmm", sampler="nutpie", parameterization="collapsed", backend="pytensor"),
             dict(engine="bayeslmm", sampler="pymc", parameterization="explicit"),
         ]
         if bambi_py:
             configs.append(dict(engine="bambi", sampler=None, parameterization=None))
         print(f"\n[1] sleepstudy, {SLEEP_FORMULA}: each in a fresh process, a cold then a warm fit", flush=True)
         for c in configs:
-            tag = f"sleep_{c['engine']}_{c['sampler'] or 'default'}_{c['parameterization'] or 'nc'}"
+            tag = (f"sleep_{c['engine']}_{c['sampler'] or 'default'}_{c['parameterization'] or 'nc'}"
+                   + (f"_{c['backend']}" if c.get("backend") else ""))
             cfg = {**base, **c, "tag": tag, "dataset": "sleepstudy", "data": str(data), "formula": SLEEP_FORMULA,
                    "runs": 2, "effects_diagnostics": False}
             py = bambi_py if c["engine"] == "bambi" else sys.executable

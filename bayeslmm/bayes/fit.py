@@ -14,8 +14,9 @@ from ..crossprod import CrossProducts
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from . import diagnostics
-from .collapsed import draw_first_block
-from .model import PARAMETERIZATIONS, build_pymc_model
+from .collapsed import CollapsedData, draw_first_block
+from .kernel import KernelData, unsupported_reason
+from .model import PARAMETERIZATIONS, BuiltModel, block_names, build_pymc_model, centring_matrix
 from .priors import resolve_priors
 from .results import BayesFit
 
@@ -70,30 +71,46 @@ def fit_bayes(
     progressbar: bool = True,
     log_likelihood: bool | None = None,
     warn: bool = True,
+    backend: str = "auto",
     data_name: str | None = None,
 ) -> BayesFit:
     """Sample the posterior of ``spec``; see :meth:`bayeslmm.Model.fit` for the arguments."""
     draws, tune, chains, cores, max_treedepth = check_sampler_args(
         draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth, random_seed)
     prior_set = resolve_priors(spec, priors)
+    use_kernel = _use_kernel(spec, prior_set, parameterization, sampler, backend)
     if sampler == "auto":
-        sampler = choose_sampler(spec, parameterization)
-    t0 = time.perf_counter()
-    built = build_pymc_model(spec, crossprods, prior_set, parameterization)
-    t1 = time.perf_counter()
+        sampler = "nutpie" if use_kernel else choose_sampler(spec, parameterization)
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
-    dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth, progressbar)
-    t2 = time.perf_counter()
-    post = dt["posterior"].to_dataset()
-    keep = [v for v in post.data_vars if v not in built.internal]
-    post = post[keep]
+    t0 = time.perf_counter()
+    if use_kernel:
+        built, kd = _kernel_model(spec, crossprods, prior_set)
+        t1 = time.perf_counter()
+        dt = _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
+        t2 = time.perf_counter()
+        post = _kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
+    else:
+        built = build_pymc_model(spec, crossprods, prior_set, parameterization)
+        t1 = time.perf_counter()
+        dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth,
+                     progressbar)
+        t2 = time.perf_counter()
+        post = dt["posterior"].to_dataset()
+        keep = [v for v in post.data_vars if v not in built.internal]
+        post = post[keep]
     rng = np.random.default_rng([seed, 1])
     if parameterization == "collapsed":
         post = _add_first_block(spec, built, post, rng)
     dt["posterior"] = xr.DataTree(post)
-    _add_data_groups(dt, spec)
+    if spec.rows_in_memory:
+        _add_data_groups(dt, spec)
     n_values = spec.n_obs * chains * draws
-    if log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
+    if not spec.rows_in_memory:  # built out of memory (bayeslmm.outofcore): no rows to evaluate it on
+        if warn:
+            warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
+                          "stored: the model was built out of memory (cross-products only)", UserWarning,
+                          stacklevel=3)
+    elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
         dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
     elif log_likelihood is None and warn:
         warnings.warn(f"the pointwise log-likelihood was not stored: {spec.n_obs} rows × {chains * draws} draws "
@@ -102,11 +119,77 @@ def fit_bayes(
     t3 = time.perf_counter()
     fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
                    sampler=sampler, seed=seed, data_name=data_name,
-                   timings={"build": t1 - t0, "sample": t2 - t1, "postprocess": t3 - t2})
+                   timings={"build": t1 - t0, "sample": t2 - t1, "postprocess": t3 - t2,
+                            "backend": "kernel" if use_kernel else "pytensor"})
     diag = fit.diagnostics()
     if warn:
         diagnostics.warn(diag, stacklevel=4)
     return fit
+
+
+BACKENDS = ("auto", "kernel", "pytensor")
+
+
+def _use_kernel(spec, prior_set, parameterization, sampler, backend) -> bool:
+    """Whether to sample with the compiled kernel (:mod:`.kernel`) instead of a PyMC graph."""
+    if backend not in BACKENDS:
+        raise BayesLMMError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "pytensor" or sampler == "pymc":
+        if backend == "kernel":
+            raise BayesLMMError("backend='kernel' runs on nutpie's NUTS: use sampler='nutpie' or 'auto'")
+        return False
+    reason = unsupported_reason(spec, prior_set, parameterization)
+    if reason is not None and backend == "kernel":
+        raise BayesLMMError(f"backend='kernel' cannot fit this model: {reason}; use backend='auto' or 'pytensor'")
+    return reason is None
+
+
+def _kernel_model(spec, crossprods, prior_set):
+    data = CollapsedData.from_crossprods(crossprods)
+    kd = KernelData.build(spec, data, prior_set, centring_matrix(spec, prior_set))
+    built = BuiltModel(model=None, parameterization="collapsed", names=block_names(spec), collapsed=data,
+                       internal=[])
+    return built, kd
+
+
+def _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar):
+    """nutpie's NUTS on the compiled collapsed log-posterior; the draws stay unconstrained (``x``)."""
+    import nutpie
+    from nutpie.compiled_pyfunc import from_pyfunc
+
+    ndim = kd.ndim
+
+    def make_expand(seed1, seed2, chain):
+        def expand(x, **_shared):
+            return {"x": np.array(x, dtype=np.float64)}
+        return expand
+
+    def initial_point(chain_seed):
+        return kd.initial_point(np.random.default_rng([seed, int(chain_seed)]))
+
+    compiled = from_pyfunc(ndim, kd.logp_function, make_expand, [np.dtype("float64")], [(ndim,)], ["x"],
+                           make_initial_point_fn=initial_point, coords={"x_dim": np.arange(ndim)},
+                           dims={"x": ("x_dim",)})
+    # the log-density runs in Python's thread: extra sampler threads would only queue for it
+    cores = 1 if cores is None else cores
+    return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
+                         progress_bar=progressbar, target_accept=target_accept, maxdepth=max_treedepth,
+                         save_warmup=False)
+
+
+def _kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:
+    """The kernel's unconstrained draws as the posterior variables the PyMC model reports."""
+    vals = kd.constrain(raw["x"].to_numpy())
+    name, block = names[0], spec.blocks[0]
+    e = f"{name}_effect"
+    data = {"beta": (("chain", "draw", "coef"), vals["beta"]), "sigma": (("chain", "draw"), vals["sigma"]),
+            f"{name}_sd": (("chain", "draw", e), vals["sd"])}
+    coords = {"chain": raw["chain"].to_numpy(), "draw": raw["draw"].to_numpy(), "coef": list(spec.fixed_names),
+              e: list(block.columns)}
+    if "corr" in vals:
+        data[f"{name}_corr"] = (("chain", "draw", e, f"{e}_"), vals["corr"])
+        coords[f"{e}_"] = list(block.columns)
+    return xr.Dataset(data, coords=coords)
 
 
 def choose_sampler(spec: ModelSpec, parameterization: str) -> str:

@@ -60,6 +60,16 @@ def _block_cov(name: str, block, bp, pm, pt):
     return pt.diag(sds)
 
 
+def centring_matrix(spec: ModelSpec, priors: PriorSet) -> np.ndarray:
+    """C with β = C β_c: β_c are the coefficients on centred predictors (intercept at the means)."""
+    Cm = np.eye(spec.n_fixed)
+    if priors.centred:
+        i0 = list(spec.fixed_names).index("(Intercept)")
+        Cm[i0, :] -= priors.x_means
+        Cm[i0, i0] = 1.0
+    return Cm
+
+
 def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
                      parameterization: str = "collapsed") -> BuiltModel:
     """The PyMC model of ``spec`` under ``priors``."""
@@ -72,13 +82,7 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
         coords[f"{name}_level"] = list(block.levels)
         coords[f"{name}_effect"] = list(block.columns)
         coords[f"{name}_effect_"] = list(block.columns)
-    p = spec.n_fixed
-    # β = C β_c: β_c are the coefficients on centred predictors (intercept at the means)
-    Cm = np.eye(p)
-    if priors.centred:
-        i0 = list(spec.fixed_names).index("(Intercept)")
-        Cm[i0, :] -= priors.x_means
-        Cm[i0, i0] = 1.0
+    Cm = centring_matrix(spec, priors)
     internal = ["beta_c"]
     with pm.Model(coords=coords) as model:
         mus = np.array([pr.params.get("mu", 0.0) for pr in priors.beta])

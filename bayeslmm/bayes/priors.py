@@ -134,28 +134,48 @@ def _scale(values: np.ndarray) -> float:
     return rms if rms > 0 else 1.0
 
 
+def _scale_from_moments(mom, c: int) -> float:
+    """:func:`_scale` of column ``c`` from its moments (a spec built out of memory keeps no rows)."""
+    sd = float(mom.std[c])
+    if sd > 1e-12 * max(1.0, float(mom.max_abs[c])):
+        return sd
+    rms = float(mom.rms[c])
+    return rms if rms > 0 else 1.0
+
+
 def default_priors(spec: ModelSpec) -> PriorSet:
     """The documented defaults for ``spec``."""
-    y = spec.y
-    sy = float(np.std(y))
+    if spec.rows_in_memory:
+        y = spec.y
+        y_mean, sy = float(np.mean(y)), float(np.std(y))
+        x_mean = lambda k: float(np.mean(spec.X[:, k]))  # noqa: E731
+        x_scale = lambda k: _scale(spec.X[:, k])  # noqa: E731
+        x_rms = lambda k: float(np.sqrt(np.mean(spec.X[:, k] ** 2)))  # noqa: E731
+        z_scale = lambda i, c: _scale(spec.blocks[i].Z[:, c])  # noqa: E731
+    else:  # built out of memory: the same statistics from the moments summed over the rows
+        mom = spec.moments
+        y_mean, sy = float(mom.y.mean[0]), float(mom.y.std[0])
+        x_mean = lambda k: float(mom.X.mean[k])  # noqa: E731
+        x_scale = lambda k: _scale_from_moments(mom.X, k)  # noqa: E731
+        x_rms = lambda k: float(mom.X.rms[k])  # noqa: E731
+        z_scale = lambda i, c: _scale_from_moments(mom.Z[i], c)  # noqa: E731
     names = list(spec.fixed_names)
     centred = "(Intercept)" in names
     means = np.zeros(spec.n_fixed)
     beta = []
     for k, name in enumerate(names):
-        col = spec.X[:, k]
         if name == "(Intercept)":
-            beta.append(Prior("Normal", mu=float(np.mean(y)) if centred else 0.0, sigma=2.5 * sy))
+            beta.append(Prior("Normal", mu=y_mean if centred else 0.0, sigma=2.5 * sy))
             continue
         if centred:
-            means[k] = float(np.mean(col))
-            s = _scale(col)
+            means[k] = x_mean(k)
+            s = x_scale(k)
         else:
-            s = float(np.sqrt(np.mean(col**2))) or 1.0
+            s = x_rms(k) or 1.0
         beta.append(Prior("Normal", mu=0.0, sigma=2.5 * sy / s))
     blocks = []
-    for block in spec.blocks:
-        scales = [sy / _scale(block.Z[:, c]) if block.columns[c] != "(Intercept)" else sy for c in range(block.q)]
+    for i, block in enumerate(spec.blocks):
+        scales = [sy / z_scale(i, c) if block.columns[c] != "(Intercept)" else sy for c in range(block.q)]
         blocks.append(BlockPriors(sd=Prior("HalfNormal", sigma=np.array(scales)), eta=1.0))
     return PriorSet(beta=tuple(beta), sigma=Prior("Exponential", lam=1.0 / sy), blocks=tuple(blocks),
                     centred=centred, x_means=means)

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
+from ..errors import DataError
 from .deviance import Factorization, ProfiledDeviance
 
 
@@ -26,7 +27,18 @@ class Estimates:
     vcov_beta: np.ndarray
     b: list[np.ndarray]         # per block, shape (n_levels, q)
     b_condvar: list[np.ndarray]  # per block, shape (n_levels, q, q), on b's scale
-    fitted: np.ndarray
+    fitted_values: np.ndarray | None  # None when the spec keeps no rows (built out of memory)
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """Conditional fitted values Xβ̂ + Zb̂, one per row."""
+        if self.fitted_values is None:
+            raise DataError(
+                "fitted values and residuals need the data's rows in memory, and this model was built "
+                "out of memory (a Dask DataFrame or Parquet dataset: cross-products only). Build the "
+                "model from a pandas DataFrame (ddf.compute(), or a sample of it) for per-row results"
+            )
+        return self.fitted_values
 
 
 def _block_diag_sparse(mats: np.ndarray) -> sp.bsr_matrix:
@@ -80,14 +92,16 @@ def compute_estimates(dev: ProfiledDeviance, f: Factorization, condvar: bool = T
         u = u_rest[off : off + block.n_effects].reshape(block.n_levels, block.q)
         b.append(u @ T.T)
 
-    fitted = spec.X @ beta
-    for block, bk in zip(spec.blocks, b):
-        fitted = fitted + np.einsum("ia,ia->i", block.Z, bk[block.codes])
+    fitted = None
+    if spec.rows_in_memory:
+        fitted = spec.X @ beta
+        for block, bk in zip(spec.blocks, b):
+            fitted = fitted + np.einsum("ia,ia->i", block.Z, bk[block.codes])
 
     cv: list[np.ndarray] = []
     if condvar:
         cv = _conditional_variances(dev, f, Lr1, L1inv, sigma2)
-    return Estimates(beta=beta, sigma=sigma, vcov_beta=vcov, b=b, b_condvar=cv, fitted=fitted)
+    return Estimates(beta=beta, sigma=sigma, vcov_beta=vcov, b=b, b_condvar=cv, fitted_values=fitted)
 
 
 def _conditional_variances(dev, f, Lr1, L1inv, sigma2) -> list[np.ndarray]:

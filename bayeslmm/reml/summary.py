@@ -56,11 +56,15 @@ class FreqSummary:
     def __str__(self) -> str:
         fit = self.fit
         lines = self.header()
-        res = fit.residuals.to_numpy() / fit.sigma
-        q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
-        lines += ["", "Scaled residuals:",
-                  "     Min      1Q  Median      3Q     Max",
-                  " ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
+        if fit.spec.rows_in_memory:
+            res = fit.residuals.to_numpy() / fit.sigma
+            q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
+            lines += ["", "Scaled residuals:",
+                      "     Min      1Q  Median      3Q     Max",
+                      " ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
+        else:  # built out of memory (cross-products only): no residuals to summarise
+            lines += ["", "Scaled residuals: not computed (fitted out of memory, from cross-products)",
+                      "", "Random effects:"]
         re = self.random_effects_table()
         cols = {"Groups": list(re["Groups"]), "Name": list(re["Name"]),
                 "Variance": [f"{v:.4g}" for v in re["Variance"]],

@@ -1,0 +1,682 @@
+"""Models from data larger than memory: the cross-products by Dask, partition by partition.
+
+The profiled deviance (REML/ML) and the collapsed likelihood (NUTS) read only the
+cross-product blocks of ``[Z X y]`` (:mod:`bayeslmm.crossprod`), and every block is a
+sum over rows.  So a Dask DataFrame is read twice, a partition at a time, and never
+held whole:
+
+1. **Levels.**  Each partition reports its rows with missing values, the distinct
+   values (or value combinations, for ``a:b``) of every grouping factor, and the
+   categories of the categorical columns the formula uses; a tree reduction merges
+   them.  The grouping factors' levels and codes then come from the in-memory code
+   (:func:`bayeslmm.formula.design._group_codes`) run on the distinct values, so they
+   are exactly the in-memory model's.
+2. **Sums.**  Each partition builds its design with the in-memory code (formulae,
+   through :mod:`bayeslmm.formula.design`) with the levels held fixed — a few
+   *padding* rows carrying every level of every categorical column are appended
+   before the design is built and dropped after it, so that formulae encodes every
+   partition with the same contrasts — and returns its partial sums: ``Z₁ⱼᵀZ₁ⱼ``,
+   ``Z₁ⱼᵀ[X y]`` per level of the largest factor, ``[Z_rest X y]ᵀ[Z_rest X y]``,
+   ``[Z_rest X y]ᵀZ₁``, and the moments (count, mean, sum of squared deviations) of y
+   and of each design column for the default priors.  A tree reduction adds them.
+
+The result is an ordinary :class:`~bayeslmm.crossprod.CrossProducts` and a
+:class:`~bayeslmm.spec.ModelSpec` that keeps no per-row arrays (``spec.n_rows`` is
+the number of rows, ``spec.rows_in_memory`` is False): REML/ML fits and collapsed
+NUTS fits read nothing else.  Fitted values and residuals, which need the rows,
+raise a :class:`~bayeslmm.errors.DataError` saying so.
+
+The graph runs on Dask's default scheduler (the local threaded one) or, when the
+user has created a ``distributed.Client``, on that cluster; nothing here starts
+one.  See ``docs/scale.md`` for the ceiling and what grows with what.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .crossprod import MAX_REST_COLUMNS, CrossProducts, _per_level_products, block_Z
+from .errors import DataError, FormulaError, ModelError
+from .formula.design import (
+    _check_columns,
+    _design,
+    _formulae_frame,
+    _group_codes,
+    _lme4_order,
+    formula_with_groups,
+)
+from .formula.parse import BarTerm, parse_formula, referenced_names
+from .spec import Moments, ModelSpec, RandomBlock, RowMoments
+
+__all__ = ["is_dask_dataframe", "is_parquet_source", "read_parquet", "build_out_of_core"]
+
+#: partial results merged per node of the tree reduction
+SPLIT_EVERY = 8
+#: formulae's stateful transforms: their parameters would be computed per partition
+_STATEFUL = ("center", "scale", "standardize", "poly", "bs", "cr", "cc", "tp")
+#: formulae calls that make a categorical from their first argument
+_CATEGORICAL_CALLS = ("C", "S", "T")
+
+
+# -- what counts as out-of-core input ----------------------------------------------------
+
+def is_dask_dataframe(obj) -> bool:
+    """True for a ``dask.dataframe`` DataFrame (without importing Dask for other inputs)."""
+    mod = type(obj).__module__ or ""
+    return mod.startswith(("dask.", "dask_expr")) and hasattr(obj, "to_delayed") and hasattr(obj, "npartitions")
+
+
+def is_parquet_source(source) -> bool:
+    """True for a string or path naming a Parquet file, a folder of them, or a glob."""
+    if not isinstance(source, (str, Path)):
+        return False
+    s = str(source)
+    if any(ch in s for ch in "*?["):
+        return True
+    if s.lower().endswith((".parquet", ".pq")):
+        return True
+    p = Path(s)
+    return p.is_dir() and any(p.glob("*.parquet"))
+
+
+def read_parquet(source, columns: Sequence[str] | None = None):
+    """A lazy Dask DataFrame over a Parquet file, folder or glob (nothing is read yet)."""
+    try:
+        import dask.dataframe as dd
+    except ImportError as exc:  # pragma: no cover - dask is a test dependency
+        raise DataError("reading data out of memory needs Dask: pip install 'bayeslmm[dask]'") from exc
+    s = str(source)
+    if not any(ch in s for ch in "*?[") and not Path(s).exists():
+        raise DataError(f"data {s!r}: no such Parquet file or folder")
+    try:
+        return dd.read_parquet(s, columns=list(columns) if columns is not None else None)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise DataError(f"data {s!r}: could not read it as Parquet ({exc})") from exc
+
+
+# -- the tree reduction -------------------------------------------------------------------
+
+def _tree_reduce(parts: list, combine, split_every: int = SPLIT_EVERY):
+    """A Delayed that folds ``parts`` (in order) with ``combine``, ``split_every`` at a node."""
+    import dask
+
+    level = list(parts)
+    while len(level) > 1:
+        level = [dask.delayed(_fold, pure=True)(level[i : i + split_every], combine)
+                 for i in range(0, len(level), split_every)]
+    return level[0] if level else dask.delayed(lambda: None)()
+
+
+def _fold(items: list, combine):
+    out = None
+    for item in items:
+        if item is None:
+            continue
+        out = item if out is None else combine(out, item)
+    return out
+
+
+def _compute(delayed):
+    import dask
+
+    (result,) = dask.compute(delayed)
+    return result
+
+
+# -- pass 1: rows, missing values, levels ---------------------------------------------------
+
+def _missing_mask(part: pd.DataFrame, used: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows with a missing or infinite value in a used column (the in-memory rule), with counts."""
+    bad = np.zeros(len(part), dtype=bool)
+    counts: dict[str, int] = {}
+    for col in used:
+        s = part[col]
+        miss = s.isna().to_numpy()
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            miss = miss | ~np.isfinite(s.to_numpy(dtype=float, na_value=np.nan))
+        k = int(miss.sum())
+        if k:
+            counts[col] = k
+            bad |= miss
+    return bad, counts
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What pass 1 learns from some partitions."""
+
+    rows: int
+    kept: int
+    missing: dict
+    combos: list            # per factor: DataFrame of distinct value combinations
+    categories: dict        # categorical column -> categories, in order of first appearance
+    values: dict            # other categorical-in-the-formula column -> distinct values
+    head: pd.DataFrame | None
+
+    def combine(self, other: "_Scan") -> "_Scan":
+        missing = dict(self.missing)
+        for k, v in other.missing.items():
+            missing[k] = missing.get(k, 0) + v
+        combos = [pd.concat([a, b], ignore_index=True).drop_duplicates(ignore_index=True)
+                  for a, b in zip(self.combos, other.combos)]
+        cats = {k: _ordered_union(v, other.categories[k]) for k, v in self.categories.items()}
+        values = {k: pd.unique(np.concatenate([v, other.values[k]])) for k, v in self.values.items()}
+        head = self.head if self.head is not None and len(self.head) else other.head
+        return _Scan(self.rows + other.rows, self.kept + other.kept, missing, combos, cats, values, head)
+
+
+def _ordered_union(a: list, b: list) -> list:
+    seen = set(a)
+    return list(a) + [x for x in b if x not in seen]
+
+
+def _scan_partition(part: pd.DataFrame, used: list[str], missing: str, factors: list[tuple[str, ...]],
+                    categorical: list[str], value_cols: list[str]) -> _Scan:
+    rows = len(part)
+    bad, counts = _missing_mask(part, used)
+    kept = rows - int(bad.sum())
+    if missing == "drop" and bad.any():
+        part = part.loc[~bad]
+    elif bad.any():
+        part = part.iloc[:0]  # an error is raised after the pass; nothing else is needed
+    combos = []
+    for factor in factors:
+        u = part[list(factor)].drop_duplicates(ignore_index=True)
+        for col in factor:
+            if isinstance(u[col].dtype, pd.CategoricalDtype):
+                u[col] = u[col].astype(object)
+        combos.append(u)
+    cats = {col: list(part[col].cat.categories) for col in categorical}
+    # the categories actually used: kept with the values (checked against the categories later)
+    values = {col: pd.unique(np.asarray(part[col].astype(object) if col in categorical else part[col], dtype=object))
+              for col in value_cols}
+    return _Scan(rows, kept, counts, combos, cats, values, part.head(5))
+
+
+# -- pass 2: the sums ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _FactorLookup:
+    """Maps a partition's grouping values to the in-memory level codes."""
+
+    columns: tuple[str, ...]
+    values: tuple            # per column: pandas Index of the distinct values
+    strides: np.ndarray
+    table: np.ndarray | None  # dense key -> code (or None: use sorted keys)
+    keys: np.ndarray | None
+    key_codes: np.ndarray | None
+
+    @classmethod
+    def build(cls, factor: tuple[str, ...], distinct: pd.DataFrame, codes: np.ndarray) -> "_FactorLookup":
+        values = tuple(pd.Index(np.asarray(distinct[c].astype(object).unique(), dtype=object))
+                       if isinstance(distinct[c].dtype, pd.CategoricalDtype) else pd.Index(distinct[c].unique())
+                       for c in factor)
+        sizes = np.array([len(v) for v in values], dtype=np.int64)
+        strides = np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]]).astype(np.int64)
+        keys = sum(cls._column_codes(distinct[c], v) * s for c, v, s in zip(factor, values, strides))
+        total = int(np.prod(sizes.astype(float)))
+        if total <= 50_000_000:
+            table = np.full(int(np.prod(sizes)), -1, dtype=np.int64)
+            table[keys] = codes
+            return cls(tuple(factor), values, strides, table, None, None)
+        order = np.argsort(keys)
+        return cls(tuple(factor), values, strides, None, keys[order], codes[order])
+
+    @staticmethod
+    def _column_codes(s: pd.Series, values: pd.Index) -> np.ndarray:
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            per_cat = values.get_indexer(pd.Index(s.cat.categories.astype(object)))
+            per_cat = np.append(per_cat, -1)  # code -1 (missing) maps to -1
+            return per_cat[s.cat.codes.to_numpy()]
+        return values.get_indexer(s)
+
+    def codes(self, part: pd.DataFrame) -> np.ndarray:
+        cols = [self._column_codes(part[c], v) for c, v in zip(self.columns, self.values)]
+        if any((c < 0).any() for c in cols):
+            raise DataError(
+                f"grouping factor {':'.join(self.columns)!r}: a partition holds a value that the first "
+                "pass over the data did not see; did the data change between the two passes?"
+            )
+        key = sum(c.astype(np.int64) * s for c, s in zip(cols, self.strides))
+        if self.table is not None:
+            out = self.table[key]
+        else:
+            pos = np.searchsorted(self.keys, key)
+            pos = np.minimum(pos, len(self.keys) - 1)
+            out = np.where(self.keys[pos] == key, self.key_codes[pos], -1)
+        if (out < 0).any():
+            raise DataError(f"grouping factor {':'.join(self.columns)!r}: a value combination the first pass "
+                            "did not see; did the data change between the two passes?")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything a partition needs to build its design and sums (shipped to each task)."""
+
+    used: list[str]
+    missing: str
+    cat_dtypes: dict          # categorical column -> CategoricalDtype with the global categories
+    pad: pd.DataFrame | None  # rows carrying every level, appended before the design is built
+    response: str
+    response_is_column: bool
+    fixed: str
+    fixed_names: list[str]
+    lhs_names: dict           # lhs expression -> its design columns
+    lookups: list             # per factor
+    blocks: list              # per final block: (factor index, lhs expression, columns)
+    n_levels: list
+
+
+@dataclasses.dataclass
+class _Sums:
+    """Partial sums of some partitions."""
+
+    n: int
+    XyXy: np.ndarray
+    A11: np.ndarray
+    Bxy: np.ndarray           # (n1, p+1, q1)
+    ZrZr: sp.csr_matrix | None
+    ZrXy: np.ndarray | None
+    ZrZ1: sp.csr_matrix | None
+    mom_y: Moments
+    mom_X: Moments
+    mom_Z: list
+
+    def combine(self, o: "_Sums") -> "_Sums":
+        return _Sums(
+            self.n + o.n, self.XyXy + o.XyXy, self.A11 + o.A11, self.Bxy + o.Bxy,
+            None if self.ZrZr is None else self.ZrZr + o.ZrZr,
+            None if self.ZrXy is None else self.ZrXy + o.ZrXy,
+            None if self.ZrZ1 is None else self.ZrZ1 + o.ZrZ1,
+            self.mom_y.combine(o.mom_y), self.mom_X.combine(o.mom_X),
+            [a.combine(b) for a, b in zip(self.mom_Z, o.mom_Z)],
+        )
+
+
+def _formula_frame(part: pd.DataFrame, plan: _Plan) -> pd.DataFrame:
+    """The partition with the global categories, the padding rows appended, as formulae sees it."""
+    part = part.copy(deep=False)
+    for col, dtype in plan.cat_dtypes.items():
+        part[col] = part[col].cat.set_categories(dtype.categories)
+    if plan.pad is not None:
+        part = pd.concat([part, plan.pad], ignore_index=True)
+    return _formulae_frame(part, plan.used)
+
+
+def _check_names(got: list[str], expected: list[str], where: str) -> None:
+    if got != expected:
+        raise ModelError(
+            f"{where}: a partition's design has columns {got}, another's {expected}; a term takes its "
+            "levels or parameters from the rows it sees. Make such columns pandas Categoricals (or "
+            "transform them) in the Dask DataFrame before building the model"
+        )
+
+
+def _partition_sums(part: pd.DataFrame, plan: _Plan) -> _Sums | None:
+    part = part[plan.used]
+    bad, _ = _missing_mask(part, plan.used)
+    if bad.any():
+        part = part.loc[~bad]
+    n = len(part)
+    if n == 0:
+        return None
+    fdata = _formula_frame(part, plan)
+    if plan.response_is_column:
+        y = fdata[plan.response].to_numpy(dtype=float)[:n]
+    else:
+        yf = _design(f"0 + {plan.response}", fdata, "the response")
+        if yf.shape[1] != 1:
+            raise DataError(f"the response {plan.response!r} is not a single numeric column")
+        y = yf.iloc[:n, 0].to_numpy()
+    Xf = _design(plan.fixed, fdata, "the fixed effects")
+    _check_names(list(map(str, Xf.columns)), plan.fixed_names, "the fixed effects")
+    X = Xf.to_numpy()[:n]
+    lhs = {}
+    for expr, names in plan.lhs_names.items():
+        frame = _design(expr, fdata, f"the random-effect term ({expr} | ...)")
+        _check_names(list(map(str, frame.columns)), names, f"the random-effect term ({expr} | ...)")
+        lhs[expr] = frame.iloc[:n]
+    codes = [lk.codes(part) for lk in plan.lookups]
+    Zs = [np.ascontiguousarray(lhs[expr][list(cols)].to_numpy()) for _, expr, cols in plan.blocks]
+    cs = [codes[f] for f, _, _ in plan.blocks]
+
+    Xy = np.column_stack([X, y])
+    n1 = plan.n_levels[0]
+    A11 = _per_level_products(cs[0], Zs[0], Zs[0], n1)
+    Bxy = _per_level_products(cs[0], Xy, Zs[0], n1)
+    ZrZr = ZrXy = ZrZ1 = None
+    if len(plan.blocks) > 1:
+        mats = []
+        for (_, _, cols), c, Z, nl in zip(plan.blocks[1:], cs[1:], Zs[1:], plan.n_levels[1:]):
+            mats.append(block_Z(RandomBlock(group="", codes=c, levels=tuple(range(nl)), Z=Z, columns=tuple(cols))))
+        Zr = sp.hstack(mats, format="csc")
+        Z1 = block_Z(RandomBlock(group="", codes=cs[0], levels=tuple(range(n1)), Z=Zs[0], columns=()))
+        ZrZr = sp.csr_matrix(Zr.T @ Zr)
+        ZrXy = np.asarray(Zr.T @ Xy)
+        ZrZ1 = sp.csr_matrix(Zr.T @ Z1)
+    return _Sums(n, Xy.T @ Xy, A11, Bxy, ZrZr, ZrXy, ZrZ1, Moments.of(y), Moments.of(X),
+                 [Moments.of(Z) for Z in Zs])
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+def _check_transforms(parsed) -> None:
+    """Refuse stateful transforms and categorical calls on expressions (they would differ per partition)."""
+    exprs = [("the response", parsed.response), ("the fixed effects", parsed.fixed)]
+    exprs += [(f"the term {bar.text}", bar.lhs) for bar in parsed.bars]
+    for where, expr in exprs:
+        for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(", expr):
+            name = m.group(1).split(".")[-1]
+            if name in _STATEFUL:
+                raise FormulaError(
+                    f"{where}: {m.group(1)}() computes its parameters (means, sds, knots) from the rows "
+                    "it sees, which out of memory would be one partition at a time; compute the "
+                    "transformed column in the Dask DataFrame first (ddf['x_c'] = ddf.x - ddf.x.mean())"
+                )
+
+
+def _categorical_call_columns(parsed, columns: set[str]) -> list[str]:
+    """Columns wrapped in C(), S() or T(); anything else inside them is refused."""
+    out = []
+    exprs = [parsed.response, parsed.fixed] + [bar.lhs for bar in parsed.bars]
+    for expr in exprs:
+        for m in re.finditer(r"(?<![A-Za-z0-9_.])([CST])\s*\(\s*(`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*)\s*([,)])", expr):
+            name = m.group(2).strip("`")
+            if name in columns and name not in out:
+                out.append(name)
+        for m in re.finditer(r"(?<![A-Za-z0-9_.])([CST])\s*\(", expr):
+            rest = expr[m.end():]
+            mm = re.match(r"\s*(`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*)\s*[,)]", rest)
+            if not mm or mm.group(1).strip("`") not in columns:
+                raise FormulaError(
+                    f"{m.group(1)}() in {expr!r} must wrap a column name when the model is built out of "
+                    "memory (its levels are collected in a first pass); make the expression a column of "
+                    "the Dask DataFrame first"
+                )
+    return out
+
+
+def build_out_of_core(
+    formula: str,
+    data,
+    groups: Mapping[str, str] | Sequence[str] | str | None = None,
+    missing: str = "raise",
+    rank_deficient: str = "drop",
+    split_every: int = SPLIT_EVERY,
+) -> tuple[ModelSpec, CrossProducts]:
+    """The model specification and cross-products of a Dask DataFrame, in two passes.
+
+    Parameters
+    ----------
+    formula, groups, missing, rank_deficient
+        As for :class:`bayeslmm.Model`; the same checks and messages as in memory.
+    data : dask.dataframe.DataFrame, or a Parquet file, folder or glob
+    split_every : int
+        Partial results merged at each node of the tree reduction.
+
+    Returns
+    -------
+    (ModelSpec, CrossProducts)
+        The spec has no per-row arrays (``spec.rows_in_memory`` is False); the
+        cross-products equal :meth:`CrossProducts.from_spec` of the in-memory model
+        to rounding.
+    """
+    if missing not in ("raise", "drop"):
+        raise DataError(f"missing must be 'raise' or 'drop', got {missing!r}")
+    if rank_deficient not in ("drop", "error"):
+        raise DataError(f"rank_deficient must be 'drop' or 'error', got {rank_deficient!r}")
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise DataError(f"split_every must be an integer ≥ 2, got {split_every!r}")
+    if is_parquet_source(data):
+        data = read_parquet(data)
+    if not is_dask_dataframe(data):
+        raise DataError(f"data must be a Dask DataFrame or a Parquet path, got {type(data).__name__}")
+    if not all(isinstance(c, str) for c in data.columns):
+        data = data.rename(columns={c: str(c) for c in data.columns})
+    meta = data._meta
+    formula_full = formula_with_groups(formula, groups)
+    parsed = parse_formula(formula_full)
+    if not parsed.bars:
+        raise FormulaError(
+            f"formula {formula_full!r} has no random-effect term such as '(1 | group)'; "
+            "add one, or use groups={'column': '1'}"
+        )
+    used = _check_columns(parsed, meta)
+    _check_transforms(parsed)
+    if parsed.response in meta.columns:
+        s = meta[parsed.response]
+        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+            raise DataError(
+                f"the response {parsed.response!r} is not numeric (dtype {s.dtype}); a linear mixed model "
+                "needs a numeric response: convert it, or choose another column"
+            )
+    factors: list[tuple[str, ...]] = []
+    for bar in parsed.bars:
+        for factor in bar.factors:
+            if factor not in factors:
+                factors.append(factor)
+    expr_cols = set()
+    for expr in [parsed.response, parsed.fixed] + [bar.lhs for bar in parsed.bars]:
+        expr_cols |= {name for name, _ in referenced_names(expr) if name in meta.columns}
+    categorical = [c for c in used if isinstance(meta[c].dtype, pd.CategoricalDtype)]
+    call_cols = _categorical_call_columns(parsed, set(map(str, meta.columns)))
+    value_cols = [c for c in used if c in expr_cols and (c in call_cols or not (
+        pd.api.types.is_numeric_dtype(meta[c]) or pd.api.types.is_bool_dtype(meta[c])))]
+
+    # pass 1: rows, missing values, distinct grouping values, categories
+    import dask
+
+    ddf = data[used]
+    parts = [dask.delayed(_scan_partition, pure=True)(p, used, missing, factors, categorical, value_cols)
+             for p in ddf.to_delayed()]
+    scan: _Scan | None = _compute(_tree_reduce(parts, _Scan.combine, split_every))
+    if scan is None or scan.rows == 0:
+        raise DataError("data is empty: it has no rows to fit")
+    notes: list[str] = []
+    if scan.missing:
+        detail = ", ".join(f"{c!r}: {k} row{'s' if k != 1 else ''}" for c, k in scan.missing.items())
+        if missing == "raise":
+            raise DataError(
+                f"missing or infinite values in the columns the model uses ({detail}; "
+                f"{scan.rows - scan.kept} of {scan.rows} rows in all). Clean them, or pass "
+                "missing='drop' to drop those rows (the fit then reports how many it dropped)."
+            )
+        notes.append(f"dropped {scan.rows - scan.kept} of {scan.rows} rows with missing or infinite values ({detail})")
+        warnings.warn(notes[-1], stacklevel=3)
+    n = scan.kept
+    if n == 0:
+        raise DataError("no rows left after dropping rows with missing values")
+
+    # categories: the union in order of appearance (as concatenating the partitions gives)
+    cat_dtypes = {c: pd.CategoricalDtype(scan.categories[c], ordered=meta[c].dtype.ordered) for c in categorical}
+    levels_of: dict[str, list] = {}
+    for c in value_cols:
+        present = scan.values[c]
+        if c in categorical:
+            keep = set(present.tolist())
+            levels_of[c] = [v for v in scan.categories[c] if v in keep]
+        else:
+            levels_of[c] = sorted(np.unique(present).tolist())
+
+    # grouping factors: the in-memory code on the distinct values gives the levels and codes
+    lookups, factor_levels = [], []
+    for factor, distinct in zip(factors, scan.combos):
+        distinct = distinct.copy()
+        for c in factor:
+            if c in cat_dtypes:
+                distinct[c] = pd.Categorical(distinct[c], dtype=cat_dtypes[c])
+        codes, levels = _group_codes(factor, distinct)
+        lookups.append(_FactorLookup.build(factor, distinct, codes))
+        factor_levels.append(levels)
+
+    # the padding rows: every level of every categorical column, other columns from a real row
+    head = scan.head.reset_index(drop=True)
+    L = max([len(v) for v in levels_of.values()] + [1])
+    pad = head.iloc[[0] * L].reset_index(drop=True)
+    for c in categorical:
+        pad[c] = pad[c].astype(cat_dtypes[c])
+    for c, lev in levels_of.items():
+        vals = np.resize(np.array(lev, dtype=object), L)
+        if c in cat_dtypes:
+            pad[c] = pd.Categorical(vals, dtype=cat_dtypes[c])
+        else:
+            pad[c] = pd.Series(vals).astype(head[c].dtype)
+    proto = _formulae_frame(pad, used)
+    if parsed.response not in meta.columns:
+        yf = _design(f"0 + {parsed.response}", proto, "the response")
+        if yf.shape[1] != 1:
+            raise DataError(f"the response {parsed.response!r} is not a single numeric column")
+    Xproto = _design(parsed.fixed, proto, "the fixed effects")
+    if Xproto.shape[1] == 0:
+        raise ModelError("the model has no fixed effects; keep the intercept (remove '0 +' / '- 1')")
+    lhs_names: dict[str, list[str]] = {}
+    for bar in parsed.bars:
+        if bar.lhs not in lhs_names:
+            frame = _design(bar.lhs, proto, f"the term {bar.text}")
+            if frame.shape[1] == 0:
+                raise FormulaError(f"the term {bar.text} has no random effects on its left side")
+            lhs_names[bar.lhs] = list(map(str, frame.columns))
+
+    # block templates (no rows) in lme4's order, with the checks of the in-memory path
+    templates, sources = [], []
+    for bar in parsed.bars:
+        cols = tuple(lhs_names[bar.lhs])
+        q = len(cols)
+        for factor in bar.factors:
+            f = factors.index(factor)
+            levels = factor_levels[f]
+            _check_levels(bar, ":".join(factor), levels, q, n)
+            block = RandomBlock(group=":".join(factor), codes=np.zeros(0, dtype=np.int64), levels=levels,
+                                Z=np.zeros((0, q)), columns=cols, correlated=not bar.independent or q == 1)
+            templates.append(block)
+            sources.append((f, bar.lhs, block))
+    blocks = _lme4_order(templates)
+    plan_blocks = []
+    for b in blocks:
+        k = next(i for i, (_, _, t) in enumerate(sources)
+                 if t.group == b.group and set(t.columns) == set(b.columns) and t.correlated == b.correlated)
+        f, expr, _ = sources.pop(k)
+        plan_blocks.append((f, expr, b.columns))
+    p_all = Xproto.shape[1]
+    n_rest = sum(b.n_effects for b in blocks[1:])
+    if n_rest + p_all + 1 > MAX_REST_COLUMNS:
+        raise ModelError(
+            f"the random-effect blocks after the one with the most levels have {n_rest} effects, so the "
+            f"dense part of the factorisation would be {n_rest + p_all + 1}×{n_rest + p_all + 1}; bayeslmm "
+            f"handles up to {MAX_REST_COLUMNS}. Reduce the levels or slopes of the smaller grouping factors"
+        )
+
+    # pass 2: the sums
+    plan = _Plan(used=used, missing=missing, cat_dtypes=cat_dtypes, pad=pad if levels_of else None,
+                 response=parsed.response, response_is_column=parsed.response in meta.columns,
+                 fixed=parsed.fixed, fixed_names=list(map(str, Xproto.columns)), lhs_names=lhs_names,
+                 lookups=lookups, blocks=plan_blocks, n_levels=[b.n_levels for b in blocks])
+    parts = [dask.delayed(_partition_sums, pure=True)(p, plan) for p in ddf.to_delayed()]
+    sums: _Sums = _compute(_tree_reduce(parts, _Sums.combine, split_every))
+    if sums.n != n:
+        raise DataError(f"the second pass over the data saw {sums.n} rows, the first {n}; did the data change?")
+    if sums.mom_y.minimum[0] == sums.mom_y.maximum[0]:
+        raise DataError(f"the response {parsed.response!r} is constant ({float(sums.mom_y.minimum[0])!r} in every "
+                        "row); nothing to model")
+
+    # rank-deficient fixed effects: the in-memory rule, on the Gram matrix
+    keep, dropped = _independent_columns(sums.XyXy[:p_all, :p_all], plan.fixed_names, rank_deficient)
+    if dropped:
+        msg = (f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+               f"column{'s' if len(dropped) > 1 else ''}: {dropped}")
+        notes.append(msg)
+        warnings.warn(msg, stacklevel=3)
+    kxy = np.array(keep + [p_all])
+    p = len(keep)
+    XyXy = sums.XyXy[np.ix_(kxy, kxy)]
+    n1, q1 = blocks[0].n_levels, blocks[0].q
+    B_xy = sums.Bxy[:, kxy, :].transpose(1, 0, 2).reshape(p + 1, n1 * q1)
+    if len(blocks) > 1:
+        ZrXy = sums.ZrXy[:, kxy]
+        Arr = np.block([[sums.ZrZr.toarray(), ZrXy], [ZrXy.T, XyXy]])
+        B = sp.vstack([sums.ZrZ1, sp.csr_matrix(B_xy)], format="csr")
+    else:
+        Arr = XyXy
+        B = sp.csr_matrix(B_xy)
+    fixed_names = tuple(plan.fixed_names[k] for k in keep)
+    spec = ModelSpec(
+        formula=formula_full,
+        response=parsed.response,
+        y=np.zeros(0),
+        X=np.zeros((0, p)),
+        fixed_names=fixed_names,
+        blocks=tuple(blocks),
+        row_index=np.zeros(0, dtype=np.int64),
+        notes=tuple(notes),
+        dropped_fixed=tuple(dropped),
+        fixed_formula=parsed.fixed,
+        data=None,
+        missing=missing,
+        rank_deficient=rank_deficient,
+        n_rows=n,
+        moments=RowMoments(y=sums.mom_y, X=sums.mom_X.take(keep), Z=tuple(sums.mom_Z)),
+    )
+    cp = CrossProducts.from_blocks(n, p, blocks[0], tuple(blocks[1:]), sums.A11, Arr, B)
+    return spec, cp
+
+
+def _check_levels(bar: BarTerm, group: str, levels: tuple, q: int, n: int) -> None:
+    """The in-memory checks of a grouping factor's levels (``design._make_block``)."""
+    n_levels = len(levels)
+    if n_levels < 2:
+        raise ModelError(
+            f"grouping factor {group!r} in {bar.text} has only one level ({levels[0]!r}); a "
+            "random effect needs at least two groups: drop the term or use a fixed effect"
+        )
+    if n_levels >= n:
+        raise ModelError(
+            f"grouping factor {group!r} in {bar.text} has {n_levels} levels for {n} observations; "
+            "the number of levels must be smaller than the number of observations "
+            "(each group its own observation leaves the residual unidentifiable)"
+        )
+    if n_levels * q >= n:
+        raise ModelError(
+            f"the term {bar.text} has {n_levels * q} random effects ({n_levels} levels × {q}) for "
+            f"{n} observations; the random effects and the residual variance are unidentifiable. "
+            "Simplify the term (fewer slopes) or use more data"
+        )
+
+
+def _independent_columns(G: np.ndarray, names: list[str], rank_deficient: str) -> tuple[list[int], list[str]]:
+    """Columns kept left to right while each adds a direction, from the Gram matrix XᵀX.
+
+    The in-memory rule (``design._drop_rank_deficient``): a column is kept when its
+    residual after projection on the kept ones is longer than 1e-7 of its norm.  Here
+    the squared residual is the Schur complement G_jj − G_jK G_KK⁻¹ G_Kj.
+    """
+    kept: list[int] = []
+    R = np.zeros((0, 0))  # Cholesky factor (upper) of G[kept, kept]
+    for j in range(G.shape[0]):
+        gjj = G[j, j]
+        if gjj <= 0:
+            continue
+        if kept:
+            r = np.linalg.solve(R.T, G[kept, j]) if len(kept) else np.zeros(0)
+            res2 = gjj - r @ r
+        else:
+            r, res2 = np.zeros(0), gjj
+        if res2 > (1e-7) ** 2 * gjj:
+            d = np.sqrt(res2)
+            R = np.block([[R, r[:, None]], [np.zeros((1, len(kept))), np.array([[d]])]])
+            kept.append(j)
+    dropped = [names[j] for j in range(G.shape[0]) if j not in kept]
+    if dropped and rank_deficient == "error":
+        raise ModelError(
+            f"the fixed-effect design is rank deficient: {dropped} are linear combinations of "
+            "other columns (or constant); remove them, or pass rank_deficient='drop'"
+        )
+    return kept, dropped
