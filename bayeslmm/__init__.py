@@ -2,6 +2,7 @@
 
 from .bayes.priors import Prior
 from .errors import BayesLMMError, DataError, FormulaError, ModelError
+from .io import load
 from .model import Model
 from .plots import caterpillar_plot, ppc_plot, shrinkage_plot, variance_plot
 from .pooling import pooling_table
@@ -10,6 +11,6 @@ from .spec import ModelSpec, RandomBlock
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesLMMError", "Prior", "DataError", "FormulaError", "FreqFit", "Model", "ModelError", "ModelSpec",
-           "RandomBlock", "__version__", "caterpillar_plot", "pooling_table", "ppc_plot", "shrinkage_plot",
+__all__ = ["BayesLMMError", "Prior", "DataError", "FormulaError", "FreqFit", "load", "Model", "ModelError",
+           "ModelSpec", "RandomBlock", "__version__", "caterpillar_plot", "pooling_table", "ppc_plot", "shrinkage_plot",
            "variance_plot"]

@@ -11,7 +11,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from arviz_stats.base import array_stats  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.text import Annotation  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from bayeslmm import Model  # noqa: E402
@@ -60,9 +59,11 @@ def offsets(ax, gid):
 
 
 def arrows(ax):
-    """(start, end) of every shrinkage arrow."""
-    arr = [a for a in ax.texts if isinstance(a, Annotation) and a.get_gid() == "shrinkage_arrow"]
-    return np.array([a.xyann for a in arr]), np.array([a.xy for a in arr])
+    """(start, end) of every shrinkage arrow (one quiver, drawn in data units)."""
+    (q,) = by_gid(ax, "shrinkage_arrow")
+    assert q.angles == "xy" and q.scale_units == "xy" and q.scale == 1
+    start = np.column_stack([q.X, q.Y])
+    return start, start + np.column_stack([q.U, q.V])
 
 
 # ------------------------------------------------------------------- shrinkage
@@ -281,3 +282,16 @@ def test_plots_draw_into_a_given_axes(reml):
     assert shrinkage_plot(reml, ax=ax) is fig
     assert len(offsets(ax, "partial_pooling")) == 18
     render(fig)
+
+
+def test_many_levels_draw_as_one_arrow_collection_with_the_legend_outside():
+    fit = Model("y ~ x + (1 | g)", simulate_lmm(n_groups=400, n_per_group=3, sd_slope=0.0, seed=9)).fit()
+    fig = shrinkage_plot(fit)
+    render(fig)
+    ax = fig.axes[0]
+    start, end = arrows(ax)
+    assert len(start) == 400 and len(by_gid(ax, "shrinkage_arrow")) == 1
+    table = fig.pooling_table
+    np.testing.assert_allclose(end[:, 0], table[("partial", "(Intercept)")])
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # placed right of the axes, not searched for among 800 points

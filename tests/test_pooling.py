@@ -224,6 +224,9 @@ def test_bayes_partial_pooling_is_posterior_mean(sleep, sleep_nuts):
     draws = post["beta"].to_numpy()[:, :, None, :] + post[fit.names[0]].to_numpy()
     np.testing.assert_allclose(table["partial"].to_numpy(), draws.mean(axis=(0, 1)), rtol=1e-12)
     assert table.attrs["method"] == "NUTS"
+    coef = fit.coef()["Subject"]  # BayesFit's own coef(): the same posterior means
+    np.testing.assert_allclose(table["partial"].to_numpy(), coef.loc[table.index, ["(Intercept)", "Days"]].to_numpy(),
+                               rtol=1e-12)
     assert table.attrs["population"]["Days"] == pytest.approx(post["beta"].sel(coef="Days").mean().item())
     reml = pooling_table(sleep[1])
     pd.testing.assert_frame_equal(table["no_pooling"], reml["no_pooling"])
