@@ -30,8 +30,22 @@ def read_data(source: str) -> tuple[pd.DataFrame, str]:
                 return pd.read_parquet(path), path.name
             except ImportError as exc:
                 raise DataError("reading Parquet needs pyarrow: pip install 'bayeslmm[parquet]'") from exc
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise DataError(f"DATA {source!r} could not be read as Parquet ({exc}); check the file") from exc
         if path.suffix.lower() == ".csv" or suffix == ".csv.gz":
-            return pd.read_csv(path), path.name
+            try:
+                return pd.read_csv(path), path.name
+            except pd.errors.EmptyDataError as exc:
+                raise DataError(f"DATA {source!r} is empty (no header, no rows); give a CSV file with a header "
+                                "line naming the columns") from exc
+            except pd.errors.ParserError as exc:
+                raise DataError(f"DATA {source!r} is not a well-formed CSV file ({str(exc).strip()}); every line "
+                                "needs as many comma-separated fields as the header") from exc
+            except UnicodeDecodeError as exc:
+                raise DataError(f"DATA {source!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                                "as UTF-8 CSV") from exc
+            except OSError as exc:  # unreadable, or a corrupt .csv.gz
+                raise DataError(f"DATA {source!r} could not be read ({exc})") from exc
         raise DataError(f"DATA {source!r}: unknown file type {path.suffix!r}; give a .csv, .csv.gz or .parquet file")
     if source.lower() in {n.lower() for n in list_datasets()}:
         return load_dataset(source), source
@@ -100,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             model = Model(args.formula, args.data, missing=args.missing)
             name = Path(args.data).name
         else:
-            data, name = read_data(args.data)
+            if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
+            raise BayesLMMError(f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not "
+                                "exist; create it or give another path")
+        data, name = read_data(args.data)
             model = Model(args.formula, data, missing=args.missing)
         model.data_name = name
         if args.method == "nuts":
@@ -114,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.json == "-":
                 print(text)
             else:
-                Path(args.json).write_text(text + "\n")
+                try:
+                    Path(args.json).write_text(text + "\n")
+                except OSError as exc:
+                    raise BayesLMMError(f"--json {args.json!r}: could not write the results ({exc.strerror})") from exc
         return 0
     except BayesLMMError as exc:
         print(f"bayeslmm: error: {exc}", file=sys.stderr)

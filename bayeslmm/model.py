@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 
+import numpy as np
 import pandas as pd
 
 from .crossprod import CrossProducts
@@ -118,8 +120,10 @@ class Model:
             return fit_bayes(self.spec, self.crossprods, data_name=self.data_name, **_known(options, _NUTS_OPTIONS))
         from .reml import fit_frequentist
 
-        return fit_frequentist(self.spec, reml=method.lower() == "reml", crossprods=self.crossprods,
-                               data_name=self.data_name, **_known(options, _FREQ_OPTIONS))
+        fit = fit_frequentist(self.spec, reml=method.lower() == "reml", crossprods=self.crossprods,
+                              data_name=self.data_name, **_known(options, _FREQ_OPTIONS))
+        _warn_if_exact(fit)
+        return fit
 
     def prior_predictive(self, draws: int = 500, priors: dict | None = None, random_seed: int | None = None):
         """Draws of the response from the priors (a DataTree with ``prior`` and ``prior_predictive``).
@@ -154,4 +158,38 @@ def _known(options: dict, allowed: set[str]) -> dict:
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise BayesLMMError(f"unknown fit option(s) {unknown} for this method; allowed: {sorted(allowed)}")
+    for name in ("progressbar", "warn", "log_likelihood"):
+        value = options.get(name)
+        if name in options and not isinstance(value, bool) and not (name == "log_likelihood" and value is None):
+            allowed_values = "True, False or None" if name == "log_likelihood" else "True or False"
+            raise BayesLMMError(f"{name} must be {allowed_values}, got {value!r}")
+    if options.get("start") is not None:
+        try:
+            np.asarray(options["start"], dtype=float)
+        except (TypeError, ValueError):
+            raise BayesLMMError(f"start must be a sequence of numbers (one per θ), got {options['start']!r}") from None
     return options
+
+
+#: σ̂ below this fraction of the response's sd means the model reproduces the data to rounding error
+EXACT_FIT_RATIO = 1e-7
+
+
+def _warn_if_exact(fit) -> None:
+    """Warn when the residual sd is at rounding level: the effects reproduce the response exactly.
+
+    Then the optimum lies at θ → ∞ (or anywhere), and σ̂ and the variance parameters
+    are artefacts of floating point, not estimates.
+    """
+    y = fit.spec.y
+    if len(y) != fit.spec.n_obs:  # built out of memory: no rows to compare with
+        return
+    spread = float(np.std(y))
+    if fit.sigma < EXACT_FIT_RATIO * spread:
+        warnings.warn(
+            f"the residual standard deviation ({fit.sigma:.3g}) is below {EXACT_FIT_RATIO:g} × the response's "
+            f"({spread:.3g}): the fixed and random effects reproduce the response (almost) exactly, so σ and "
+            "the variance parameters are rounding artefacts, not estimates. Check that the response is not "
+            "a function of the predictors and groups",
+            UserWarning, stacklevel=3,
+        )

@@ -38,6 +38,9 @@ LOCATION_FAMILIES = {"Normal": ("sigma",), "StudentT": ("nu", "sigma"), "Cauchy"
 SCALE_FAMILIES = {"HalfNormal": ("sigma",), "HalfStudentT": ("nu", "sigma"), "HalfCauchy": ("beta",),
                   "Exponential": ("lam",), "Gamma": ("alpha", "beta"), "InverseGamma": ("alpha", "beta"),
                   "LogNormal": ("sigma",), "Weibull": ("alpha", "beta")}
+#: parameters a family may also take (any real value): its location
+OPTIONAL_PARAMETERS = {"Normal": ("mu",), "StudentT": ("mu",), "Cauchy": ("alpha",), "Laplace": ("mu",),
+                       "Logistic": ("mu",), "LogNormal": ("mu",)}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Prior:
         for name in families[self.family]:
             if name not in self.params:
                 raise BayesLMMError(f"prior for {where}: {self.family} needs the parameter {name!r}")
+        takes = list(families[self.family]) + list(OPTIONAL_PARAMETERS.get(self.family, ()))
+        for name in self.params:
+            if name not in takes:
+                raise BayesLMMError(
+                    f"prior for {where}: {self.family} takes the parameters {sorted(takes)}, not {name!r}"
+                )
         for name, value in self.params.items():
             arr = np.asarray(value, dtype=float)
             if not np.all(np.isfinite(arr)):
@@ -210,7 +219,7 @@ def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
                 sd = Prior(sd.family, **{k: _per_column(v, spec.blocks[i].q, f"{key} sd {k}") for k, v in sd.params.items()})
             if "eta" in value:
                 eta = value["eta"]
-                if not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta <= 0:
+                if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta <= 0:
                     raise BayesLMMError(f"prior for block {key!r}: LKJ eta must be a positive number, got {eta!r}")
             blocks[i] = BlockPriors(sd=sd, eta=float(eta))
         elif "|" in key and key.split("|", 1)[0] in groups:

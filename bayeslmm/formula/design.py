@@ -190,6 +190,30 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
     return y
 
 
+#: |mean| / sd above which a column's cross-products lose too many digits (about 2·log10 of it)
+OFFSET_RATIO = 1e3
+
+
+def _warn_offset(values: np.ndarray, what: str) -> None:
+    """Warn when a column sits far from zero compared with its spread.
+
+    The engines work from cross-products of the raw columns, so a mean that is R times
+    the standard deviation costs about 2·log10(R) of double precision's 16 digits in the
+    variance parameters (sleepstudy with 10⁸ added to Reaction moves σ̂ by 1 %).
+    """
+    sd = float(np.std(values))
+    mean = float(np.mean(values))
+    if sd > 0 and abs(mean) > OFFSET_RATIO * sd:
+        ratio = abs(mean) / sd
+        warnings.warn(
+            f"{what} has mean {mean:.6g} and standard deviation {sd:.3g} ({ratio:.2g} times smaller): the "
+            f"cross-products lose about {round(2 * np.log10(ratio))} of double precision's 16 digits and the "
+            "estimates may be inaccurate. Subtract a constant (its mean, say) first: with an intercept in "
+            "the model only the intercept changes",
+            UserWarning, stacklevel=4,
+        )
+
+
 #: values beyond these magnitudes make sums of squares overflow or underflow double precision
 _HUGE, _TINY = 1e150, 1e-150
 
@@ -336,6 +360,11 @@ def build_spec(
         warnings.warn(msg, stacklevel=3)
     for col in X.columns:
         _check_scale(X[col].to_numpy(), f"the fixed-effect column {col!r}")
+    if INTERCEPT in X.columns:  # then a shift of y or of a column changes only the intercept
+        _warn_offset(y, f"the response {parsed.response!r}")
+        for col in X.columns:
+            if col != INTERCEPT:
+                _warn_offset(X[col].to_numpy(), f"the fixed-effect column {col!r}")
     if X.shape[1] >= n:
         raise ModelError(
             f"the fixed effects have {X.shape[1]} linearly independent columns for {n} observations: "
@@ -415,7 +444,9 @@ def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: 
     for col in lhs.columns:
         _check_scale(lhs[col].to_numpy(), f"the column {col!r} of {bar.text}")
     if q > 1:
-        _check_varies_within(bar, group, codes, n_levels, lhs)
+        _warn_not_varying_within(bar, group, codes, n_levels, lhs)
+        if INTERCEPT in lhs.columns:
+            _warn_far_slopes(bar, lhs)
     return RandomBlock(
         group=group,
         codes=codes,
@@ -426,22 +457,26 @@ def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: 
     )
 
 
-def _check_varies_within(bar: BarTerm, group: str, codes: np.ndarray, n_levels: int, lhs: pd.DataFrame) -> None:
-    """A term's columns must be linearly independent within at least one level of its factor.
+def _warn_not_varying_within(bar: BarTerm, group: str, codes: np.ndarray, n_levels: int, lhs: pd.DataFrame) -> None:
+    """Warn unless a term's columns are linearly independent within at least one level of its factor.
 
     When every level's rows Z_j have rank < q — typically a slope on a variable that is
     constant within each group, such as a group-level covariate in ``(1 + x | g)`` — the
     random effects of the dependent columns cannot be told apart from the others'
     (only between-group heteroscedasticity would separate them), and the fit runs to a
     singular boundary.  Random slopes belong to variables that vary within the groups
-    (Snijders & Bosker 2012, *Multilevel Analysis*, 2nd ed., §5.1); lme4 fits such a
-    term without a word, we say so instead.
+    (Snijders & Bosker 2012, *Multilevel Analysis*, 2nd ed., §5.1).  lme4 fits such a
+    term without a word (and reports the singular fit); we fit it too, and say why.
     """
-    Z = lhs.to_numpy()
-    q = Z.shape[1]
-    scale = np.sqrt(np.mean(Z**2, axis=0))
-    scale[scale == 0] = 1.0
-    Zs = Z / scale
+    columns = [str(c) for c in lhs.columns]
+    Zs = lhs.to_numpy().copy()
+    q = Zs.shape[1]
+    for c in range(q):
+        if INTERCEPT in columns and columns[c] != INTERCEPT:
+            Zs[:, c] -= Zs[:, c].mean()  # a shift by the intercept changes no level's rank, and keeps
+                                         # a variable far from zero (a year) from looking constant
+        scale = np.sqrt(np.mean(Zs[:, c] ** 2))
+        Zs[:, c] /= scale if scale > 0 else 1.0
     gram = np.empty((n_levels, q, q))
     for a in range(q):
         for b in range(a, q):
@@ -453,22 +488,52 @@ def _check_varies_within(bar: BarTerm, group: str, codes: np.ndarray, n_levels: 
     counts = np.bincount(codes, minlength=n_levels)
     means = np.stack([np.bincount(codes, weights=Zs[:, c], minlength=n_levels) for c in range(q)], axis=1)
     means /= np.maximum(counts, 1)[:, None]
-    within = np.sum((Zs - means[codes]) ** 2, axis=0) / len(Zs)    # within-level variance (scaled)
-    columns = [str(c) for c in lhs.columns]
+    within = np.sum((Zs - means[codes]) ** 2, axis=0) / len(Zs)    # within-level share of the variance
     fixed = [c for c, w in zip(columns, within) if c != INTERCEPT and w <= 1e-10]
     if INTERCEPT in columns and fixed:
         which = ", ".join(repr(c) for c in fixed)
-        raise ModelError(
+        message = (
             f"the slope{'s' if len(fixed) > 1 else ''} {which} in {bar.text} do{'' if len(fixed) > 1 else 'es'} "
             f"not vary within any level of {group!r}: a random slope on a variable that is constant "
-            "within each group cannot be told apart from the random intercept. Keep it as a fixed "
-            f"effect and drop it from the term, e.g. (1 | {group})"
+            "within each group cannot be told apart from the random intercept, and the fit will be "
+            f"singular. Keep it as a fixed effect and drop it from the term, e.g. (1 | {group})"
         )
-    raise ModelError(
-        f"the columns {columns} of {bar.text} are linearly dependent within every level of {group!r} "
-        f"(rank at most {int(rank.max())} of {q} in any level), so their variances and correlations "
-        "cannot be estimated: drop a column from the term"
-    )
+    else:
+        message = (
+            f"the columns {columns} of {bar.text} are linearly dependent within every level of {group!r} "
+            f"(rank at most {int(rank.max())} of {q} in any level), so their variances and correlations "
+            "cannot be told apart and the fit will be singular: drop a column from the term"
+        )
+    warnings.warn(message, UserWarning, stacklevel=5)
+
+
+#: a random slope whose |mean| / sd exceeds this puts the random intercept far outside the data
+SLOPE_OFFSET_RATIO = 20.0
+
+
+def _warn_far_slopes(bar: BarTerm, lhs: pd.DataFrame) -> None:
+    """Warn when a term's random intercept describes x = 0, far outside the data.
+
+    With ``(1 + x | g)`` and x around a year (2010 ± 5) the intercept's sd is an
+    extrapolation thousands of times the slope's, the correlation is near ±1 and the
+    profiled deviance is so badly scaled that BOBYQA stops short of the optimum
+    (sleepstudy with 200 added to Days: REML criterion 2.3 above the optimum, no
+    warning from the optimizer).  lme4 warns here too ("Rescale variables?").
+    """
+    for col in lhs.columns:
+        if col == INTERCEPT:
+            continue
+        v = lhs[col].to_numpy()
+        sd, mean = float(np.std(v)), float(np.mean(v))
+        if sd > 0 and abs(mean) > SLOPE_OFFSET_RATIO * sd:
+            warnings.warn(
+                f"the random slope {str(col)!r} in {bar.text} has mean {mean:.6g} and standard deviation "
+                f"{sd:.3g}: the random intercept then describes {col} = 0, {abs(mean) / sd:.0f} standard "
+                "deviations away from the data, and the variance parameters are so badly scaled that the "
+                "optimizer may stop short of the optimum. Centre the variable (subtract its mean) before "
+                "fitting; for a correlated term this is the same model, re-expressed",
+                UserWarning, stacklevel=5,
+            )
 
 
 #: [X Z] is checked for full row rank (a dense SVD) only up to this many observations

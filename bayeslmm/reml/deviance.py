@@ -26,6 +26,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from ..crossprod import CrossProducts
+from ..errors import ModelError
 from ..spec import ModelSpec
 
 
@@ -64,6 +65,9 @@ class ProfiledDeviance:
         self.n = spec.n_obs
         self.p = spec.n_fixed
         self.n_evaluations = 0
+        if self.p >= self.n:  # build_spec refuses such a model; a spec made by hand is checked here
+            raise ModelError(f"{self.p} fixed-effect columns for {self.n} observations: need fewer columns "
+                             "than observations")
 
     # -- the factorisation -------------------------------------------------
     def factor(self, theta: np.ndarray) -> Factorization:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import nlopt
 import numpy as np
 
+from ..errors import BayesLMMError
+
 _RETURN_CODES = {
     nlopt.SUCCESS: "success",
     nlopt.STOPVAL_REACHED: "stopval reached",
@@ -78,8 +80,12 @@ def minimize_bobyqa(
         θ ↦ objective; ``inf`` where undefined.
     start, lower : ndarray
         Starting point and lower bounds (``-inf`` for unbounded entries).
-    ftol_rel, ftol_abs, xtol_abs, maxeval : float, int
-        nlopt stopping rules.
+    ftol_rel, ftol_abs, xtol_abs : float
+        nlopt stopping rules (≥ 0).
+    maxeval : int
+        Evaluations allowed over all passes together; at most ``len(start)`` more
+        check whether a near-zero variance is on its bound.  Reaching it is warned
+        about and the best point found is kept.
     restarts : int
         Extra passes from the best point with a small initial step.
     xtol_rel : float
@@ -90,6 +96,8 @@ def minimize_bobyqa(
     t0 = time.perf_counter()
     start = np.asarray(start, dtype=float)
     lower = np.asarray(lower, dtype=float)
+    _check_options(start, lower, ftol_rel=ftol_rel, xtol_rel=xtol_rel, ftol_abs=ftol_abs, xtol_abs=xtol_abs,
+                   maxeval=maxeval, restarts=restarts, initial_step=initial_step)
     n = len(start)
     count = 0
     best_x, best_f = start.copy(), np.inf
@@ -107,15 +115,20 @@ def minimize_bobyqa(
     x = start.copy()
     step = initial_step
     for _ in range(1 + restarts):
+        remaining = maxeval - count
+        if remaining <= 0:  # nlopt reads maxeval <= 0 as "no limit": stop here instead
+            break
         if n == 1:
-            # nlopt's BOBYQA needs at least two variables; pad with an inert one
+            # nlopt's BOBYQA needs at least two variables; pad with an inert one.  Its
+            # initial step must fit in its bounds [-1, 1] (BOBYQA refuses a step larger
+            # than half the width), whatever the step of the real coordinate
             opt = nlopt.opt(nlopt.LN_BOBYQA, 2)
             opt.set_lower_bounds([lower[0], -1.0])
             opt.set_upper_bounds([np.inf, 1.0])
             opt.set_min_objective(lambda z, g: wrapped(z[:1], g))
             x0 = np.array([x[0], 0.0])
             if step is not None:
-                opt.set_initial_step([step, step])
+                opt.set_initial_step([step, 0.5])
         else:
             opt = nlopt.opt(nlopt.LN_BOBYQA, n)
             opt.set_lower_bounds(lower)
@@ -127,16 +140,23 @@ def minimize_bobyqa(
         opt.set_ftol_abs(ftol_abs)
         opt.set_xtol_abs(xtol_abs)
         opt.set_xtol_rel(xtol_rel)
-        opt.set_maxeval(max(maxeval - count, 10))
+        opt.set_maxeval(remaining)
         before = best_f
         try:
             opt.optimize(x0)
             code = opt.last_optimize_result()
             message = _RETURN_CODES.get(code, f"nlopt code {code}")
             if code == nlopt.MAXEVAL_REACHED:
-                warns.append(f"optimizer stopped after {count} evaluations without converging")
+                warns.append(f"optimizer stopped after {count} evaluations (maxeval={maxeval}) without "
+                             "converging; the best point found is kept: raise maxeval, or check the model")
         except nlopt.RoundoffLimited:
             message = "roundoff limited (the best point found is kept)"
+        except (nlopt.exception, RuntimeError) as exc:  # nlopt's C++ errors, "nlopt failure"
+            message = f"nlopt failed ({type(exc).__name__}: {exc}); the best point found is kept"
+            warns.append(f"the optimizer stopped with an error after {count} evaluations ({type(exc).__name__}); "
+                         "the best point found is kept")
+            x = best_x.copy()
+            break
         x = best_x.copy()
         step = 1e-3 * max(1.0, float(np.max(np.abs(x))))
         if np.isfinite(before) and before - best_f <= ftol_abs:
@@ -163,3 +183,29 @@ def minimize_bobyqa(
         warnings=tuple(warns),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _check_options(start, lower, *, ftol_rel, xtol_rel, ftol_abs, xtol_abs, maxeval, restarts, initial_step):
+    """Reject settings nlopt would refuse (or silently reinterpret), naming the argument."""
+    if start.ndim != 1 or start.shape != lower.shape:
+        raise BayesLMMError(f"start must have {lower.size} entries (one per θ), got shape {start.shape}")
+    if not np.all(np.isfinite(start)):
+        raise BayesLMMError(f"start must be finite, got {start.tolist()}")
+    below = np.flatnonzero(start < lower)
+    if below.size:
+        raise BayesLMMError(
+            f"start: θ entries {below.tolist()} are below their lower bounds {lower[below].tolist()} "
+            "(the diagonal of each relative covariance factor is ≥ 0); give values ≥ 0 there"
+        )
+    for name, value in (("ftol_rel", ftol_rel), ("xtol_rel", xtol_rel), ("ftol_abs", ftol_abs),
+                        ("xtol_abs", xtol_abs)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value < 0:
+            raise BayesLMMError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    for name, value, least in (("maxeval", maxeval, 1), ("restarts", restarts, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise BayesLMMError(f"{name} must be an integer ≥ {least}, got {value!r}")
+    if initial_step is not None and (isinstance(initial_step, bool)
+                                     or not isinstance(initial_step, (int, float, np.integer, np.floating))
+                                     or not np.isfinite(initial_step) or initial_step <= 0):
+        raise BayesLMMError(f"initial_step must be a positive finite number or None, got {initial_step!r}")
