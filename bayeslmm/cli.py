@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .model import Model
 
+        if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
+            raise BayesLMMError(f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not "
+                                "exist; create it or give another path")
         if use_dask(args.data, args.dask):
             model = Model(args.formula, args.data, missing=args.missing)
             name = Path(args.data).name
         else:
-            if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
-            raise BayesLMMError(f"--json {args.json!r}: the folder {str(Path(args.json).parent)!r} does not "
-                                "exist; create it or give another path")
-        data, name = read_data(args.data)
+            data, name = read_data(args.data)
             model = Model(args.formula, data, missing=args.missing)
         model.data_name = name
         if args.method == "nuts":
