@@ -347,6 +347,26 @@ def _density(x: np.ndarray):
     return np.asarray(grid), np.asarray(pdf)
 
 
+def variance_draws(fit) -> tuple[list[str], list[np.ndarray]]:
+    """Labels and (chain, draw) draws of every sd, correlation and σ, in ``varcorr``'s row order."""
+    post = fit.posterior
+    labels, draws = [], []
+    for name, block in zip(fit.names, fit.spec.blocks):
+        sd = post[f"{name}_sd"].to_numpy()
+        for i, col in enumerate(block.columns):
+            labels.append(_vc_label(block.group, col, None))
+            draws.append(sd[..., i])
+        if block.correlated and block.q > 1:
+            corr = post[f"{name}_corr"].to_numpy()
+            for i in range(block.q):
+                for j in range(i + 1, block.q):
+                    labels.append(_vc_label(block.group, block.columns[i], block.columns[j]))
+                    draws.append(corr[..., j, i])
+    labels.append("sigma")
+    draws.append(post["sigma"].to_numpy())
+    return labels, draws
+
+
 def _vc_label(grp, v1, v2) -> str:
     if grp == "Residual":
         return "sigma"
@@ -379,8 +399,7 @@ def variance_plot(bayes_fit, reml_fit=None, *, ncols: int = 3):
     fit = _bayes_fit(bayes_fit)
     if isinstance(ncols, bool) or not isinstance(ncols, Integral) or ncols < 1:
         raise BayesLMMError(f"`ncols` must be a positive integer, got {ncols!r}")
-    rows, draws = fit._varcorr_draws()
-    labels = [_vc_label(grp, v1, v2) for _, grp, v1, v2 in rows]
+    labels, draws = variance_draws(fit)
     ref = None
     if reml_fit is not None:
         if not isinstance(reml_fit, FreqFit):
@@ -389,13 +408,13 @@ def variance_plot(bayes_fit, reml_fit=None, *, ncols: int = 3):
         vc = reml_fit.varcorr
         ref_labels = [_vc_label(g, v1, v2) for g, v1, v2 in zip(vc.grp, vc.var1, vc.var2)]
         if (reml_fit.spec.formula != fit.spec.formula or reml_fit.spec.n_obs != fit.spec.n_obs
-                or sorted(ref_labels) != sorted(_vc_label(g, v1, v2) for (_, g, v1, v2) in rows)):
+                or sorted(ref_labels) != sorted(labels)):
             raise ModelError(f"`reml_fit` is not a fit of the same model: {reml_fit.spec.formula!r} on "
                              f"{reml_fit.spec.n_obs} rows vs {fit.spec.formula!r} on {fit.spec.n_obs} rows")
         ref = _match_rows(ref_labels, vc.sdcor.to_numpy(), labels)
-    fig, axes = _new_axes(None, len(rows), ncols=min(ncols, len(rows)), panel_size=(3.8, 2.9))
-    for i, (axis, (key, *_), label) in enumerate(zip(axes, rows, labels)):
-        grid, pdf = _density(draws[key])
+    fig, axes = _new_axes(None, len(labels), ncols=min(ncols, len(labels)), panel_size=(3.8, 2.9))
+    for i, (axis, label, d) in enumerate(zip(axes, labels, draws)):
+        grid, pdf = _density(d)
         axis.plot(grid, pdf, color="C0", lw=1.5, gid="posterior", label="posterior")
         axis.fill_between(grid, pdf, color="C0", alpha=0.15)
         if ref is not None:

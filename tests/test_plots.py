@@ -295,3 +295,21 @@ def test_many_levels_draw_as_one_arrow_collection_with_the_legend_outside():
     np.testing.assert_allclose(end[:, 0], table[("partial", "(Intercept)")])
     anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
     assert anchor.x0 > 1.0  # placed right of the axes, not searched for among 800 points
+
+
+def test_variance_plot_of_an_uncorrelated_block():
+    model = Model("Reaction ~ Days + (Days || Subject)", "sleepstudy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nuts = model.fit(method="nuts", draws=300, tune=300, chains=2, random_seed=2, progressbar=False)
+    reml = model.fit()
+    fig = variance_plot(nuts, reml, ncols=2)
+    render(fig)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["sd[Subject|(Intercept)]", "sd[Subject|Days]", "sigma"]
+    for ax, expected in zip(axes, reml.varcorr.sdcor):
+        np.testing.assert_allclose(by_gid(ax, "reml")[0].get_xdata(), expected, rtol=1e-12)
+    sd = nuts.posterior["Subject_sd"].to_numpy()[..., 1].ravel()
+    x = by_gid(axes[1], "posterior")[0].get_xdata()
+    assert sd.min() <= x.min() and x.max() <= sd.max()
+    assert len(fig.axes) == 4 and not fig.axes[3].get_visible()  # 3 panels on a 2 x 2 grid
