@@ -395,10 +395,17 @@ class BayesFit:
 
         return save_fit(self, path)
 
-    def summary(self):
+    def summary(self, ci_prob: float | None = None):
+        """The printed summary: fixed effects, each block's sds and correlations, σ.
+
+        Posterior mean, sd, median and interval (ArviZ's default 89 % equal-tailed
+        interval, or ``ci_prob``), R-hat and bulk/tail ESS per parameter, then the
+        sampler's diagnostics.  Plain text with ``print``, HTML in a notebook;
+        ``summary().tables()`` gives the three tables as DataFrames.
+        """
         from .summary import BayesSummary
 
-        return BayesSummary(self)
+        return BayesSummary(self, ci_prob)
 
     def __repr__(self) -> str:
         return str(self.summary())

@@ -1,14 +1,49 @@
-"""Printed summary of a Bayesian fit (plain text and HTML)."""
+"""Printed summary of a Bayesian fit (plain text and HTML).
+
+Laid out like lme4's summary — fixed effects, then each grouping factor's sds and
+correlations, then the residual sd — with the posterior mean, sd, median, an interval
+(ArviZ's default, an 89 % equal-tailed interval, unless ``ci_prob`` is given), R-hat
+and bulk/tail ESS for every parameter, and the sampler's diagnostics.
+"""
 
 from __future__ import annotations
 
 import html
 
+import numpy as np
+import pandas as pd
+
+_NUMBER_COLUMNS = ["mean", "sd", "median", "lower", "upper"]
+
+
+def _num(v: float) -> str:
+    return "" if v is None or not np.isfinite(v) else f"{v:.4g}"
+
+
+def _formatters(table: pd.DataFrame) -> dict:
+    out = {c: _num for c in _NUMBER_COLUMNS if c in table.columns}
+    out["r_hat"] = lambda v: "" if not np.isfinite(v) else f"{v:.3f}"
+    out["ess_bulk"] = out["ess_tail"] = lambda v: "" if not np.isfinite(v) else f"{v:.0f}"
+    return out
+
 
 class BayesSummary:
-    def __init__(self, fit):
-        self.fit = fit
+    """What ``print(fit.summary())`` shows; also rendered as HTML in notebooks.
 
+    Parameters
+    ----------
+    fit : BayesFit
+    ci_prob : float, optional
+        Probability of the equal-tailed interval (ArviZ's default, 0.89, when omitted).
+    """
+
+    def __init__(self, fit, ci_prob: float | None = None):
+        from ..predict import interval_prob
+
+        self.fit = fit
+        self.ci_prob = None if ci_prob is None else interval_prob(ci_prob)
+
+    # -- pieces --------------------------------------------------------------------
     def header(self) -> list[str]:
         fit = self.fit
         post = fit.posterior
@@ -20,26 +55,88 @@ class BayesSummary:
                      f"{fit.parameterization} parameterisation, seed {fit.seed})")
         return lines
 
-    def __str__(self) -> str:
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The summary's three tables: ``fixed``, ``random`` (sds and correlations) and ``residual``."""
         fit = self.fit
-        table = fit.summary_table()
-        lines = self.header() + ["", f"Posterior (interval: {table.attrs['interval']}):"]
-        lines += table.to_string(float_format=lambda v: f"{v:.4g}").splitlines()
-        diag = fit.diagnostics()
-        lines.append("")
+        fe = fit.fixef(self.ci_prob)
+        vc = fit.varcorr(self.ci_prob)
+        interval = fe.attrs["interval"]
+        cols = [c for c in fe.columns]
+        rand = vc[vc["grp"] != "Residual"]
+        names, groups = [], []
+        last = None
+        for g, v1, v2 in zip(rand["grp"], rand["var1"], rand["var2"]):
+            corr = not (v2 is None or (isinstance(v2, float) and np.isnan(v2)))
+            groups.append(g if g != last else "")
+            last = g
+            names.append(f"corr {v1}, {v2}" if corr else f"sd {v1}")
+        random = rand[cols].copy()
+        random.index = pd.MultiIndex.from_arrays([groups, names], names=["Groups", "Name"])
+        resid = vc[vc["grp"] == "Residual"][cols].copy()
+        resid.index = pd.Index(["sd (sigma)"], name="Residual")
+        out = {"fixed": fe, "random": random, "residual": resid}
+        for t in out.values():
+            t.attrs["interval"] = interval
+        return out
+
+    def interval_line(self, interval: str) -> str:
+        prob = interval[3:] if interval.startswith(("eti", "hdi")) else interval
+        kind = "equal-tailed" if interval.startswith("eti") else "highest-density" if interval.startswith("hdi") else ""
+        return f"Posterior mean, sd, median and {prob} % {kind} interval (lower, upper); R-hat and ESS per parameter"
+
+    def diagnostics_lines(self) -> list[str]:
+        diag = self.fit.diagnostics()
         if diag.ok:
-            lines.append(f"Diagnostics: no divergences, R-hat ≤ {diag.max_rhat:.3f}, "
-                         f"bulk ESS ≥ {diag.min_ess_bulk:.0f}, tail ESS ≥ {diag.min_ess_tail:.0f}")
-        else:
-            lines.append("Diagnostics:")
-            lines += [f"  ! {m}" for m in diag.messages]
+            return [f"Diagnostics: no divergences, R-hat ≤ {diag.max_rhat:.3f}, "
+                    f"bulk ESS ≥ {diag.min_ess_bulk:.0f}, tail ESS ≥ {diag.min_ess_tail:.0f}"]
+        return ["Diagnostics:"] + [f"  ! {m}" for m in diag.messages]
+
+    # -- renderings ----------------------------------------------------------------
+    def __str__(self) -> str:
+        t = self.tables()
+        random = t["random"]
+        width = max(len(g) for g in random.index.get_level_values(0)) if len(random) else 0
+        sections = [
+            ("Fixed effects:", list(t["fixed"].index), t["fixed"]),
+            ("Random effects:", [f"{g:<{width}}  {n}" for g, n in random.index], random),
+            ("Residual:", ["sigma"], t["residual"]),
+        ]
+        cols = list(t["fixed"].columns)
+        fmt = _formatters(t["fixed"])
+        cells = [[[fmt[c](v) for c, v in zip(cols, row)] for row in frame.itertuples(index=False)]
+                 for _, _, frame in sections]
+        label_w = max(len(x) for _, labels, _ in sections for x in labels)
+        col_w = [max(len(c), *(len(r[k]) for sec in cells for r in sec)) for k, c in enumerate(cols)]
+        header = " " * label_w + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, col_w))
+        lines = self.header() + ["", self.interval_line(t["fixed"].attrs["interval"])]
+        for (title, labels, _), rows in zip(sections, cells):
+            lines += ["", title, header]
+            for label, row in zip(labels, rows):
+                lines.append(label.ljust(label_w) + "  " + "  ".join(v.rjust(w) for v, w in zip(row, col_w)))
+        lines.append("")
+        lines += self.diagnostics_lines()
+        for note in self.fit.spec.notes:
+            lines.append(f"Note: {note}")
         return "\n".join(lines)
 
+    def __repr__(self) -> str:
+        return str(self)
+
     def _repr_html_(self) -> str:
-        fit = self.fit
+        t = self.tables()
         head = "<br>".join(html.escape(x) for x in self.header())
-        table = fit.summary_table().to_html(float_format=lambda v: f"{v:.4g}")
-        diag = fit.diagnostics()
-        msgs = "".join(f"<li>{html.escape(m)}</li>" for m in diag.messages)
-        note = f"<ul>{msgs}</ul>" if msgs else "<p>Diagnostics: all checks passed.</p>"
-        return f"<div><p>{head}</p>{table}{note}</div>"
+        parts = [f"<div><p>{head}</p><p><i>{html.escape(self.interval_line(t['fixed'].attrs['interval']))}</i></p>"]
+        for title, key in (("Fixed effects", "fixed"), ("Random effects", "random"), ("Residual", "residual")):
+            parts.append(f"<h4>{title}</h4>")
+            parts.append(t[key].to_html(formatters=_formatters(t[key])))
+        diag = self.fit.diagnostics()
+        if diag.ok:
+            parts.append(f"<p>{html.escape(self.diagnostics_lines()[0])}</p>")
+        else:
+            msgs = "".join(f"<li>{html.escape(m)}</li>" for m in diag.messages)
+            parts.append(f"<p><b>Diagnostics</b></p><ul>{msgs}</ul>")
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.fit.spec.notes)
+        if notes:
+            parts.append(f"<ul>{notes}</ul>")
+        parts.append("</div>")
+        return "".join(parts)

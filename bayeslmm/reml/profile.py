@@ -27,6 +27,7 @@ sign convention of lme4 (a non-negative diagonal) is not needed for Σ = σ²TT�
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,23 @@ def variance_parameters(spec) -> list[VarParam]:
     return out
 
 
+_CROSSPRODUCTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def crossproducts(spec):
+    """The spec's cross-products, computed once per spec (a fit does not keep them)."""
+    from ..crossprod import CrossProducts
+
+    if not getattr(spec, "rows_in_memory", True):
+        raise BayesLMMError("this model was built out of memory and keeps no rows; profile intervals need "
+                            "the cross-products of an in-memory model")
+    try:
+        return _CROSSPRODUCTS[spec]
+    except KeyError:
+        cp = _CROSSPRODUCTS[spec] = CrossProducts.from_spec(spec)
+        return cp
+
+
 def _unit(w: np.ndarray) -> np.ndarray | None:
     n = np.linalg.norm(w)
     return None if not np.isfinite(n) or n == 0 else w / n
@@ -74,6 +92,8 @@ class Profiler:
         from .fit import fit_frequentist
 
         spec = fit.spec
+        if crossprods is None:
+            crossprods = crossproducts(spec)
         if fit.method != "ML":
             fit = fit_frequentist(spec, reml=False, crossprods=crossprods)
         self.spec = spec
@@ -179,7 +199,7 @@ class Profiler:
             return np.inf if got is None else self.deviance(*got)
 
         rec = minimize_bobyqa(fun, start, np.full(len(start), -np.inf), ftol_rel=0.0, ftol_abs=1e-10,
-                              xtol_abs=1e-9, restarts=1, initial_step=0.1)
+                              xtol_abs=1e-9, restarts=0, initial_step=0.1)
         return float(rec.objective), rec.end
 
     # -- intervals ------------------------------------------------------------------------
@@ -189,6 +209,10 @@ class Profiler:
         est = self.value(p, self.T_hat, self.sigma_hat)
         phi_hat = self._pack(p, self.T_hat, self.sigma_hat)
         is_corr = p.block is not None and p.i != p.j
+        if is_corr:
+            T = self.T_hat[p.block]
+            if min(np.linalg.norm(T[p.i]), np.linalg.norm(T[p.j])) < 1e-8:
+                return np.nan, np.nan  # an sd on its boundary at 0: the correlation is not identified
         ends = []
         for direction in (-1, 1):
             state = {"phi": phi_hat.copy()}
@@ -259,7 +283,12 @@ def profile_intervals(fit, level: float = 0.95, crossprods=None) -> pd.DataFrame
     """
     if not 0 < level < 1:
         raise BayesLMMError(f"level must be strictly between 0 and 1, got {level!r}")
-    prof = Profiler(fit, crossprods)
+    cache = _INTERVALS.setdefault(fit, {})
+    if float(level) in cache:
+        return cache[float(level)].copy()
+    prof = _PROFILERS.get(fit)
+    if prof is None:
+        prof = _PROFILERS[fit] = Profiler(fit, crossprods)
     vc = fit.varcorr
     rows = []
     for p, est in zip(prof.params, vc["sdcor"]):
@@ -268,4 +297,10 @@ def profile_intervals(fit, level: float = 0.95, crossprods=None) -> pd.DataFrame
     out = pd.DataFrame(rows, columns=["parameter", "estimate", "lower", "upper"]).set_index("parameter")
     out.attrs["level"] = level
     out.attrs["method"] = "profile (ML deviance)"
-    return out
+    cache[float(level)] = out
+    return out.copy()
+
+
+#: profiles and intervals already computed, per fit (fits are immutable)
+_PROFILERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_INTERVALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

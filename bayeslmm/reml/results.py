@@ -225,6 +225,48 @@ class FreqFit:
         idx = self.spec.row_index[rows]
         return pd.DataFrame(V, index=idx, columns=idx)
 
+    def confint(self, level: float = 0.95, method: str = "profile") -> pd.DataFrame:
+        """Confidence intervals, rows and names as lme4's ``confint(fit, oldNames = FALSE)``.
+
+        Parameters
+        ----------
+        level : float
+            Confidence level.
+        method : {"profile", "wald"}
+            ``"profile"``: profile-likelihood intervals of every sd, correlation and σ
+            (the ML deviance, a REML fit refitted by ML, as lme4 does; see
+            :mod:`bayeslmm.reml.profile`).  ``"wald"``: NaN for those (as lme4).  The
+            fixed effects get Wald intervals β̂ ± z·SE either way (lme4's profile
+            method profiles them too; the two agree closely for linear mixed models).
+
+        Returns
+        -------
+        DataFrame with columns ``estimate, lower, upper``: the variance parameters
+        (``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``, ``sigma``, in the
+        order of :attr:`varcorr`), then the fixed effects.
+        """
+        from scipy import stats
+
+        from .profile import profile_intervals, variance_parameters
+
+        if method not in ("profile", "wald"):
+            raise BayesLMMError(f"method must be 'profile' or 'wald', got {method!r}")
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise BayesLMMError(f"level must be a probability strictly between 0 and 1, got {level!r}")
+        if method == "profile":
+            var = profile_intervals(self, level)
+        else:
+            labels = [p.label for p in variance_parameters(self.spec)]
+            var = pd.DataFrame({"estimate": self.varcorr["sdcor"].to_numpy(), "lower": np.nan, "upper": np.nan},
+                               index=pd.Index(labels, name="parameter"))
+        z = stats.norm.ppf((1 + level) / 2)
+        est, se = self.fixef, self.fixef_se
+        fixed = pd.DataFrame({"estimate": est, "lower": est - z * se, "upper": est + z * se})
+        out = pd.concat([var, fixed])
+        out.index.name = "parameter"
+        out.attrs.update(level=level, method=method)
+        return out
+
     # -- predictions -----------------------------------------------------------
     def predict(self, newdata=None, kind: str = "conditional", new_groups: str = "population") -> pd.Series:
         """Predicted means: Xβ̂ + Zb̂ (``kind="conditional"``) or Xβ̂ (``kind="marginal"``).

@@ -1,0 +1,233 @@
+"""Bayesian and REML/ML fits of one model side by side, parameter by parameter.
+
+``compare(bayes_fit, reml_fit)`` returns one table: for each fixed effect, each sd and
+correlation of every random-effect block, and σ, the posterior mean, median, sd and
+interval beside the REML (or ML) estimate, its standard error (fixed effects) and a
+confidence interval at the same probability:
+
+* fixed effects: Wald, β̂ ± z·SE (lme4's ``confint(method = "Wald")``);
+* sds, correlations and σ: profile likelihood (lme4's ``confint(method = "profile")``,
+  which profiles the ML deviance, refitting a REML fit by ML; see
+  :mod:`bayeslmm.reml.profile`).  No standard error is given for these: their
+  sampling distributions are skewed and bounded, and a Wald SE would mislead.
+
+``diff_sd`` is (posterior mean − estimate) / posterior sd: how many posterior sds the
+point estimate sits from the posterior mean.  For sds expect it to be positive: the
+REML estimate is near the mode of a right-skewed likelihood, and the posterior mean
+lies to its right.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import BayesLMMError, ModelError
+
+#: seconds a profile may be expected to take before ``intervals="auto"`` skips it
+AUTO_PROFILE_SECONDS = 30.0
+#: deviance evaluations a full profile of one parameter typically needs
+_EVALS_PER_PARAMETER = 6000
+
+
+class ReportFrame(pd.DataFrame):
+    """A DataFrame that prints with a heading and notes (plain text and HTML).
+
+    Everything pandas does with it returns plain DataFrames; ``heading`` and
+    ``notes`` are lists of lines; ``objects`` holds related Python objects (such as the
+    fits an ``anova`` compared); columns named in ``attrs["hide"]`` are left out of
+    the printed table (they stay in the frame).
+    """
+
+    _metadata = ["heading", "notes", "objects"]
+
+    @property
+    def _constructor(self):
+        return pd.DataFrame
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, heading: list[str], notes: list[str], objects: dict | None = None,
+           hide: list[str] | None = None) -> "ReportFrame":
+        out = cls(frame)
+        out.heading = list(heading)
+        out.notes = list(notes)
+        out.objects = dict(objects or {})
+        if hide:
+            out.attrs["hide"] = list(hide)
+        out.attrs.update(frame.attrs)
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table alone, as a plain DataFrame."""
+        return pd.DataFrame(self)
+
+    def _formatted(self) -> pd.DataFrame:
+        out = pd.DataFrame(self).drop(columns=self.attrs.get("hide", []), errors="ignore")
+        for col in out.columns:
+            if pd.api.types.is_float_dtype(out[col]):
+                out[col] = [("" if not np.isfinite(v) and np.isnan(v) else _fmt(v)) for v in out[col]]
+        return out
+
+    def __str__(self) -> str:
+        lines = list(getattr(self, "heading", []) or [])
+        if lines:
+            lines.append("")
+        lines += self._formatted().to_string().splitlines()
+        notes = getattr(self, "notes", []) or []
+        if notes:
+            lines.append("")
+            lines += [f"Note: {n}" for n in notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        head = "<br>".join(html.escape(x) for x in (getattr(self, "heading", []) or []))
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in (getattr(self, "notes", []) or []))
+        table = self._formatted().to_html()
+        return (f"<div><p>{head}</p>{table}" + (f"<ul>{notes}</ul>" if notes else "") + "</div>")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.5g}"
+
+
+def _same_model(bayes, freq) -> None:
+    a, b = bayes.spec, freq.spec
+    same = (a.fixed_names == b.fixed_names and a.n_obs == b.n_obs
+            and [(x.group, x.columns, x.correlated) for x in a.blocks]
+            == [(x.group, x.columns, x.correlated) for x in b.blocks])
+    if same and getattr(a, "rows_in_memory", True) and getattr(b, "rows_in_memory", True):
+        same = np.array_equal(a.y, b.y)
+    if not same:
+        raise ModelError(f"the two fits are not of the same model and data ({a.formula!r}, {a.n_obs} rows vs "
+                         f"{b.formula!r}, {b.n_obs} rows); fit one Model both ways: model.fit('nuts'), "
+                         "model.fit('reml')")
+
+
+def _var_labels(vc: pd.DataFrame) -> list[str]:
+    out = []
+    for g, v1, v2 in zip(vc["grp"], vc["var1"], vc["var2"]):
+        if g == "Residual":
+            out.append("sigma")
+        elif v2 is None or (isinstance(v2, float) and np.isnan(v2)):
+            out.append(f"sd[{g}|{v1}]")
+        else:
+            out.append(f"corr[{g}|{v1},{v2}]")
+    return out
+
+
+def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = "auto") -> ReportFrame:
+    """One table of the posterior beside the REML/ML estimates, parameter by parameter.
+
+    Parameters
+    ----------
+    bayes_fit : BayesFit
+    freq_fit : FreqFit
+        A REML or ML fit of the same model and data (the order of the two may be swapped).
+    ci_prob : float, optional
+        Probability of both intervals: the posterior's equal-tailed interval and the
+        frequentist confidence interval.  ArviZ's default (0.89) when omitted.
+    intervals : {"auto", "profile", "wald"}
+        Frequentist intervals of the sds, correlations and σ: by profile likelihood
+        (``"profile"``), or none (``"wald"``: fixed effects only, the rest NaN).
+        ``"auto"`` profiles unless one deviance evaluation is so slow that the
+        profile would take more than about 30 s, and says so in the notes.
+
+    Returns
+    -------
+    ReportFrame (a DataFrame) indexed ``beta[...]``, ``sd[group|term]``,
+    ``corr[group|term1,term2]``, ``sigma``, in the order of ``FreqFit.fixef_table``
+    and ``FreqFit.varcorr``; columns ``group, term, post_mean, post_median, post_sd,
+    post_lower, post_upper, r_hat, ess_bulk, estimate, se, lower, upper, diff_sd``.
+    """
+    from .bayes.results import BayesFit
+    from .predict import interval_prob
+    from .reml.results import FreqFit
+
+    if isinstance(bayes_fit, FreqFit) and isinstance(freq_fit, BayesFit):
+        bayes_fit, freq_fit = freq_fit, bayes_fit
+    if not isinstance(bayes_fit, BayesFit) or not isinstance(freq_fit, FreqFit):
+        raise BayesLMMError("compare(bayes_fit, reml_fit) needs a NUTS fit and a REML/ML fit, got "
+                            f"{type(bayes_fit).__name__} and {type(freq_fit).__name__}")
+    if intervals not in ("auto", "profile", "wald"):
+        raise BayesLMMError(f"intervals must be 'auto', 'profile' or 'wald', got {intervals!r}")
+    _same_model(bayes_fit, freq_fit)
+    prob = interval_prob(ci_prob)
+    z = stats.norm.ppf((1 + prob) / 2)
+    notes: list[str] = []
+
+    # posterior side
+    pfe = bayes_fit.fixef(prob)
+    pvc = bayes_fit.varcorr(prob)
+    post = pd.concat([pfe.reset_index(drop=True), pvc[pfe.columns].reset_index(drop=True)], ignore_index=True)
+
+    # frequentist side
+    fe = freq_fit.fixef_table()
+    vc = freq_fit.varcorr
+    n_var = len(vc)
+    est = np.concatenate([fe["Estimate"].to_numpy(), vc["sdcor"].to_numpy()])
+    se = np.concatenate([fe["Std. Error"].to_numpy(), np.full(n_var, np.nan)])
+    lower = np.concatenate([est[: len(fe)] - z * se[: len(fe)], np.full(n_var, np.nan)])
+    upper = np.concatenate([est[: len(fe)] + z * se[: len(fe)], np.full(n_var, np.nan)])
+    method = "Wald for the fixed effects"
+    do_profile = intervals == "profile"
+    if intervals == "auto":
+        seconds = _profile_cost(freq_fit)
+        do_profile = seconds <= AUTO_PROFILE_SECONDS
+        if not do_profile:
+            notes.append("profile intervals of the variance parameters skipped: "
+                         + (f"they would take about {seconds:.0f} s; pass intervals='profile' to compute them"
+                            if np.isfinite(seconds) else "the model was built out of memory (no rows to profile)"))
+    if do_profile:
+        prof = freq_fit.confint(level=prob, method="profile")
+        lower[len(fe):] = prof["lower"].to_numpy()[:n_var]
+        upper[len(fe):] = prof["upper"].to_numpy()[:n_var]
+        method += "; profile likelihood (ML deviance, as lme4's confint) for the sds, correlations and σ"
+    elif intervals == "wald":
+        notes.append("no frequentist interval for the sds, correlations and σ (intervals='wald'); "
+                     "intervals='profile' computes profile-likelihood ones")
+
+    groups = list(fe.index.map(lambda _: "fixed")) + ["Residual" if g == "Residual" else g for g in vc["grp"]]
+    terms = list(fe.index) + [(v1 if v2 is None or (isinstance(v2, float) and np.isnan(v2)) else f"{v1},{v2}")
+                              if g != "Residual" else "" for g, v1, v2 in zip(vc["grp"], vc["var1"], vc["var2"])]
+    index = [f"beta[{n}]" for n in fe.index] + _var_labels(vc)
+    table = pd.DataFrame({
+        "group": groups, "term": terms,
+        "post_mean": post["mean"].to_numpy(), "post_median": post["median"].to_numpy(),
+        "post_sd": post["sd"].to_numpy(), "post_lower": post["lower"].to_numpy(),
+        "post_upper": post["upper"].to_numpy(), "r_hat": post["r_hat"].to_numpy(),
+        "ess_bulk": post["ess_bulk"].to_numpy(),
+        "estimate": est, "se": se, "lower": lower, "upper": upper,
+    }, index=index)
+    table["diff_sd"] = (table["post_mean"] - table["estimate"]) / table["post_sd"]
+    table.attrs.update(ci_prob=prob, interval=pfe.attrs.get("interval"), freq_method=freq_fit.method,
+                       freq_intervals=method)
+    pst = bayes_fit.posterior
+    heading = [f"Posterior (NUTS, {pst.sizes['chain']} chains × {pst.sizes['draw']} draws) beside {freq_fit.method}: "
+               f"{bayes_fit.spec.formula}",
+               f"Intervals at {prob:.0%}: posterior equal-tailed; {freq_fit.method} {method}.",
+               "diff_sd = (posterior mean − estimate) / posterior sd"]
+    if freq_fit.singular:
+        notes.append(f"the {freq_fit.method} fit is singular (a variance on its boundary); the posterior keeps "
+                     "it away from 0 and diff_sd is large there by construction")
+    return ReportFrame.of(table, heading, notes, hide=["group", "term"])
+
+
+def _profile_cost(freq_fit) -> float:
+    """Rough seconds a full profile would take: one timed deviance evaluation × the usual count."""
+    from .reml.deviance import ProfiledDeviance
+    from .reml.profile import crossproducts
+
+    if not getattr(freq_fit.spec, "rows_in_memory", True):
+        return np.inf
+    dev = ProfiledDeviance(freq_fit.spec, crossproducts(freq_fit.spec), reml=False)
+    t0 = time.perf_counter()
+    dev(freq_fit.theta)
+    one = time.perf_counter() - t0
+    n_par = len(freq_fit.varcorr)
+    return one * _EVALS_PER_PARAMETER * n_par
