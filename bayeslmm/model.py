@@ -101,7 +101,11 @@ class Model:
             "explicit"``, ``priors`` (see :mod:`bayeslmm.bayes.priors`),
             ``target_accept=0.8``, ``max_treedepth=10``, ``progressbar=True``,
             ``log_likelihood`` (pointwise, for LOO; on by default below 5e7 values),
-            ``warn=True`` (convergence warnings).
+            ``warn=True`` (convergence warnings), ``backend="auto" | "kernel" |
+            "pytensor"`` (auto: the compiled collapsed kernel of
+            :mod:`bayeslmm.bayes.kernel` on nutpie when the model is one grouping
+            factor with at most two random-effect columns and the priors are ones it
+            implements; PyMC's graph otherwise).
 
         Returns
         -------
@@ -116,7 +120,6 @@ class Model:
                 self.spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
             if options.get("log_likelihood"):
                 self.spec.require_rows("the pointwise log-likelihood (log_likelihood=True)")
-
             return fit_bayes(self.spec, self.crossprods, data_name=self.data_name, **_known(options, _NUTS_OPTIONS))
         from .reml import fit_frequentist
 
@@ -151,7 +154,7 @@ class Model:
 
 _FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step"}
 _NUTS_OPTIONS = {"draws", "tune", "chains", "cores", "random_seed", "sampler", "parameterization", "priors",
-                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn"}
+                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn", "backend"}
 
 
 def _known(options: dict, allowed: set[str]) -> dict:
