@@ -272,6 +272,9 @@ def effect_intervals(fit, group: str | None = None, prob: float | None = None):
         from scipy import stats
 
         prob = _check_prob(0.95 if prob is None else prob)
+        if not fit.estimates.b_condvar:
+            raise ModelError("this fit has no conditional variances of its random effects, so no intervals; "
+                             "refit it with Model.fit(method='reml' or 'ml')")
         z = stats.norm.ppf((1 + prob) / 2)
         var = np.zeros((J, gd.q))
         for k, pos in gd.blocks:

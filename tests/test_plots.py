@@ -313,3 +313,11 @@ def test_variance_plot_of_an_uncorrelated_block():
     x = by_gid(axes[1], "posterior")[0].get_xdata()
     assert sd.min() <= x.min() and x.max() <= sd.max()
     assert len(fig.axes) == 4 and not fig.axes[3].get_visible()  # 3 panels on a 2 x 2 grid
+
+
+def test_caterpillar_needs_conditional_variances(reml):
+    from dataclasses import replace
+
+    bare = replace(reml, estimates=replace(reml.estimates, b_condvar=[]))
+    with pytest.raises(ModelError, match="conditional variances"):
+        caterpillar_plot(bare)
