@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-bayes clean
+.PHONY: demo test test-slow bench bench-bayes sbc clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: $(STAMP)
 
 bench-bayes: $(STAMP)
 	$(PY) benchmarks/bench_bayes.py
+
+# simulation-based calibration of the NUTS engine (docs/calibration.md); resumable, ~30 min on 2 cores
+sbc: $(STAMP)
+	nice -n 15 $(PY) validation/run_sbc.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
