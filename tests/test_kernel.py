@@ -151,3 +151,50 @@ def test_kernel_fit_has_the_usual_posterior(sleep_fits):
         method="nuts", draws=800, tune=800, chains=2, random_seed=11, progressbar=False, warn=False)
     np.testing.assert_array_equal(again.posterior["beta"].to_numpy(), post["beta"].to_numpy())
     np.testing.assert_array_equal(again.posterior["Subject"].to_numpy(), post["Subject"].to_numpy())
+
+
+# -- what is stored of the integrated-out effects ------------------------------------------
+@pytest.fixture(scope="module")
+def effects_pair():
+    from bayeslmm.simulate import simulate_lmm
+
+    df = simulate_lmm(n_groups=1200, n_per_group=3, seed=5)
+    m = Model("y ~ x + (1 + x | g)", df)
+    kw = dict(draws=150, tune=200, chains=2, random_seed=3, progressbar=False, warn=False)
+    return m.fit(method="nuts", effects="draws", **kw), m.fit(method="nuts", effects="summary", **kw)
+
+
+def test_effect_summaries_equal_the_draws_they_summarise(effects_pair):
+    from bayeslmm.bayes.fit import EFFECTS_GROUP, SUMMARY_PROBS, effect_draws
+
+    full, summ = effects_pair
+    assert "g" in full.posterior and "g" not in summ.posterior
+    assert EFFECTS_GROUP not in full.idata.children and "log_likelihood" not in summ.idata.children
+    np.testing.assert_array_equal(full.posterior["beta"].to_numpy(), summ.posterior["beta"].to_numpy())
+    d = full.posterior["g"].to_numpy().reshape(-1, 1200, 2)
+    table = summ.idata[EFFECTS_GROUP]["g"].to_numpy()
+    np.testing.assert_allclose(table[..., 0], d.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(table[..., 1], d.std(0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(table[..., 2:], np.moveaxis(np.quantile(d, SUMMARY_PROBS, axis=0), 0, -1),
+                               rtol=1e-12)
+    # levels redrawn on request (across chunk boundaries) are the stored draws
+    levels = [full.spec.blocks[0].levels[i] for i in (0, 511, 512, 1199, 7)]
+    again = effect_draws(summ, levels)
+    np.testing.assert_array_equal(again.to_numpy(), full.posterior["g"].sel(g_level=levels).to_numpy())
+    with pytest.raises(BayesLMMError, match="not levels of 'g'"):
+        effect_draws(summ, ["no-such-level"])
+
+
+def test_effects_option_is_checked_and_auto_switches(monkeypatch):
+    import bayeslmm.bayes.fit as bf
+
+    m = Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
+    with pytest.raises(BayesLMMError, match="effects must be one of"):
+        m.fit(method="nuts", effects="some", progressbar=False)
+    with pytest.raises(BayesLMMError, match="log_likelihood=True needs the effects' draws"):
+        m.fit(method="nuts", effects="summary", log_likelihood=True, draws=20, tune=20, chains=1,
+              progressbar=False)
+    monkeypatch.setattr(bf, "MAX_EFFECT_VALUES", 1000)
+    with pytest.warns(UserWarning, match="random effects were not stored"):
+        fit = m.fit(method="nuts", draws=50, tune=50, chains=1, random_seed=1, progressbar=False)
+    assert "Subject" not in fit.posterior and bf.EFFECTS_GROUP in fit.idata.children

@@ -72,6 +72,7 @@ def fit_bayes(
     log_likelihood: bool | None = None,
     warn: bool = True,
     backend: str = "auto",
+    effects: str = "auto",
     data_name: str | None = None,
 ) -> BayesFit:
     """Sample the posterior of ``spec``; see :meth:`bayeslmm.Model.fit` for the arguments."""
@@ -98,9 +99,22 @@ def fit_bayes(
         post = dt["posterior"].to_dataset()
         keep = [v for v in post.data_vars if v not in built.internal]
         post = post[keep]
-    rng = np.random.default_rng([seed, 1])
+    mode = "draws"
     if parameterization == "collapsed":
-        post = _add_first_block(spec, built, post, rng)
+        first = spec.blocks[0]
+        mode = _effects_mode(effects, first.n_effects * chains * draws, log_likelihood)
+        if mode == "draws":
+            post = _add_first_block(spec, built, post, seed)
+        else:
+            dt[EFFECTS_GROUP] = xr.DataTree(_first_block_summary(built, post, seed, first))
+            dt[CONDITIONAL_GROUP] = xr.DataTree(_conditional_arrays(built.collapsed))
+            if warn and effects == "auto":
+                warnings.warn(
+                    f"the draws of {first.group}'s {first.n_effects:,} random effects were not stored "
+                    f"({first.n_effects * chains * draws:.2g} values, more than {MAX_EFFECT_VALUES:.0e}): "
+                    f"idata['{EFFECTS_GROUP}'] holds each effect's posterior mean, sd and quantiles, and "
+                    "bayeslmm.bayes.fit.effect_draws(fit, levels) redraws chosen levels exactly; pass "
+                    "effects='draws' to store them all", UserWarning, stacklevel=3)
     dt["posterior"] = xr.DataTree(post)
     if spec.rows_in_memory:
         _add_data_groups(dt, spec)
@@ -110,6 +124,8 @@ def fit_bayes(
             warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
                           "stored: the model was built out of memory (cross-products only)", UserWarning,
                           stacklevel=3)
+    elif mode == "summary":
+        pass  # the log-likelihood is conditional on the effects, whose draws were not kept
     elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
         dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
     elif log_likelihood is None and warn:
@@ -244,6 +260,29 @@ def _run_sampler(model, draws, tune, chains, cores, seed, sampler, target_accept
         logger.setLevel(level)
 
 
+EFFECTS = ("auto", "draws", "summary")
+#: draws of the integrated-out effects stored by default at most (levels × columns × draws): 200 MB
+MAX_EFFECT_VALUES = 25_000_000
+#: levels drawn together; each chunk has its own random stream, so any level can be redrawn alone
+LEVEL_CHUNK = 512
+EFFECTS_GROUP = "effects_summary"
+CONDITIONAL_GROUP = "effects_conditional"
+SUMMARY_PROBS = (0.025, 0.05, 0.25, 0.5, 0.75, 0.95, 0.975)
+SUMMARY_STATS = ("mean", "sd") + tuple(f"q{100 * p:g}" for p in SUMMARY_PROBS)
+
+
+def _effects_mode(effects, n_values, log_likelihood) -> str:
+    if effects not in EFFECTS:
+        raise BayesLMMError(f"effects must be one of {list(EFFECTS)}, got {effects!r}")
+    mode = effects
+    if effects == "auto":
+        mode = "draws" if n_values <= MAX_EFFECT_VALUES else "summary"
+    if mode == "summary" and log_likelihood:
+        raise BayesLMMError("log_likelihood=True needs the effects' draws (the pointwise likelihood is conditional "
+                            "on them): pass effects='draws' as well")
+    return mode
+
+
 def _cov_factor(post: xr.Dataset, name: str, block) -> np.ndarray:
     """Per-draw absolute Cholesky factor L (chain, draw, q, q) from the sd and correlation draws."""
     sd = post[f"{name}_sd"].to_numpy()
@@ -253,19 +292,106 @@ def _cov_factor(post: xr.Dataset, name: str, block) -> np.ndarray:
     return sd[..., :, None] * np.eye(block.q)
 
 
-def _add_first_block(spec, built, post, rng):
+def _first_block_inputs(post: xr.Dataset, names: list[str], block):
+    """γ = [other blocks' effects, β], L and σ of every draw, flattened to (S, ·)."""
+    C, D = post.sizes["chain"], post.sizes["draw"]
+    beta = post["beta"].to_numpy().reshape(C * D, -1)
+    rest = [post[n].to_numpy().reshape(C * D, -1) for n in names[1:]]
+    gamma = np.concatenate(rest + [beta], axis=1)
+    L = _cov_factor(post, names[0], block).reshape(C * D, block.q, block.q)
+    sigma = post["sigma"].to_numpy().reshape(C * D)
+    return gamma, L, sigma
+
+
+def _level_chunk(data: CollapsedData, k: int) -> CollapsedData:
+    sl = slice(k * LEVEL_CHUNK, (k + 1) * LEVEL_CHUNK)
+    return CollapsedData(G=data.G[sl], H=data.H[sl], g=data.g[sl], XtX=data.XtX, Xty=data.Xty, yty=data.yty,
+                         n_obs=data.n_obs)
+
+
+def _draw_chunks(data: CollapsedData, gamma, L, sigma, seed: int, chunks):
+    """Yield (chunk index, draws (S, levels in chunk, q)); chunk k uses the stream (seed, 1, k)."""
+    for k in chunks:
+        rng = np.random.default_rng([seed, 1, k])
+        yield k, draw_first_block(_level_chunk(data, k), gamma, L, sigma, rng)
+
+
+def _add_first_block(spec, built, post, seed: int):
     """Draw the integrated-out effects exactly from their Gaussian conditional."""
     first, name = spec.blocks[0], built.names[0]
     C, D = post.sizes["chain"], post.sizes["draw"]
-    beta = post["beta"].to_numpy().reshape(C * D, -1)
-    rest = [post[n].to_numpy().reshape(C * D, -1) for n in built.names[1:]]
-    gamma = np.concatenate(rest + [beta], axis=1)
-    L = _cov_factor(post, name, first).reshape(C * D, first.q, first.q)
-    sigma = post["sigma"].to_numpy().reshape(C * D)
-    b = draw_first_block(built.collapsed, gamma, L, sigma, rng).reshape(C, D, first.n_levels, first.q)
+    gamma, L, sigma = _first_block_inputs(post, built.names, first)
+    n_chunks = -(-first.n_levels // LEVEL_CHUNK)
+    b = np.empty((C * D, first.n_levels, first.q))
+    for k, d in _draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
+        b[:, k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = d
+    b = b.reshape(C, D, first.n_levels, first.q)
     post[name] = xr.DataArray(b, dims=("chain", "draw", f"{name}_level", f"{name}_effect"),
                               coords={f"{name}_level": list(first.levels), f"{name}_effect": list(first.columns)})
     return post[[name] + [v for v in post.data_vars if v != name]]
+
+
+def _summarise_effects(d: np.ndarray) -> np.ndarray:
+    """(S, levels, q) draws → (levels, q, stat) with SUMMARY_STATS."""
+    q = np.moveaxis(np.quantile(d, SUMMARY_PROBS, axis=0), 0, -1)
+    return np.concatenate([d.mean(0)[..., None], d.std(0, ddof=1)[..., None], q], axis=-1)
+
+
+def _first_block_summary(built, post, seed: int, first) -> xr.Dataset:
+    """Per-level posterior summaries of the integrated-out effects, drawn chunk by chunk, never all at once."""
+    name = built.names[0]
+    gamma, L, sigma = _first_block_inputs(post, built.names, first)
+    n_chunks = -(-first.n_levels // LEVEL_CHUNK)
+    out = np.empty((first.n_levels, first.q, len(SUMMARY_STATS)))
+    for k, d in _draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
+        out[k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = _summarise_effects(d)
+    return xr.Dataset({name: ((f"{name}_level", f"{name}_effect", "stat"), out)},
+                      coords={f"{name}_level": list(first.levels), f"{name}_effect": list(first.columns),
+                              "stat": list(SUMMARY_STATS)},
+                      attrs={"seed": seed, "level_chunk": LEVEL_CHUNK, "n_draws": int(gamma.shape[0])})
+
+
+def _conditional_arrays(data: CollapsedData) -> xr.Dataset:
+    """What redrawing the first block needs (G_j, H_j, g_j per level), so a fit can redraw any level."""
+    return xr.Dataset({"G": (("level", "i", "k"), data.G), "H": (("level", "i", "r"), data.H),
+                       "g": (("level", "i"), data.g)})
+
+
+def effect_draws(fit, levels=None) -> xr.DataArray:
+    """Draws of the first block's effects for ``levels`` (labels; all when None).
+
+    They are exactly the draws a fit with ``effects="draws"`` and the same seed would
+    have stored, and the ones its ``effects_summary`` was computed from.
+    """
+    spec, post = fit.spec, fit.posterior
+    first, name = spec.blocks[0], fit.names[0]
+    if name in post:
+        da = post[name]
+        return da if levels is None else da.sel({f"{name}_level": list(map(str, levels))})
+    if CONDITIONAL_GROUP not in fit.idata.children:
+        raise BayesLMMError(f"this fit has neither the draws of {name!r} nor what is needed to redraw them")
+    cond = fit.idata[CONDITIONAL_GROUP].to_dataset()
+    data = CollapsedData(G=cond["G"].to_numpy(), H=cond["H"].to_numpy(), g=cond["g"].to_numpy(),
+                         XtX=np.zeros((0, 0)), Xty=np.zeros(0), yty=0.0, n_obs=spec.n_obs)
+    labels = list(first.levels)
+    if levels is None:
+        idx = np.arange(first.n_levels)
+    else:
+        missing = [lv for lv in levels if str(lv) not in labels]
+        if missing:
+            raise BayesLMMError(f"levels {missing[:5]} are not levels of {first.group!r}")
+        pos = {lv: i for i, lv in enumerate(labels)}
+        idx = np.array([pos[str(lv)] for lv in levels], dtype=int)
+    gamma, L, sigma = _first_block_inputs(post, fit.names, first)
+    chunks = sorted(set((idx // LEVEL_CHUNK).tolist()))
+    got = {k: d for k, d in _draw_chunks(data, gamma, L, sigma, fit.seed, chunks)}
+    b = np.stack([got[i // LEVEL_CHUNK][:, i % LEVEL_CHUNK] for i in idx], axis=1)
+    C, D = post.sizes["chain"], post.sizes["draw"]
+    return xr.DataArray(b.reshape(C, D, len(idx), first.q),
+                        dims=("chain", "draw", f"{name}_level", f"{name}_effect"),
+                        coords={"chain": post["chain"].to_numpy(), "draw": post["draw"].to_numpy(),
+                                f"{name}_level": [labels[i] for i in idx], f"{name}_effect": list(first.columns)},
+                        name=name)
 
 
 def linear_predictor(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> np.ndarray:
