@@ -105,7 +105,10 @@ class Model:
             "pytensor"`` (auto: the compiled collapsed kernel of
             :mod:`bayeslmm.bayes.kernel` on nutpie when the model is one grouping
             factor with at most two random-effect columns and the priors are ones it
-            implements; PyMC's graph otherwise).
+            implements; PyMC's graph otherwise), ``effects="auto" | "draws" |
+            "summary"`` (the integrated-out block's effects: every draw, or per-level
+            posterior means, sds and quantiles; auto stores draws up to
+            ``bayes.fit.MAX_EFFECT_VALUES`` values — see docs/bayes.md).
 
         Returns
         -------
@@ -154,7 +157,8 @@ class Model:
 
 _FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step"}
 _NUTS_OPTIONS = {"draws", "tune", "chains", "cores", "random_seed", "sampler", "parameterization", "priors",
-                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn", "backend"}
+                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn", "backend",
+                 "effects"}
 
 
 def _known(options: dict, allowed: set[str]) -> dict:
