@@ -309,7 +309,9 @@ def pooling_table(fit, group: str | None = None, no_pooling: str = "shared") -> 
           ``coef()``; NUTS: the posterior mean);
         * ``("shrinkage", c)`` — ``(no_pooling − partial) / (no_pooling − population)``,
           the fraction of the way to the population value, with the population value
-          the fixed effect β_c (0 for a column without a fixed effect);
+          the fixed effect β_c (0 for a column without a fixed effect).  Correlated
+          columns shrink jointly, so one column's fraction can fall outside [0, 1]
+          (sleepstudy's subject 308: intercept 1.31);
         * ``("note", "")`` — why a no-pooling estimate is missing, else empty.
 
         ``table["partial"]`` is a levels × columns frame, ``table["n"]`` a Series.
