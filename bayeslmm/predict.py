@@ -45,6 +45,7 @@ def check_options(kind: str, new_groups: str, *, bayesian: bool) -> None:
 def design(spec: ModelSpec, newdata, kind: str, new_groups: str) -> NewDesign:
     """The design of the rows to predict: the training rows when ``newdata`` is None."""
     if newdata is None:
+        require_rows(spec, "predictions for the training rows (pass newdata= to predict other rows)")
         conditional = kind == "conditional"
         return NewDesign(index=pd.Index(spec.row_index), X=spec.X,
                          Z=tuple(b.Z if conditional else None for b in spec.blocks),
@@ -60,6 +61,12 @@ def design(spec: ModelSpec, newdata, kind: str, new_groups: str) -> NewDesign:
                             "new_groups='population' to predict them at the population mean, or (Bayesian "
                             "fits) new_groups='sample' to draw their effects from the fitted distribution")
     return d
+
+
+def require_rows(spec: ModelSpec, what: str) -> None:
+    """A DataError when the spec was built out of memory and keeps no rows."""
+    if not getattr(spec, "rows_in_memory", True):
+        spec.require_rows(what)
 
 
 def new_levels_note(spec: ModelSpec, d: NewDesign) -> dict[str, list[str]]:

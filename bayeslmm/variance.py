@@ -33,7 +33,9 @@ import pandas as pd
 
 from .errors import DataError, ModelError
 from .formula.design import new_data_design
+from .formula.design import _NON_COLUMNS
 from .formula.parse import parse_formula, referenced_names
+from .predict import require_rows
 from .spec import ModelSpec
 
 R2_METHODS = ("nakagawa", "gelman")
@@ -41,11 +43,12 @@ R2_METHODS = ("nakagawa", "gelman")
 
 def random_value_columns(spec: ModelSpec) -> list[str]:
     """Data columns used by the left sides of the random-effect terms (the x of the slopes)."""
-    cols = set(map(str, spec.data.columns)) if spec.data is not None else set()
+    cols = set(map(str, spec.data.columns)) if spec.data is not None else None
     out: list[str] = []
     for bar in parse_formula(spec.formula).bars:
         for name, _ in referenced_names(bar.lhs):
-            if name in cols and name not in out:
+            known = name in cols if cols is not None else name not in _NON_COLUMNS
+            if known and name not in out:
                 out.append(name)
     return out
 
@@ -72,6 +75,17 @@ def z_at(spec: ModelSpec, at: Mapping | None) -> list[np.ndarray]:
             raise DataError(f"at[{k!r}] must be a single value (one point x), got {v!r}; call once per point")
     if intercept_only:
         return [np.ones(1) for _ in spec.blocks]
+    if spec.data is None:
+        # no training data to rebuild the terms from (built out of memory): the columns
+        # must be plain variables named in ``at`` (or the intercept)
+        out = []
+        for block in spec.blocks:
+            missing = [c for c in block.columns if c != "(Intercept)" and c not in at]
+            if missing:
+                raise DataError(f"at lacks {missing}, columns of the random-effect term on {block.group!r}; "
+                                "this model keeps no data to evaluate transformed terms, so at must name them")
+            out.append(np.array([1.0 if c == "(Intercept)" else float(at[c]) for c in block.columns]))
+        return out
     d = new_data_design(spec, {k: [v] for k, v in at.items()}, fixed=False, random=True, groups=False,
                         argument="at")
     return [Z[0] for Z in d.Z]

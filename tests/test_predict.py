@@ -226,3 +226,16 @@ def test_loo_without_log_likelihood_says_what_to_do(sleep_bayes):
     fit = dataclasses.replace(sleep_bayes, idata=xr.DataTree.from_dict(groups))
     with pytest.raises(BayesLMMError, match="log_likelihood=True"):
         fit.loo()
+
+
+def test_crossed_factors_match_lme4():
+    # lme4 1.1-31: fm <- lmer(diameter ~ 1 + (1|plate) + (1|sample), Penicillin)
+    # predict(fm, newdata = data.frame(plate = c("a", "zz", "a"), sample = c("A", "A", "Q")), allow.new.levels = TRUE)
+    fit = Model("diameter ~ 1 + (1|plate) + (1|sample)", "Penicillin").fit(method="reml")
+    np.testing.assert_allclose(fit.predict().to_numpy(), fit.fitted.to_numpy(), rtol=0, atol=1e-10)
+    nd = pd.DataFrame({"plate": ["a", "zz", "a"], "sample": ["A", "A", "Q"]})
+    pred = fit.predict(nd)
+    np.testing.assert_allclose(pred.to_numpy(), [25.9638275299, 25.1592806241, 23.7767691280], rtol=1e-5)
+    assert pred.attrs["new_levels"] == {"plate": ["zz"], "sample": ["Q"]}
+    # each factor's share of the variance: vc$vcov / sum(vc$vcov)
+    np.testing.assert_allclose(fit.icc().to_numpy(), [0.1509130394247, 0.7854267109638], rtol=1e-4)

@@ -186,3 +186,25 @@ def test_bayes_r2_per_draw(sleep_bayes, sleep_reml, sleep_model):
     g = sleep_bayes.r2(method="gelman")
     assert 0 < g.loc["marginal", "mean"] < g.loc["conditional", "mean"] < 1
     assert abs(g.loc["conditional", "mean"] - sleep_reml.r2("gelman")["conditional"]) < 2 * g.loc["conditional", "sd"]
+
+
+def test_out_of_core_model_decomposes_but_refuses_per_row_results(sleep_reml):
+    dd = pytest.importorskip("dask.dataframe")
+    from bayeslmm import anova
+    from bayeslmm.datasets import load_dataset
+
+    data = load_dataset("sleepstudy")
+    model = Model("Reaction ~ Days + (Days | Subject)", dd.from_pandas(data, npartitions=3))
+    assert not model.spec.rows_in_memory
+    fit = model.fit(method="reml")
+    # the decomposition needs only the estimates and the point
+    np.testing.assert_allclose(fit.variance_components(at={"Days": 3})["variance"],
+                               sleep_reml.variance_components(at={"Days": 3})["variance"], rtol=1e-5)
+    with pytest.raises(DataError, match="out of memory"):
+        fit.r2()
+    with pytest.raises(DataError, match="out of memory"):
+        fit.predict()
+    with pytest.raises(ModelError, match="did not keep its data"):
+        fit.predict(data.iloc[:3])
+    with pytest.raises(ModelError, match="method='ml'"):
+        anova(fit, Model("Reaction ~ Days + (1 | Subject)", dd.from_pandas(data, npartitions=3)).fit())

@@ -255,6 +255,9 @@ class BayesFit:
         import arviz as az
 
         if "log_likelihood" not in self.idata.children:
+            from ..predict import require_rows
+
+            require_rows(self.spec, "LOO (a pointwise log-likelihood over the rows)")
             raise BayesLMMError("this fit has no pointwise log-likelihood (it is skipped above 5e7 rows × draws); "
                                 "refit with fit(method='nuts', log_likelihood=True) to use LOO")
         return az.loo(self.idata, pointwise=pointwise, var_name="y", **kwargs)
@@ -317,6 +320,7 @@ class BayesFit:
         from .fit import linear_predictor
 
         V.check_r2_method(method)
+        V.require_rows(self.spec, "R² (variances over the rows)")
         post = self.posterior
         beta = post["beta"].to_numpy()
         if method == "nakagawa":

@@ -71,6 +71,10 @@ def anova(*fits, refit: bool = True, names: list[str] | None = None):
     notes: list[str] = []
     methods = {f.method for f in fits}
     if refit and "REML" in methods:
+        for name, f in zip(names, fits):
+            if f.method == "REML" and not getattr(f.spec, "rows_in_memory", True):
+                raise ModelError(f"{name} is a REML fit of a model built out of memory, which anova cannot refit "
+                                 "by ML from its rows; fit those models with method='ml' and compare those fits")
         fits = tuple(fit_frequentist(f.spec, reml=False, data_name=f.data_name) if f.method == "REML" else f
                      for f in fits)
         notes.append("refitted the REML fit(s) by ML for the likelihood-ratio test (lme4's refit = TRUE)")

@@ -329,6 +329,7 @@ class FreqFit:
         from .. import variance as V
 
         V.check_r2_method(method)
+        V.require_rows(self.spec, "R² (variances over the rows)")
         if method == "nakagawa":
             marg, cond = V.nakagawa_r2(self.spec, self.estimates.beta, self.block_covariances(), self.sigma**2)
         else:
