@@ -34,7 +34,9 @@ one.  See ``docs/scale.md`` for the ceiling and what grows with what.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +59,8 @@ from .formula.parse import BarTerm, parse_formula, referenced_names
 from .spec import Moments, ModelSpec, RandomBlock, RowMoments
 
 __all__ = ["is_dask_dataframe", "is_parquet_source", "read_parquet", "build_out_of_core"]
+
+log = logging.getLogger(__name__)
 
 #: partial results merged per node of the tree reduction
 SPLIT_EVERY = 8
@@ -476,9 +480,12 @@ def build_out_of_core(
     import dask
 
     ddf = data[used]
+    t0 = time.perf_counter()
     parts = [dask.delayed(_scan_partition, pure=True)(p, used, missing, factors, categorical, value_cols)
              for p in ddf.to_delayed()]
     scan: _Scan | None = _compute(_tree_reduce(parts, _Scan.combine, split_every))
+    log.info("pass 1 (rows, missing values, levels): %d partitions, %d rows, %.2f s", len(parts),
+             0 if scan is None else scan.rows, time.perf_counter() - t0)
     if scan is None or scan.rows == 0:
         raise DataError("data is empty: it has no rows to fit")
     notes: list[str] = []
@@ -580,8 +587,10 @@ def build_out_of_core(
                  response=parsed.response, response_is_column=parsed.response in meta.columns,
                  fixed=parsed.fixed, fixed_names=list(map(str, Xproto.columns)), lhs_names=lhs_names,
                  lookups=lookups, blocks=plan_blocks, n_levels=[b.n_levels for b in blocks])
+    t0 = time.perf_counter()
     parts = [dask.delayed(_partition_sums, pure=True)(p, plan) for p in ddf.to_delayed()]
     sums: _Sums = _compute(_tree_reduce(parts, _Sums.combine, split_every))
+    log.info("pass 2 (design and cross-products): %d partitions, %.2f s", len(parts), time.perf_counter() - t0)
     if sums.n != n:
         raise DataError(f"the second pass over the data saw {sums.n} rows, the first {n}; did the data change?")
     if sums.mom_y.minimum[0] == sums.mom_y.maximum[0]:
@@ -625,7 +634,9 @@ def build_out_of_core(
         n_rows=n,
         moments=RowMoments(y=sums.mom_y, X=sums.mom_X.take(keep), Z=tuple(sums.mom_Z)),
     )
+    t0 = time.perf_counter()
     cp = CrossProducts.from_blocks(n, p, blocks[0], tuple(blocks[1:]), sums.A11, Arr, B)
+    log.info("cross-product blocks assembled (m = %d, nnz(P) = %d): %.2f s", cp.m, cp.P.nnz, time.perf_counter() - t0)
     return spec, cp
 
 
