@@ -35,7 +35,6 @@ from .errors import DataError, ModelError
 from .formula.design import new_data_design
 from .formula.design import _NON_COLUMNS
 from .formula.parse import parse_formula, referenced_names
-from .predict import require_rows
 from .spec import ModelSpec
 
 R2_METHODS = ("nakagawa", "gelman")

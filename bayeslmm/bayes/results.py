@@ -317,10 +317,11 @@ class BayesFit:
         residual form as ``brms::bayes_R2``.  See :mod:`bayeslmm.variance`.
         """
         from .. import variance as V
+        from ..predict import require_rows
         from .fit import linear_predictor
 
         V.check_r2_method(method)
-        V.require_rows(self.spec, "R² (variances over the rows)")
+        require_rows(self.spec, "R² (variances over the rows)")
         post = self.posterior
         beta = post["beta"].to_numpy()
         if method == "nakagawa":

@@ -327,9 +327,10 @@ class FreqFit:
         (2019) at the point estimates.  See :mod:`bayeslmm.variance`.
         """
         from .. import variance as V
+        from ..predict import require_rows
 
         V.check_r2_method(method)
-        V.require_rows(self.spec, "R² (variances over the rows)")
+        require_rows(self.spec, "R² (variances over the rows)")
         if method == "nakagawa":
             marg, cond = V.nakagawa_r2(self.spec, self.estimates.beta, self.block_covariances(), self.sigma**2)
         else:
