@@ -102,7 +102,9 @@ def _check_missing(data: pd.DataFrame, used: list[str], missing: str) -> tuple[p
     for col in used:
         s = data[col]
         miss = s.isna()
-        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        if pd.api.types.is_complex_dtype(s):  # refused as a response later; no cast to float here
+            miss = miss | ~np.isfinite(s.to_numpy())
+        elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
             miss = miss | ~np.isfinite(s.to_numpy(dtype=float, na_value=np.nan))
         if miss.any():
             counts[col] = int(miss.sum())
@@ -352,14 +354,14 @@ def build_spec(
     X = _design(parsed.fixed, fdata, "the fixed effects")
     if X.shape[1] == 0:
         raise ModelError("the model has no fixed effects; keep the intercept (remove '0 +' / '- 1')")
+    for col in X.columns:
+        _check_scale(X[col].to_numpy(), f"the fixed-effect column {col!r}")
     X, dropped = _drop_rank_deficient(X, rank_deficient)
     if dropped:
         msg = (f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
                f"column{'s' if len(dropped) > 1 else ''}: {dropped}")
         notes.append(msg)
         warnings.warn(msg, stacklevel=3)
-    for col in X.columns:
-        _check_scale(X[col].to_numpy(), f"the fixed-effect column {col!r}")
     if INTERCEPT in X.columns:  # then a shift of y or of a column changes only the intercept
         _warn_offset(y, f"the response {parsed.response!r}")
         for col in X.columns:
