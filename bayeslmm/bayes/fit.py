@@ -144,6 +144,8 @@ def fit_bayes(
 
 
 BACKENDS = ("auto", "kernel", "pytensor")
+#: levels × columns from which the kernel samples chains on several threads
+KERNEL_THREADS_WORK = 2_000
 
 
 def _use_kernel(spec, prior_set, parameterization, sampler, backend) -> bool:
@@ -186,8 +188,11 @@ def _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_tree
     compiled = from_pyfunc(ndim, kd.logp_function, make_expand, [np.dtype("float64")], [(ndim,)], ["x"],
                            make_initial_point_fn=initial_point, coords={"x_dim": np.arange(ndim)},
                            dims={"x": ("x_dim",)})
-    # the log-density runs in Python's thread: extra sampler threads would only queue for it
-    cores = 1 if cores is None else cores
+    if cores is None:
+        # the kernel releases the GIL, but each call still enters Python: threads pay off
+        # only when a gradient is long enough (many levels) to outweigh the hand-over
+        big = kd.G.shape[0] * kd.q >= KERNEL_THREADS_WORK
+        cores = max(1, min(chains, os.cpu_count() or 1)) if big else 1
     return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                          progress_bar=progressbar, target_accept=target_accept, maxdepth=max_treedepth,
                          save_warmup=False)
@@ -261,8 +266,8 @@ def _run_sampler(model, draws, tune, chains, cores, seed, sampler, target_accept
 
 
 EFFECTS = ("auto", "draws", "summary")
-#: draws of the integrated-out effects stored by default at most (levels × columns × draws): 200 MB
-MAX_EFFECT_VALUES = 25_000_000
+#: draws of the integrated-out effects stored by default at most (levels × columns × draws): 800 MB
+MAX_EFFECT_VALUES = 100_000_000
 #: levels drawn together; each chunk has its own random stream, so any level can be redrawn alone
 LEVEL_CHUNK = 512
 EFFECTS_GROUP = "effects_summary"
