@@ -264,7 +264,7 @@ def effect_intervals(fit, group: str | None = None, prob: float | None = None):
         post = fit.posterior
         draws = np.zeros((post.sizes["chain"] * post.sizes["draw"], J, gd.q))
         for k, pos in gd.blocks:
-            d = post[fit.names[k]].to_numpy()
+            d = fit.effect_draws(k).to_numpy()  # recomputed exactly if only summaries were kept
             draws[:, :, list(pos)] += d.reshape(-1, J, d.shape[-1])
         est = draws.mean(axis=0)
         lo, hi = np.quantile(draws, [(1 - prob) / 2, (1 + prob) / 2], axis=0)

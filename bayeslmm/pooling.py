@@ -255,10 +255,8 @@ def partial_pooling(fit, gd: GroupDesign) -> np.ndarray:
     J = len(gd.levels)
     out = np.tile(population(fit, gd), (J, 1))
     if is_bayes(fit):
-        post = fit.posterior
         for k, pos in gd.blocks:
-            b = post[fit.names[k]].mean(("chain", "draw")).to_numpy()
-            out[:, list(pos)] += b
+            out[:, list(pos)] += fit.effect_means(k)
     else:
         for k, pos in gd.blocks:
             out[:, list(pos)] += fit.estimates.b[k]

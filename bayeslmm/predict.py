@@ -113,11 +113,12 @@ def bayes_mean_draws(fit, d: NewDesign, kind: str, new_groups: str, rng: np.rand
     mu = np.einsum("cdp,np->cdn", beta, d.X)
     if kind == "marginal":
         return mu
-    for name, block, Z, codes in zip(fit.names, fit.spec.blocks, d.Z, d.codes):
-        b = post[name].to_numpy()  # (chain, draw, level, q)
+    for k, (name, block, Z, codes) in enumerate(zip(fit.names, fit.spec.blocks, d.Z, d.codes)):
         seen = codes >= 0
         if seen.any():
-            mu[:, :, seen] += np.einsum("cdnq,nq->cdn", b[:, :, codes[seen], :], Z[seen])
+            used = np.unique(codes[seen])   # only the levels predicted (all of them may not be stored)
+            b = fit.effect_draws(k, [block.levels[i] for i in used]).to_numpy()  # (chain, draw, used, q)
+            mu[:, :, seen] += np.einsum("cdnq,nq->cdn", b[:, :, np.searchsorted(used, codes[seen]), :], Z[seen])
         if new_groups == "sample" and not seen.all():
             # one draw of each unseen level's effects per posterior draw, from N(0, Σ_draw)
             k = -1 - codes[~seen]  # index of the unseen level

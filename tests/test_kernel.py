@@ -198,3 +198,25 @@ def test_effects_option_is_checked_and_auto_switches(monkeypatch):
     with pytest.warns(UserWarning, match="random effects were not stored"):
         fit = m.fit(method="nuts", draws=50, tune=50, chains=1, random_seed=1, progressbar=False)
     assert "Subject" not in fit.posterior and bf.EFFECTS_GROUP in fit.idata.children
+
+
+def test_fit_methods_work_from_effect_summaries(effects_pair):
+    """ranef, coef, ranef_table, predict and pooling give the same answers from summaries as from draws."""
+    import bayeslmm
+
+    full, summ = effects_pair
+    for a, b in zip(full.ranef().values(), summ.ranef().values()):
+        pd_testing = pytest.importorskip("pandas.testing")
+        pd_testing.assert_frame_equal(a, b, rtol=1e-12)
+    t_full, t_summ = full.ranef_table(ci_prob=0.95), summ.ranef_table(ci_prob=0.95)
+    np.testing.assert_allclose(t_summ[["mean", "sd", "lower", "upper"]].to_numpy(),
+                               t_full[["mean", "sd", "lower", "upper"]].to_numpy(), rtol=1e-12)
+    with pytest.raises(BayesLMMError, match="intervals are available for ci_prob in"):
+        summ.ranef_table(ci_prob=0.8)
+    new = full.spec.data.iloc[[0, 1, 700, 3599]]
+    np.testing.assert_allclose(summ.predict(new)["mean"].to_numpy(), full.predict(new)["mean"].to_numpy(),
+                               rtol=1e-12)
+    np.testing.assert_allclose(bayeslmm.pooling_table(summ)["partial"].to_numpy(),
+                               bayeslmm.pooling_table(full)["partial"].to_numpy(), rtol=1e-12)
+    with pytest.raises(BayesLMMError, match="effects='summary'"):
+        summ.r2(method="gelman")

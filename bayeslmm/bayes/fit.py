@@ -404,6 +404,9 @@ def linear_predictor(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> np.
     beta = post["beta"].to_numpy()
     mu = np.einsum("cdp,np->cdn", beta, spec.X)
     for block, name in zip(spec.blocks, names):
+        if name not in post:
+            raise BayesLMMError(f"the draws of {name!r}'s effects were not stored (effects='summary'): per-draw "
+                                "quantities over every row need them; refit with effects='draws'")
         b = post[name].to_numpy()
         mu += np.einsum("cdnq,nq->cdn", b[:, :, block.codes, :], block.Z)
     return mu

@@ -38,6 +38,19 @@ def summarize_draws(draws: dict[str, np.ndarray], ci_prob: float | None = None) 
     return out
 
 
+def _quantile_stat(p: float) -> str:
+    """The stored summary column of quantile ``p`` (effects kept as summaries only)."""
+    from .fit import SUMMARY_PROBS
+
+    for sp in SUMMARY_PROBS:
+        if abs(sp - p) < 1e-9:
+            return f"q{100 * sp:g}"
+    probs = sorted({round(abs(b - a), 6) for a in SUMMARY_PROBS for b in SUMMARY_PROBS if abs(a + b - 1) < 1e-9})
+    raise BayesLMMError(f"this fit kept the effects as per-level summaries (effects='summary'): intervals are "
+                        f"available for ci_prob in {[x for x in probs if x > 0]}; use one of those, or "
+                        "effect_draws(levels=...) for the draws")
+
+
 @dataclass(frozen=True, eq=False)
 class BayesFit:
     """A posterior sample of a linear mixed model.
@@ -120,12 +133,59 @@ class BayesFit:
         out.attrs["interval"] = s.attrs["interval"]
         return out
 
+    # -- the random effects' draws, stored or summarised ---------------------------
+    def effects_stored(self, block: int | str = 0) -> bool:
+        """Whether every draw of a block's effects is in the posterior (see ``fit(effects=...)``)."""
+        k = self._block_index(block)
+        return self.names[k] in self.posterior
+
+    def _block_index(self, block: int | str) -> int:
+        if isinstance(block, str):
+            if block not in self.names:
+                raise BayesLMMError(f"no random-effect block {block!r}; the blocks are {self.names}")
+            return self.names.index(block)
+        if not 0 <= int(block) < len(self.names):
+            raise BayesLMMError(f"block index {block!r} out of range: the model has {len(self.names)} block(s)")
+        return int(block)
+
+    def effect_draws(self, block: int | str = 0, levels=None) -> xr.DataArray:
+        """Draws (chain, draw, level, column) of one block's effects, for ``levels`` (all when None).
+
+        When the fit kept only per-level summaries of its largest block
+        (``effects="summary"``, the default for very many levels), the draws of the
+        requested levels are recomputed exactly: they are the draws a fit with
+        ``effects="draws"`` and the same seed stores.
+        """
+        from .fit import effect_draws
+
+        k = self._block_index(block)
+        name = self.names[k]
+        if k == 0:
+            return effect_draws(self, levels)
+        da = self.posterior[name]
+        return da if levels is None else da.sel({f"{name}_level": [str(v) for v in levels]})
+
+    def _effect_summary(self, k: int) -> xr.DataArray | None:
+        from .fit import EFFECTS_GROUP
+
+        name = self.names[k]
+        if name in self.posterior or EFFECTS_GROUP not in self.idata.children:
+            return None
+        return self.idata[EFFECTS_GROUP][name]
+
+    def effect_means(self, block: int | str = 0) -> np.ndarray:
+        """Posterior means (levels × columns) of one block's effects, stored draws or not."""
+        k = self._block_index(block)
+        summ = self._effect_summary(k)
+        if summ is not None:
+            return summ.sel(stat="mean").to_numpy()
+        return self.posterior[self.names[k]].mean(("chain", "draw")).to_numpy()
+
     def ranef(self, ci_prob: float | None = None) -> dict[str, pd.DataFrame]:
         """Posterior means of the random effects, one frame per block (levels × columns)."""
-        post = self.posterior
         out = {}
-        for name, block in zip(self.names, self.spec.blocks):
-            mean = post[name].mean(("chain", "draw")).to_numpy()
+        for k, (name, block) in enumerate(zip(self.names, self.spec.blocks)):
+            mean = self.effect_means(k)
             out[name] = pd.DataFrame(mean, index=pd.Index(block.levels, name=block.group), columns=list(block.columns))
         return out
 
@@ -139,8 +199,8 @@ class BayesFit:
         beta = post["beta"].mean(("chain", "draw"))
         fe = pd.Series(beta.sel(coef=list(self.spec.fixed_names)).to_numpy(), index=list(self.spec.fixed_names))
         out: dict[str, pd.DataFrame] = {}
-        for name, block in zip(self.names, self.spec.blocks):
-            mean = post[name].mean(("chain", "draw")).to_numpy()
+        for k, (name, block) in enumerate(zip(self.names, self.spec.blocks)):
+            mean = self.effect_means(k)
             if block.group not in out:
                 out[block.group] = pd.DataFrame(np.tile(fe.to_numpy(), (block.n_levels, 1)),
                                                 index=pd.Index(block.levels, name=block.group), columns=fe.index)
@@ -156,12 +216,19 @@ class BayesFit:
         prob = ci_prob if ci_prob is not None else az.rcParams["stats.ci_prob"]
         post = self.posterior
         parts = []
-        for name, block in zip(self.names, self.spec.blocks):
-            d = post[name].to_numpy().reshape(-1, block.n_levels, block.q)
-            lo, hi = np.quantile(d, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+        for k, (name, block) in enumerate(zip(self.names, self.spec.blocks)):
+            summ = self._effect_summary(k)
+            if summ is not None:
+                mean, sd = summ.sel(stat="mean").to_numpy(), summ.sel(stat="sd").to_numpy()
+                lo, hi = (summ.sel(stat=_quantile_stat((1 - prob) / 2)).to_numpy(),
+                          summ.sel(stat=_quantile_stat((1 + prob) / 2)).to_numpy())
+            else:
+                d = post[name].to_numpy().reshape(-1, block.n_levels, block.q)
+                mean, sd = d.mean(0), d.std(0, ddof=1)
+                lo, hi = np.quantile(d, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
             for a, col in enumerate(block.columns):
                 parts.append(pd.DataFrame({"grpvar": name, "term": col, "grp": list(block.levels),
-                                           "mean": d[:, :, a].mean(0), "sd": d[:, :, a].std(0, ddof=1),
+                                           "mean": mean[:, a], "sd": sd[:, a],
                                            "lower": lo[:, a], "upper": hi[:, a]}))
         return pd.concat(parts, ignore_index=True)
 
