@@ -416,3 +416,11 @@ def test_corpus_size():
     assert n >= 25
     ids = [c.id for c in MODEL_CASES + WARNING_CASES] + [c[0] for c in NUTS_CASES + REML_CASES + FILE_CASES]
     assert len(ids) == len(set(ids))
+
+
+def test_tripwires_catch_a_valid_fit(model, no_sampling):
+    """The fail-fast tests above mean something: with valid arguments the tripwire is hit."""
+    with pytest.raises(AssertionError, match="built or sampled"):
+        model.fit(method="nuts", draws=10, tune=10, chains=1, progressbar=False, backend="pytensor")
+    with pytest.raises(AssertionError, match="built or sampled"):
+        model.fit(method="nuts", draws=10, tune=10, chains=1, progressbar=False)
