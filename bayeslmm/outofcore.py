@@ -34,6 +34,7 @@ one.  See ``docs/scale.md`` for the ceiling and what grows with what.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import re
 import time
@@ -98,10 +99,16 @@ def read_parquet(source, columns: Sequence[str] | None = None):
     except ImportError as exc:  # pragma: no cover - dask is a test dependency
         raise DataError("reading data out of memory needs Dask: pip install 'bayeslmm[dask]'") from exc
     s = str(source)
-    if not any(ch in s for ch in "*?[") and not Path(s).exists():
+    if any(ch in s for ch in "*?["):
+        paths = sorted(glob.glob(s))
+        if not paths:
+            raise DataError(f"data {s!r}: no Parquet file matches this pattern")
+    elif not Path(s).exists():
         raise DataError(f"data {s!r}: no such Parquet file or folder")
+    else:
+        paths = s
     try:
-        return dd.read_parquet(s, columns=list(columns) if columns is not None else None)
+        return dd.read_parquet(paths, columns=list(columns) if columns is not None else None)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise DataError(f"data {s!r}: could not read it as Parquet ({exc})") from exc
 
@@ -367,8 +374,17 @@ def _partition_sums(part: pd.DataFrame, plan: _Plan) -> _Sums | None:
         ZrZr = sp.csr_matrix(Zr.T @ Zr)
         ZrXy = np.asarray(Zr.T @ Xy)
         ZrZ1 = sp.csr_matrix(Zr.T @ Z1)
-    return _Sums(n, Xy.T @ Xy, A11, Bxy, ZrZr, ZrXy, ZrZ1, Moments.of(y), Moments.of(X),
-                 [Moments.of(Z) for Z in Zs])
+    mom_X = Moments.of(X)
+    return _Sums(n, Xy.T @ Xy, A11, Bxy, ZrZr, ZrXy, ZrZ1, Moments.of(y), mom_X,
+                 [_block_moments(Z, cols, X, plan.fixed_names, mom_X) for (_, _, cols), Z in zip(plan.blocks, Zs)])
+
+
+def _block_moments(Z: np.ndarray, cols, X: np.ndarray, names: list[str], mom_X: Moments) -> Moments:
+    """Moments of a block's columns, taken from X's where they are the same columns (1 + x)."""
+    pos = [names.index(c) if c in names else -1 for c in cols]
+    if all(k >= 0 and np.array_equal(Z[:, a], X[:, k]) for a, k in enumerate(pos)):
+        return mom_X.take(pos)
+    return Moments.of(Z)
 
 
 # -- the model ---------------------------------------------------------------------------------

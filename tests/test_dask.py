@@ -287,3 +287,38 @@ def test_nuts_collapsed_out_of_core(nuts_pair):
     with pytest.raises(DataError, match="pointwise log-likelihood"):
         Model("Reaction ~ Days + (Days | Subject)", dd.from_pandas(load_dataset("sleepstudy"), npartitions=2)).fit(
             method="nuts", log_likelihood=True)
+
+
+def _pickling_scheduler(dsk, keys, **kwargs):
+    """Dask's synchronous scheduler on a graph sent through cloudpickle, as a distributed.Client sends it."""
+    import cloudpickle
+    import dask.local
+
+    return dask.local.get_sync(cloudpickle.loads(cloudpickle.dumps(dsk)), keys, **kwargs)
+
+
+@pytest.mark.parametrize("scheduler", [
+    pytest.param(_pickling_scheduler, id="pickled-graph"),
+    pytest.param("processes", id="processes", marks=pytest.mark.slow),  # ~10 s: two workers import bayeslmm
+])
+def test_runs_on_other_schedulers(scheduler):
+    """The graph travels (what a distributed.Client needs) and gives the same blocks."""
+    import dask
+
+    df = simulated_factors(800)
+    f = "y ~ x + f + (1 + x | a) + (1 | b)"
+    mem = Model(f, df)
+    with dask.config.set(scheduler=scheduler, num_workers=2):
+        ooc = Model(f, dd.from_pandas(df, npartitions=3))
+    assert_close(ooc.crossprods.Arr, mem.crossprods.Arr, "scheduler Arr")
+    assert_close(ooc.crossprods.B, mem.crossprods.B, "scheduler B")
+
+
+def test_bracket_glob_is_expanded(tmp_path):
+    df = load_dataset("sleepstudy")
+    for i, chunk in enumerate(np.array_split(np.arange(len(df)), 4)):
+        df.iloc[chunk].to_parquet(tmp_path / f"part{i}.parquet")
+    ooc = Model("Reaction ~ Days + (1 | Subject)", str(tmp_path / "part[0-1].parquet"))
+    assert ooc.spec.n_obs == 90
+    with pytest.raises(DataError, match="no Parquet file matches"):
+        Model("Reaction ~ Days + (1 | Subject)", str(tmp_path / "nothing*.parquet"))
