@@ -97,14 +97,19 @@ def load(path):
     path = _as_path(path, "path")
     tree = _read_tree(path)
     record = _read_record(tree, path)
-    groups = {name: _decode_dataset(tree[name].to_dataset()) for name in tree.children}
-    if DATA_GROUP not in groups:
-        raise DataError(f"{path}: the file has no {DATA_GROUP!r} group; it is not a complete bayeslmm save")
-    data = _decode_frame(groups.pop(DATA_GROUP), record["data"], path)
-    spec = _rebuild_spec(record, data, path)
-    if record["kind"] == "BayesFit":
-        return _load_bayes(record, spec, groups, path)
-    return _load_freq(record, spec, path)
+    try:
+        groups = {name: _decode_dataset(tree[name].to_dataset()) for name in tree.children}
+        if DATA_GROUP not in groups:
+            raise DataError(f"{path}: the file has no {DATA_GROUP!r} group; it is not a complete bayeslmm save")
+        data = _decode_frame(groups.pop(DATA_GROUP), record["data"], path)
+        spec = _rebuild_spec(record, data, path)
+        if record["kind"] == "BayesFit":
+            return _load_bayes(record, spec, groups, path)
+        return _load_freq(record, spec, path)
+    except BayesLMMError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, np.linalg.LinAlgError) as exc:
+        raise DataError(f"cannot load {path}: the save is incomplete or damaged ({type(exc).__name__}: {exc})") from exc
 
 
 # -- paths and files --------------------------------------------------------------------------
@@ -181,7 +186,7 @@ def _read_tree(path: Path):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
             return xr.load_datatree(path, engine=engine)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # h5py, h5netcdf, zarr and xarray each raise their own kinds
         raise DataError(f"cannot load {path}: it could not be read as a bayeslmm save "
                         f"({type(exc).__name__}: {exc})") from exc
 

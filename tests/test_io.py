@@ -382,6 +382,29 @@ def test_a_file_that_is_not_a_save_is_refused(tmp_path):
 
 
 @needs_h5py
+def test_a_truncated_file_is_a_data_error(reml_fit, tmp_path):
+    path = tmp_path / "cut.nc"
+    reml_fit.save(path)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(DataError, match=r"cut\.nc.*could not be read"):
+        load(path)
+
+
+@needs_h5py
+def test_a_damaged_record_is_a_data_error(reml_fit, tmp_path):
+    import h5py
+
+    path = tmp_path / "damaged.nc"
+    reml_fit.save(path)
+    with h5py.File(path, "r+") as fh:
+        record = json.loads(fh.attrs["bayeslmm_record"])
+        del record["data"]["columns"][0]["store"]
+        fh.attrs["bayeslmm_record"] = json.dumps(record)
+    with pytest.raises(DataError, match=r"damaged\.nc.*incomplete or damaged"):
+        load(path)
+
+
+@needs_h5py
 def test_a_newer_format_version_is_refused(reml_fit, tmp_path):
     import h5py
 
