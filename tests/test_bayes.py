@@ -71,7 +71,7 @@ def test_tables_line_up_with_reml(sleep_model, sleep_fit):
     assert re.shape == (18, 2)
     assert np.corrcoef(re["Days"], lme4["Days"])[0, 1] > 0.99
     text = str(sleep_fit.summary())
-    assert "corr[Subject|(Intercept),Days]" in text and "Diagnostics: no divergences" in text
+    assert "corr (Intercept), Days" in text and "Diagnostics: no divergences" in text
     assert "<table" in sleep_fit._repr_html_()
 
 
