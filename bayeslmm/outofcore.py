@@ -206,10 +206,17 @@ def _scan_partition(part: pd.DataFrame, used: list[str], missing: str, factors: 
                 u[col] = u[col].astype(object)
         combos.append(u)
     cats = {col: list(part[col].cat.categories) for col in categorical}
-    # the categories actually used: kept with the values (checked against the categories later)
-    values = {col: pd.unique(np.asarray(part[col].astype(object) if col in categorical else part[col], dtype=object))
-              for col in value_cols}
+    # the values that occur (for categoricals, the used categories; their order comes from `cats`)
+    values = {col: np.asarray(_present_values(part[col]), dtype=object) for col in value_cols}
     return _Scan(rows, kept, counts, combos, cats, values, part.head(5))
+
+
+def _present_values(s: pd.Series):
+    """The distinct values of a column (for a categorical: the categories that occur)."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        codes = s.cat.codes.to_numpy()
+        return s.cat.categories[np.unique(codes[codes >= 0])]
+    return pd.unique(s)
 
 
 # -- pass 2: the sums ---------------------------------------------------------------------------

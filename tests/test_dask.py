@@ -20,7 +20,7 @@ from bayeslmm import Model  # noqa: E402
 from bayeslmm.cli import main as cli_main  # noqa: E402
 from bayeslmm.datasets import load_dataset  # noqa: E402
 from bayeslmm.errors import DataError, FormulaError, ModelError  # noqa: E402
-from bayeslmm.outofcore import build_out_of_core, is_parquet_source  # noqa: E402
+from bayeslmm.outofcore import is_parquet_source  # noqa: E402
 from bayeslmm.reml.deviance import ProfiledDeviance  # noqa: E402
 from bayeslmm.reml.estimates import compute_estimates  # noqa: E402
 from bayeslmm.spec import Moments  # noqa: E402
