@@ -520,6 +520,7 @@ def _freq_record(fit) -> dict:
             "warnings": list(opt.warnings),
             "seconds": float(opt.seconds),
         },
+        "extra": _extra_fields(fit, _FREQ_FIELDS),
     }
 
 
@@ -546,7 +547,8 @@ def _load_freq(record: dict, spec, path: Path):
                              n_evaluations=int(o["n_evaluations"]), tolerances=dict(o["tolerances"]),
                              message=o["message"], warnings=tuple(o["warnings"]), seconds=float(o["seconds"]))
     return FreqFit(spec=spec, method=record["method"], theta=theta, objective=objective,
-                   estimates=compute_estimates(dev, f), optimization=opt, data_name=record["data_name"])
+                   estimates=compute_estimates(dev, f), optimization=opt, data_name=record["data_name"],
+                   **_known_extra(FreqFit, record))
 
 
 # -- Bayesian fits -----------------------------------------------------------------------------------
@@ -562,6 +564,7 @@ def _bayes_record(fit) -> dict:
         "seed": int(fit.seed),
         "timings": _jsonable(fit.timings, "the timings"),
         "groups": list(fit.idata.children),
+        "extra": _extra_fields(fit, _BAYES_FIELDS),
     }
 
 
@@ -578,7 +581,7 @@ def _load_bayes(record: dict, spec, groups: dict, path: Path):
     return BayesFit(spec=spec, idata=idata, priors=_priors_from_record(record["priors"], path),
                     names=list(record["names"]), parameterization=record["parameterization"],
                     sampler=record["sampler"], seed=int(record["seed"]), data_name=record["data_name"],
-                    timings=dict(record["timings"]))
+                    timings=dict(record["timings"]), **_known_extra(BayesFit, record))
 
 
 def _check_draws_match_spec(idata, spec, path: Path) -> None:
@@ -650,6 +653,23 @@ def _priors_from_record(rec: dict, path: Path):
                         centred=bool(rec["centred"]), x_means=_param_from_record(rec["x_means"]))
     except (KeyError, TypeError) as exc:
         raise DataError(f"{path}: the stored priors are incomplete ({exc})") from exc
+
+
+#: the fields of each fit that this module stores in its own way; any other field (added to the
+#: classes later) is stored as JSON under "extra" and given back on loading
+_FREQ_FIELDS = {"spec", "method", "theta", "objective", "estimates", "optimization", "data_name"}
+_BAYES_FIELDS = {"spec", "idata", "priors", "names", "parameterization", "sampler", "seed", "data_name", "timings"}
+
+
+def _extra_fields(fit, known: set[str]) -> dict:
+    return {f.name: _jsonable(getattr(fit, f.name), f"the fit's {f.name}")
+            for f in dataclasses.fields(fit) if f.name not in known}
+
+
+def _known_extra(cls, record: dict) -> dict:
+    """The stored extra fields that ``cls`` still has (a field since removed is ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in record.get("extra", {}).items() if k in names}
 
 
 def _jsonable(value, what: str):

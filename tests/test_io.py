@@ -460,3 +460,23 @@ def test_netcdf_without_h5py_says_what_to_install(reml_fit, tmp_path, monkeypatc
     with pytest.raises(BayesLMMError, match=r"needs the h5py package.*pip install h5py.*'\.zarr'"):
         reml_fit.save(tmp_path / "fit.nc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fields_added_to_a_fit_class_are_stored_too(reml_fit, tmp_path):
+    """A field this module does not know is kept as JSON under "extra" (and ignored by a class without it)."""
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class TaggedFit(FreqFit):
+        tag: str = ""
+        weights: tuple = ()
+
+    tagged = TaggedFit(**{f.name: getattr(reml_fit, f.name) for f in dataclasses.fields(FreqFit)},
+                       tag="first try", weights=(np.float64(0.5), 2))
+    path = tagged.save(tmp_path / f"tagged{EXT}")
+    tree = xr.open_datatree(path, engine="h5netcdf" if EXT == ".nc" else "zarr")
+    try:
+        assert json.loads(tree.attrs["bayeslmm_record"])["extra"] == {"tag": "first try", "weights": [0.5, 2]}
+    finally:
+        tree.close()
+    back = load(path)
+    assert type(back) is FreqFit
+    assert_freq_equal(reml_fit, back)
