@@ -560,7 +560,9 @@ def _check_residual_identifiable(X: np.ndarray, blocks: list[RandomBlock], n: in
         for c in range(b.q):
             Zd[rows, b.codes * b.q + c] = b.Z[:, c]
         cols.append(Zd)
-    rank = np.linalg.matrix_rank(np.hstack(cols))
+    A = np.hstack(cols)
+    norms = np.linalg.norm(A, axis=0)
+    rank = np.linalg.matrix_rank(A / np.where(norms > 0, norms, 1.0))  # unit columns: the rank ignores scale
     if rank >= n:
         terms = ", ".join(f"{b.group}: {b.n_effects}" for b in blocks)
         raise ModelError(
