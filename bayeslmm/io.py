@@ -526,18 +526,17 @@ def _freq_record(fit) -> dict:
 
 def _load_freq(record: dict, spec, path: Path):
     from .crossprod import CrossProducts
-    from .reml.deviance import ProfiledDeviance
-    from .reml.estimates import compute_estimates
+    from .reml.fit import estimates_at
     from .reml.optimize import OptimizationRecord
     from .reml.results import FreqFit
 
     theta = np.array(record["theta"], dtype=float)
     if theta.shape != (spec.n_theta,):
         raise DataError(f"{path}: θ has {theta.size} entries, the model needs {spec.n_theta}")
-    dev = ProfiledDeviance(spec, CrossProducts.from_spec(spec), reml=record["method"] == "REML")
-    f = dev.factor(theta)
+    # the fit's own route (centred coordinates where the fit used them), so every number is the saved one
+    again, estimates = estimates_at(spec, theta, reml=record["method"] == "REML",
+                                    crossprods=CrossProducts.from_spec(spec))
     objective = float(record["objective"])
-    again = float(dev.objective(f))
     if not abs(again - objective) <= 1e-8 * max(1.0, abs(objective)):
         raise DataError(f"{path}: the stored data give the objective {again!r} at the stored θ, not the saved "
                         f"{objective!r}; the file's data or θ were altered")
@@ -547,7 +546,7 @@ def _load_freq(record: dict, spec, path: Path):
                              n_evaluations=int(o["n_evaluations"]), tolerances=dict(o["tolerances"]),
                              message=o["message"], warnings=tuple(o["warnings"]), seconds=float(o["seconds"]))
     return FreqFit(spec=spec, method=record["method"], theta=theta, objective=objective,
-                   estimates=compute_estimates(dev, f), optimization=opt, data_name=record["data_name"],
+                   estimates=estimates, optimization=opt, data_name=record["data_name"],
                    **_known_extra(FreqFit, record))
 
 

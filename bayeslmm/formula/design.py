@@ -518,9 +518,10 @@ def _warn_far_slopes(bar: BarTerm, lhs: pd.DataFrame) -> None:
 
     With ``(1 + x | g)`` and x around a year (2010 ± 5) the intercept's sd is an
     extrapolation thousands of times the slope's, the correlation is near ±1 and the
-    profiled deviance is so badly scaled that BOBYQA stops short of the optimum
-    (sleepstudy with 200 added to Days: REML criterion 2.3 above the optimum, no
-    warning from the optimizer).  lme4 warns here too ("Rescale variables?").
+    profiled deviance is so badly scaled that BOBYQA in the raw coordinates stops short
+    of the optimum (sleepstudy with 200 added to Days: REML criterion 2.3 above it;
+    ``reml.fit.centring_shifts`` now optimises such correlated terms centred).  lme4
+    warns here too ("Rescale variables?").
     """
     for col in lhs.columns:
         if col == INTERCEPT:
@@ -531,9 +532,10 @@ def _warn_far_slopes(bar: BarTerm, lhs: pd.DataFrame) -> None:
             warnings.warn(
                 f"the random slope {str(col)!r} in {bar.text} has mean {mean:.6g} and standard deviation "
                 f"{sd:.3g}: the random intercept then describes {col} = 0, {abs(mean) / sd:.0f} standard "
-                "deviations away from the data, and the variance parameters are so badly scaled that the "
-                "optimizer may stop short of the optimum. Centre the variable (subtract its mean) before "
-                "fitting; for a correlated term this is the same model, re-expressed",
+                "deviations away from the data, and its sd and correlation describe an extrapolation (the "
+                "REML engine optimises a correlated term like this one in centred coordinates and maps the "
+                "result back; NUTS samples the badly scaled parameters as written). Centre the variable "
+                "(subtract its mean) before fitting; for a correlated term this is the same model, re-expressed",
                 UserWarning, stacklevel=5,
             )
 
