@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-bayes sbc clean
+.PHONY: demo test test-slow bench bench-bayes bench-all sbc clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 
 bench-bayes: $(STAMP)
 	$(PY) benchmarks/bench_bayes.py
+
+# the whole suite, one table: bayeslmm vs bambi (NUTS), lme4 and statsmodels (REML), 1e3 to 1e7 rows;
+# about an hour on 2 cores (benchmarks/README.md); ARGS="--quick" for a smoke run of a few minutes
+bench-all: $(STAMP)
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 # simulation-based calibration of the NUTS engine (docs/calibration.md); resumable, ~30 min on 2 cores
 sbc: $(STAMP)

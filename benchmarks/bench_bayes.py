@@ -191,7 +191,8 @@ def _fit_bayeslmm(cfg, df):
                     progressbar=False)
     t2 = time.perf_counter()
     return fit, fit.idata, {"model": t1 - t0, "fit": t2 - t1, "wall": t2 - t0,
-                            "engine_timings": dict(getattr(fit, "timings", {}) or {})}
+                            "engine_timings": dict(getattr(fit, "timings", {}) or {}),
+                            "sampler_used": getattr(fit, "sampler", None)}
 
 
 def _fit_bambi(cfg, df):
@@ -207,6 +208,8 @@ def _fit_bambi(cfg, df):
 
 
 def _bambi_names(cfg):
+    if cfg.get("bambi_params"):  # given by the caller (benchmarks/run_all.py) for any formula
+        return list(cfg["bambi_params"]), list(cfg.get("bambi_effects") or [])
     if cfg["dataset"] == "sleepstudy":
         return ["Intercept", "Days", "1|Subject_sigma", "Days|Subject_sigma", "sigma"], ["1|Subject", "Days|Subject"]
     return ["Intercept", "x", "1|g_sigma", "x|g_sigma", "sigma"], ["1|g", "x|g"]
