@@ -76,3 +76,20 @@ def test_warnings_can_be_turned_off(sleep_model):
         fit = sleep_model.fit(method="nuts", draws=30, tune=5, chains=2, random_seed=2, progressbar=False, warn=False)
     assert not fit.diagnostics().ok  # still recorded, and shown in the summary
     assert "Diagnostics:" in str(fit.summary()) and "!" in str(fit.summary())
+
+
+def test_undefined_rhat_is_reported_not_hidden():
+    """A NaN R-hat with several chains (a stuck chain) is a message; with one chain it is just NaN."""
+    import xarray as xr
+
+    from bayeslmm.bayes import diagnostics as d
+
+    table = pd.DataFrame({"r_hat": [1.001, np.nan], "ess_bulk": [900.0, 800.0], "ess_tail": [900.0, 700.0]},
+                          index=["beta[x]", "sigma"])
+    for chains, expect in ((2, True), (1, False)):
+        stats = xr.Dataset({"diverging": (("chain", "draw"), np.zeros((chains, 500), bool))})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            diag = d.check(table, stats, chains * 500)
+        assert diag.max_rhat == 1.001
+        assert any("could not be computed" in m for m in diag.messages) is expect

@@ -71,6 +71,11 @@ def check(summary: pd.DataFrame, sample_stats, n_draws: int) -> Diagnostics:
         msgs.append(f"E-BFMI below {EBFMI_MIN} in chain(s) {low.tolist()} ({np.round(e[low], 3).tolist()}): "
                     "the momentum resampling explores the energy poorly; consider a reparameterisation")
     rhat = summary["r_hat"].astype(float)
+    n_chains = int(np.asarray(sample_stats["diverging"]).shape[0]) if "diverging" in sample_stats else 0
+    undefined = rhat[~np.isfinite(rhat)]
+    if n_chains >= 2 and len(undefined):
+        msgs.append(f"R-hat could not be computed for {len(undefined)} parameter(s) (e.g. {undefined.index[0]}): "
+                    "a chain may be stuck on one value; check the trace and the model")
     bad = rhat[rhat > RHAT_MAX]
     if len(bad):
         msgs.append(f"R-hat above {RHAT_MAX} for {len(bad)} parameter(s) (worst {bad.idxmax()}: {bad.max():.3f}): "
@@ -82,10 +87,16 @@ def check(summary: pd.DataFrame, sample_stats, n_draws: int) -> Diagnostics:
             msgs.append(f"{kind} ESS below {ESS_MIN} for {len(low_ess)} parameter(s) (lowest {low_ess.idxmin()}: "
                         f"{low_ess.min():.0f}): draw more samples before trusting intervals")
     return Diagnostics(divergences=div, max_treedepth_hits=hits, ebfmi=e,
-                       max_rhat=float(np.nanmax(rhat)) if len(rhat) else np.nan,
-                       min_ess_bulk=float(np.nanmin(ess_b)) if len(ess_b) else np.nan,
-                       min_ess_tail=float(np.nanmin(ess_t)) if len(ess_t) else np.nan,
+                       max_rhat=_finite(rhat, np.max), min_ess_bulk=_finite(ess_b, np.min),
+                       min_ess_tail=_finite(ess_t, np.min),
                        messages=tuple(msgs))
+
+
+def _finite(values, reduce) -> float:
+    """max/min over the finite values (NaN, without numpy's all-NaN warning, when there are none)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(reduce(v)) if v.size else float("nan")
 
 
 def warn(diag: Diagnostics, stacklevel: int = 3) -> None:
