@@ -260,3 +260,40 @@ def test_outputs_a_model_cannot_give_are_warned_about_and_listed(tmp_path, capsy
     assert "Skipped (see the warnings on stderr): reml.nc" in captured.out
     written = {p.name for p in folder.iterdir()}
     assert "reml.nc" not in written and {"summary.txt", "reml.json", "caterpillar_Subject_reml.png"} <= written
+
+
+# --------------------------------------------------------------------------------------
+# make demo and the README's quick start
+# --------------------------------------------------------------------------------------
+
+def _readme_demo():
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = re.search(r"^demo:.*\n\t(.+)$", (root / "Makefile").read_text(), flags=re.M).group(1)
+    args = shlex.split(recipe)
+    readme = (root / "README.md").read_text()
+    block = re.search(r"`make demo` is one command line.*?```text\n(.*?)```", readme, flags=re.S).group(1)
+    return args, readme, [line.rstrip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_shows_the_demo_command():
+    args, readme, _ = _readme_demo()
+    assert args[0] == "$(VENV)/bin/bayeslmm" and args[1:3] == ["fit", "sleepstudy"]
+    assert "--method" in args and args[args.index("--method") + 1] == "both" and "--out" in args
+    shown = "bayeslmm " + " ".join(a if " " not in a else f'"{a}"' for a in args[1:])
+    assert shown in " ".join(readme.split())  # the README's line, wrapped or not
+
+
+@pytest.mark.slow
+def test_readme_quotes_what_make_demo_prints(tmp_path, capsys):
+    args, _, quoted = _readme_demo()
+    out_at = args.index("--out")
+    args[out_at + 1] = str(tmp_path / "demo-output")
+    assert main(args[1:]) == 0
+    printed = {line.rstrip() for line in capsys.readouterr().out.replace(str(tmp_path / "demo-output"),
+                                                                         "demo-output").splitlines()}
+    missing = [line for line in quoted if line not in printed]
+    assert not missing, missing
