@@ -335,6 +335,7 @@ def pooling_table(fit, group: str | None = None, no_pooling: str = "shared") -> 
         raise ModelError(f"`no_pooling` must be one of {list(NO_POOLING)}, got {no_pooling!r}")
     fit = resolve_fit(fit)
     spec = fit.spec
+    spec.require_rows("the pooling table (no-pooling fits per level)")
     gd = group_design(spec, group)
     J = len(gd.levels)
     cp_all = complete_pooling(spec)

@@ -322,3 +322,19 @@ def test_bracket_glob_is_expanded(tmp_path):
     assert ooc.spec.n_obs == 90
     with pytest.raises(DataError, match="no Parquet file matches"):
         Model("Reaction ~ Days + (1 | Subject)", str(tmp_path / "nothing*.parquet"))
+
+
+def test_row_level_tools_refuse_an_out_of_core_fit_clearly():
+    """The pooling table and a group's marginal covariance need rows: a DataError, not n = 0 or 0×0."""
+    import dask.dataframe as dd
+
+    import bayeslmm
+    from bayeslmm.datasets import load_dataset
+    from bayeslmm.errors import DataError
+
+    ddf = dd.from_pandas(load_dataset("sleepstudy"), npartitions=3)
+    fit = bayeslmm.Model("Reaction ~ Days + (Days | Subject)", ddf).fit()
+    with pytest.raises(DataError, match="pooling table .* needs the data's rows in memory"):
+        bayeslmm.pooling_table(fit)
+    with pytest.raises(DataError, match="marginal covariance .* needs the data's rows"):
+        fit.marginal_covariance("308")

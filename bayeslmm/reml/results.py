@@ -131,7 +131,7 @@ class FreqFit:
                 for i in range(block.q):
                     for j in range(i + 1, block.q):
                         denom = sd[i] * sd[j]
-                        corr = cov[j, i] / denom if denom > 0 else 0.0
+                        corr = float(np.clip(cov[j, i] / denom, -1.0, 1.0)) if denom > 0 else 0.0
                         rows.append((block.group, block.columns[i], block.columns[j], cov[j, i], corr))
         rows.append(("Residual", None, None, self.sigma**2, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
@@ -145,7 +145,10 @@ class FreqFit:
         out: dict[str, pd.DataFrame] = {}
         for block, b in zip(self.spec.blocks, self.estimates.b):
             frame = pd.DataFrame(b, index=pd.Index(block.levels, name=block.group), columns=list(block.columns))
-            out[block.group] = frame if block.group not in out else out[block.group].join(frame, rsuffix=".1")
+            if block.group in out:  # a second block on the factor: a repeated column name gets ".1"
+                frame = frame.rename(columns=lambda c: f"{c}.1" if c in out[block.group].columns else c)
+                frame = out[block.group].join(frame)
+            out[block.group] = frame
         return out
 
     def ranef_table(self) -> pd.DataFrame:
@@ -205,6 +208,7 @@ class FreqFit:
         term contributes (for crossed factors, rows of this group that share a
         level of another factor covary through it).
         """
+        self.spec.require_rows("the marginal covariance of a group's observations")
         groups = self.spec.group_names()
         if group is None:
             if len(groups) > 1:
