@@ -228,6 +228,24 @@ def test_ml_out_names_files_ml(tmp_path, capsys):
     assert json.loads((folder / "ml.json").read_text())["objective"] == pytest.approx(327.327059881135, rel=1e-7)
 
 
+def test_nuts_only_out_draws_from_the_posterior(tmp_path, capsys):
+    folder = tmp_path / "nuts"
+    assert main(["fit", "Dyestuff", "Yield ~ 1 + (1 | Batch)", "--method", "nuts", "--draws", "200", "--tune", "200",
+                 "--chains", "2", "--seed", "3", "--out", str(folder)]) == 0
+    assert {p.name for p in folder.iterdir()} == {"summary.txt", "nuts.json", "nuts.nc", "pooling_Batch.csv",
+                                                  "shrinkage_Batch.png", "caterpillar_Batch_nuts.png",
+                                                  "variance.png", "ppc.png"}
+    import pandas as pd
+
+    from bayeslmm import load
+
+    table = pd.read_csv(folder / "pooling_Batch.csv", index_col="Batch")
+    fit = load(folder / "nuts.nc")
+    beta = float(fit.posterior["beta"].mean())
+    effects = fit.posterior["Batch"].mean(("chain", "draw")).to_numpy().ravel()
+    np.testing.assert_allclose(table["partial[(Intercept)]"], beta + effects, rtol=1e-10)  # posterior means
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ci-prob", "1.5"], "--ci-prob must be a probability strictly between 0 and 1, got 1.5"),
     (["--ci-prob", "0"], "--ci-prob must be a probability strictly between 0 and 1, got 0.0"),
