@@ -1,48 +1,167 @@
-"""Simulation-based calibration (Talts, Betancourt, Simpson, Vehtari & Gelman 2018).
+"""Simulation-based calibration (SBC) of the collapsed NUTS sampler.
 
-Draw parameters and a response from the prior (the explicit parameterisation's
-prior predictive), fit the collapsed model to each simulated response, and record
-the rank of the true value among the posterior draws.  If the sampler and the
-collapsed likelihood are right, every parameter's ranks are uniform.
+Talts, Betancourt, Simpson, Vehtari & Gelman (2018), *Validating Bayesian inference
+algorithms with simulation-based calibration*, arXiv:1804.06788: draw parameters θ̃
+from the prior, data ỹ from the model given θ̃, fit the model to ỹ and record the
+rank of θ̃ among (thinned) posterior draws.  If the computation is right, every
+rank is uniform on 0..L.
 
-The collapsed model is compiled once: the response enters it only through three
-shared blocks (Z₁ᵀy, X̃ᵀy, yᵀy), which are swapped for each simulation.
+What this module does:
+
+* parameters are drawn from the package's own :class:`~bayeslmm.bayes.priors.PriorSet`
+  (the same :class:`Prior` objects the PyMC model is built from, drawn with
+  ``pm.draw``; the LKJ correlation with ``pm.LKJCorr``), and the response is
+  simulated in numpy from them, independently of the PyMC model;
+* every simulated response is fitted by the *collapsed* model compiled once: the
+  response enters it only through the shared ``pm.Data`` blocks ``Z1ty``, ``Xty`` and
+  ``yty`` (:func:`~bayeslmm.bayes.model.build_pymc_model`), which are swapped per
+  simulation with nutpie's ``CompiledPyMCModel.with_data`` (no recompilation);
+* ranks of β, σ, every sd and correlation, and of the marginal log-likelihood of
+  the simulated data ``log p(ỹ | β, Σ, σ)`` (a data-dependent test quantity, which
+  Modrák, Moon, Kim, Bürkner, Huurre, Faltejsková, Gelman & Vehtari 2023, *Bayesian
+  Analysis*, show catches errors that parameter ranks miss);
+* whether the truth lies in the central 50 % and 90 % posterior intervals;
+* per simulation: divergences, smallest bulk ESS and largest R-hat.
+
+And three checks of the collected ranks: a chi-square test on binned ranks (exact
+expected counts), the ECDF test with simultaneous bands of Säilynoja, Bürkner &
+Vehtari (2022), *Graphical test for discrete uniformity and its applications in
+goodness-of-fit evaluation and multiple sample comparison*, Statistics and
+Computing 32:32 (its simulation method, here for discrete ranks), and interval
+coverage with Clopper–Pearson bounds.
+
+The priors must not depend on the simulated data.  ``fixed_priors`` gives explicit
+unit-scale priors (the defaults' families at sd(y) = sd(x) = 1); any prior not given
+explicitly is resolved once, from the template ``spec``, and then held fixed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import logging
+import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from ..crossprod import CrossProducts
+from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
-from .model import build_pymc_model
-from .priors import resolve_priors
+from .model import block_names, build_pymc_model
+from .priors import Prior, PriorSet, resolve_priors
+
+SBC_SAMPLERS = ("nutpie",)
+#: the shared data containers of the collapsed model that hold the response
+RESPONSE_DATA = ("Z1ty", "Xty", "yty")
+LOGLIK = "loglik"
 
 
-@dataclass(frozen=True)
-class SBCResult:
-    """Ranks (simulations × parameters, each in 0..n_ranks) and a uniformity test per parameter."""
+# --------------------------------------------------------------------------- priors and simulation
+def fixed_priors(spec: ModelSpec, *, coef_sd: float = 2.5, sigma_rate: float = 1.0, sd_scale: float = 1.0,
+                 eta: float = 1.0) -> dict:
+    """Explicit priors for every parameter of ``spec``, none depending on the data.
 
-    ranks: pd.DataFrame
-    n_ranks: int
-    truth: pd.DataFrame
+    The families of the defaults at unit scale: ``Normal(0, coef_sd)`` for every
+    coefficient (the intercept at the predictors' means), ``Exponential(sigma_rate)``
+    for σ, ``HalfNormal(sd_scale)`` for every random-effect sd and ``LKJ(eta)`` for
+    every correlated block.
+    """
+    out: dict = {name: Prior("Normal", mu=0.0, sigma=coef_sd) for name in spec.fixed_names}
+    out["sigma"] = Prior("Exponential", lam=sigma_rate)
+    for block in spec.blocks:
+        if block.group in out:
+            raise BayesLMMError(f"grouping factor {block.group!r} has two blocks; give the priors explicitly")
+        out[block.group] = {"sd": Prior("HalfNormal", sigma=sd_scale), "eta": eta}
+    return out
 
-    def uniformity(self, bins: int = 5) -> pd.DataFrame:
-        """Chi-square test of uniform ranks per parameter (``bins`` equal-width bins)."""
-        rows = []
-        for name in self.ranks.columns:
-            counts, _ = np.histogram(self.ranks[name], bins=bins, range=(0, self.n_ranks + 1))
-            chi2, p = stats.chisquare(counts)
-            rows.append((name, chi2, p, counts.tolist()))
-        return pd.DataFrame(rows, columns=["parameter", "chi2", "p_value", "counts"]).set_index("parameter")
+
+def _centring_matrix(spec: ModelSpec, priors: PriorSet) -> np.ndarray:
+    """β = C β_c, β_c the coefficients on centred predictors (as the PyMC model has them)."""
+    C = np.eye(spec.n_fixed)
+    if priors.centred:
+        i0 = list(spec.fixed_names).index("(Intercept)")
+        C[i0, :] -= priors.x_means
+        C[i0, i0] = 1.0
+    return C
+
+
+def draw_prior(spec: ModelSpec, priors: PriorSet, n: int, seed: int) -> dict[str, np.ndarray]:
+    """``n`` draws of every parameter from ``priors`` (the PyMC distributions of the model).
+
+    Returns ``beta`` (n, p) on the original scale, ``sigma`` (n,), and per block name
+    ``{name}_sd`` (n, q) and ``{name}_corr_chol`` (n, q, q): the Cholesky factor of the
+    correlation matrix (the identity for ``||`` blocks).
+    """
+    import pymc as pm
+
+    dists = [pr.dist() for pr in priors.beta] + [priors.sigma.dist()]
+    for block, bp in zip(spec.blocks, priors.blocks):
+        dists.append(bp.sd.dist(shape=block.q))
+        if block.correlated and block.q > 1:
+            dists.append(pm.LKJCorr.dist(n=block.q, eta=bp.eta))    # the Cholesky factor of R
+    values = pm.draw(dists, draws=n, random_seed=seed)
+    values = [np.asarray(v, dtype=float).reshape((n,) + np.shape(v)[1:]) for v in values]
+    p = spec.n_fixed
+    beta_c = np.stack(values[:p], axis=1)
+    out = {"beta": beta_c @ _centring_matrix(spec, priors).T, "sigma": values[p]}
+    k = p + 1
+    for name, block in zip(block_names(spec), spec.blocks):
+        out[f"{name}_sd"] = values[k]
+        k += 1
+        if block.correlated and block.q > 1:
+            out[f"{name}_corr_chol"] = values[k]
+            k += 1
+        else:
+            out[f"{name}_corr_chol"] = np.broadcast_to(np.eye(block.q), (n, block.q, block.q)).copy()
+    return out
+
+
+def simulate_response(spec: ModelSpec, beta, sigma, sds, corr_chols, rng: np.random.Generator):
+    """One response from the model with these parameters, and the effects drawn for it.
+
+    y = Xβ + Σ_k Z_k b_k + σε, b_kj = L_k z_kj, L_k = diag(sd_k) · chol(R_k), z, ε ~ N(0, 1).
+    ``sds`` and ``corr_chols`` are per block, in ``spec.blocks`` order.
+    """
+    y = spec.X @ np.asarray(beta, dtype=float)
+    effects = []
+    for block, sd, R in zip(spec.blocks, sds, corr_chols):
+        L = np.asarray(sd, dtype=float)[:, None] * np.asarray(R, dtype=float)
+        b = rng.standard_normal((block.n_levels, block.q)) @ L.T
+        effects.append(b)
+        y = y + np.sum(block.Z * b[block.codes], axis=1)
+    return y + sigma * rng.standard_normal(spec.n_obs), effects
+
+
+def marginal_loglik(data: CollapsedData, gamma: np.ndarray, L: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """log p(y | γ, L, σ) with the first block's effects integrated out, for many draws at once.
+
+    The formula of :mod:`.collapsed` (DESIGN.md) in numpy, for any q:
+    −½[N log 2πσ² + Σ_j log|M_j| + (rᵀr − Σ_j w_jᵀM_j⁻¹w_j/σ²)/σ²],
+    M_j = I + LᵀG_jL/σ², w_j = Lᵀ(g_j − H_jγ), rᵀr = yᵀy − 2γᵀX̃ᵀy + γᵀX̃ᵀX̃γ.
+
+    Parameters
+    ----------
+    gamma : (S, r)   L : (S, q, q) absolute Cholesky factors   sigma : (S,)
+    """
+    gamma = np.atleast_2d(gamma)
+    L = np.asarray(L, dtype=float).reshape(-1, data.G.shape[1], data.G.shape[1])
+    s2 = np.asarray(sigma, dtype=float).reshape(-1) ** 2
+    q = data.G.shape[1]
+    u = data.g[None] - np.einsum("jqr,sr->sjq", data.H, gamma)                     # (S, J, q)
+    w = np.einsum("sba,sjb->sja", L, u)                                            # Lᵀu
+    M = np.einsum("sba,jbc,scd->sjad", L, data.G, L) / s2[:, None, None, None] + np.eye(q)
+    C = np.linalg.cholesky(M)
+    v = np.linalg.solve(C, w[..., None])[..., 0]                                   # C v = w
+    logdet = 2.0 * np.log(np.diagonal(C, axis1=-2, axis2=-1)).sum(axis=(1, 2))
+    quad = (v**2).sum(axis=(1, 2))
+    rtr = data.yty - 2.0 * gamma @ data.Xty + np.einsum("sr,rk,sk->s", gamma, data.XtX, gamma)
+    return -0.5 * (data.n_obs * np.log(2.0 * np.pi * s2) + logdet + (rtr - quad / s2) / s2)
 
 
 def _scalar_parameters(ds, names, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -64,42 +183,396 @@ def _scalar_parameters(ds, names, spec: ModelSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def simulation_based_calibration(spec: ModelSpec, n_sims: int = 20, draws: int = 200, tune: int = 200,
-                                 chains: int = 2, thin: int = 4, seed: int = 0, priors: dict | None = None) -> SBCResult:
-    """Run SBC for the collapsed model of ``spec``'s design (its X, Z and grouping).
+# --------------------------------------------------------------------------- the runner
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise BayesLMMError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
 
-    Returns ranks in ``0 .. chains·draws/thin``.
+
+class SBCRunner:
+    """Simulations of one design, fitted one at a time by one compiled collapsed model.
+
+    Every simulation ``i`` is reproducible on its own: its parameters are the i-th of
+    ``n_sims`` prior draws (seed ``seed``), its response noise comes from
+    ``default_rng([seed, i])`` and its sampler seed from ``[seed, i, 2]``, so a run can
+    stop and resume (``run(indices=...)``) and give the same records.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The design (X, Z, grouping); its response is not used except to resolve priors
+        that are not given explicitly.
+    n_sims : int
+    draws, tune, chains : int
+        NUTS run per simulation.
+    n_ranks : int
+        Number L of thinned posterior draws the truth is ranked among (ranks 0..L);
+        evenly spaced over the ``chains × draws`` draws.
+    seed : int
+    priors : dict, optional
+        Overrides as for ``Model.fit``; default :func:`fixed_priors`.
+    sampler : "nutpie"
+        The only one: nutpie compiles the model once (numba) and each simulation is a
+        ``with_data`` copy of it (PyMC's own NUTS pays ~0.4 s of Python per fit more).
+    levels : central interval probabilities whose coverage is recorded.
+    fit_priors : dict, optional
+        Priors of the *fitted* model when they should differ from those the truth is drawn
+        from: a deliberately miscalibrated run (a negative control that shows the checks
+        can fail).  Default: the same priors.
     """
-    import pymc as pm
 
-    prior_set = resolve_priors(spec, priors)
-    cp = CrossProducts.from_spec(spec)
-    explicit = build_pymc_model(spec, cp, prior_set, "explicit")
-    with explicit.model, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prior = pm.sample_prior_predictive(draws=n_sims, random_seed=seed)
-    truth_ds = prior["prior"].to_dataset().isel(chain=0)
-    y_sims = prior["prior_predictive"]["y"].to_numpy()[0]
-    truth = _scalar_parameters(truth_ds, explicit.names, spec)
+    def __init__(self, spec: ModelSpec, n_sims: int = 20, *, draws: int = 500, tune: int = 500, chains: int = 2,
+                 n_ranks: int = 99, seed: int = 0, priors: dict | None = None, sampler: str = "nutpie",
+                 levels: tuple[float, ...] = (0.5, 0.9), target_accept: float = 0.8,
+                 fit_priors: dict | None = None):
+        self.n_sims = _positive_int("n_sims", n_sims)
+        self.draws = _positive_int("draws", draws)
+        self.tune = _positive_int("tune", tune, 0)
+        self.chains = _positive_int("chains", chains)
+        self.n_ranks = _positive_int("n_ranks", n_ranks)
+        self.seed = _positive_int("seed", seed, 0)
+        if self.n_ranks > self.chains * self.draws:
+            raise BayesLMMError(f"n_ranks ({n_ranks}) must be at most chains × draws ({self.chains * self.draws}); "
+                                "lower n_ranks or draw more")
+        if sampler not in SBC_SAMPLERS:
+            raise BayesLMMError(f"sampler must be one of {list(SBC_SAMPLERS)}, got {sampler!r}")
+        if not levels or not all(isinstance(p, float) and 0 < p < 1 for p in levels):
+            raise BayesLMMError(f"levels must be interval probabilities strictly between 0 and 1, got {levels!r}")
+        if not 0 < target_accept < 1:
+            raise BayesLMMError(f"target_accept must be strictly between 0 and 1, got {target_accept!r}")
+        self.sampler, self.levels, self.target_accept = sampler, tuple(levels), float(target_accept)
+        self.spec = spec
+        self.prior_overrides = fixed_priors(spec) if priors is None else priors
+        self.priors = resolve_priors(spec, self.prior_overrides)
+        self.fit_priors = self.priors if fit_priors is None else resolve_priors(spec, fit_priors)
+        self.names = block_names(spec)
+        self.cp = CrossProducts.from_spec(spec)
+        self.params = draw_prior(spec, self.priors, self.n_sims, self.seed)
+        self.quantities = list(_scalar_parameters(self._truth_as_posterior(0), self.names, spec)) + [LOGLIK]
+        self._compiled = None
+        self._built = None
 
-    collapsed = build_pymc_model(spec, cp, prior_set, "collapsed")
-    logger = logging.getLogger("pymc")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    rows = []
-    try:
-        with collapsed.model, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            step = pm.NUTS()
-            for i in range(n_sims):
-                sim = CollapsedData.from_crossprods(CrossProducts.from_spec(dataclasses.replace(spec, y=y_sims[i])))
-                pm.set_data({"Z1ty": sim.g, "Xty": sim.Xty, "yty": sim.yty})
-                dt = pm.sample(draws=draws, tune=tune, chains=chains, cores=1, step=step, random_seed=seed + 1 + i,
-                               progressbar=False, compute_convergence_checks=False)
-                post = dt["posterior"].to_dataset()
-                draws_i = _scalar_parameters(post, collapsed.names, spec)
-                rows.append({k: int(np.sum(v[:, ::thin] < truth[k][i])) for k, v in draws_i.items()})
-    finally:
-        logger.setLevel(level)
-    n_ranks = chains * len(range(0, draws, thin))
-    return SBCResult(ranks=pd.DataFrame(rows), n_ranks=n_ranks, truth=pd.DataFrame(truth))
+    def with_simulation_priors(self, priors: dict, seed: int | None = None) -> "SBCRunner":
+        """The same fitted (and compiled) model, with truths drawn from other priors.
+
+        A negative control at no compilation cost: when ``priors`` differ from the fitted
+        model's, the ranks are not uniform and the checks should say so.
+        """
+        self.compile()                       # compiled once, shared by the copy
+        other = copy.copy(self)
+        other.seed = self.seed if seed is None else _positive_int("seed", seed, 0)
+        other.prior_overrides = priors
+        other.priors = resolve_priors(self.spec, priors)
+        other.params = draw_prior(self.spec, other.priors, self.n_sims, other.seed)
+        return other
+
+    # ------------------------------------------------------------------ settings and truth
+    def settings(self) -> dict:
+        """Everything that determines the records (for checking a resumed run)."""
+        return {"formula": self.spec.formula, "n_obs": self.spec.n_obs,
+                "levels_per_block": [b.n_levels for b in self.spec.blocks], "n_sims": self.n_sims,
+                "draws": self.draws, "tune": self.tune, "chains": self.chains, "n_ranks": self.n_ranks,
+                "seed": self.seed, "sampler": self.sampler, "target_accept": self.target_accept,
+                "priors": self.priors.table(self.spec)["prior"].tolist(),
+                "fit_priors": self.fit_priors.table(self.spec)["prior"].tolist()}
+
+    def _truth_as_posterior(self, i: int) -> dict:
+        ds = {"beta": self.params["beta"][i], "sigma": self.params["sigma"][i]}
+        for name, block in zip(self.names, self.spec.blocks):
+            ds[f"{name}_sd"] = self.params[f"{name}_sd"][i]
+            R = self.params[f"{name}_corr_chol"][i]
+            ds[f"{name}_corr"] = R @ R.T
+        return ds
+
+    def simulate(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The i-th simulated response and its effects (per block)."""
+        if not 0 <= i < self.n_sims:
+            raise BayesLMMError(f"simulation index {i} is outside 0..{self.n_sims - 1}")
+        sds = [self.params[f"{n}_sd"][i] for n in self.names]
+        chols = [self.params[f"{n}_corr_chol"][i] for n in self.names]
+        return simulate_response(self.spec, self.params["beta"][i], self.params["sigma"][i], sds, chols,
+                                 np.random.default_rng([self.seed, i]))
+
+    def truth(self, i: int) -> dict[str, float]:
+        """The true value of every quantity of simulation i (the log-likelihood at the truth included)."""
+        out = {k: float(v) for k, v in _scalar_parameters(self._truth_as_posterior(i), self.names, self.spec).items()}
+        y, effects = self.simulate(i)
+        data = self._collapsed_data(y)
+        L = self.params[f"{self.names[0]}_sd"][i][:, None] * self.params[f"{self.names[0]}_corr_chol"][i]
+        gamma = np.concatenate([b.ravel() for b in effects[1:]] + [self.params["beta"][i]])
+        out[LOGLIK] = float(marginal_loglik(data, gamma[None], L[None], np.array([self.params["sigma"][i]]))[0])
+        return out
+
+    def _collapsed_data(self, y: np.ndarray) -> CollapsedData:
+        return CollapsedData.from_crossprods(CrossProducts.from_spec(dataclasses.replace(self.spec, y=y)))
+
+    # ------------------------------------------------------------------ sampling
+    def _build(self):
+        if self._built is None:
+            built = build_pymc_model(self.spec, self.cp, self.fit_priors, "collapsed")
+            missing = [n for n in RESPONSE_DATA if n not in built.model.named_vars]
+            if missing:
+                raise BayesLMMError(f"the collapsed model has no data containers {missing}; SBC needs the response "
+                                    f"in shared data {list(RESPONSE_DATA)} (bayes/model.py)")
+            self._built = built
+        return self._built
+
+    def compile(self) -> float:
+        """Build and compile the collapsed model once; returns the seconds it took."""
+        t0 = time.perf_counter()
+        built = self._build()
+        if self._compiled is None:
+            import nutpie
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS")
+                self._compiled = nutpie.compile_pymc_model(built.model)
+        return time.perf_counter() - t0
+
+    def _sample(self, data: CollapsedData, seed: int):
+        import nutpie
+
+        self.compile()
+        compiled = self._compiled.with_data(Z1ty=data.g, Xty=data.Xty, yty=data.yty)
+        return nutpie.sample(compiled, draws=self.draws, tune=self.tune, chains=self.chains, cores=1, seed=seed,
+                             progress_bar=False, save_warmup=False, target_accept=self.target_accept)
+
+    def run_one(self, i: int) -> dict:
+        """Simulate, fit and rank simulation ``i``; one flat record (see :class:`SBCResult`)."""
+        from arviz_stats.base import array_stats
+
+        t0 = time.perf_counter()
+        y, _ = self.simulate(i)
+        truth = self.truth(i)
+        data = self._collapsed_data(y)
+        seed = int(np.random.SeedSequence([self.seed, i, 2]).generate_state(1)[0] % (2**31))
+        dt = self._sample(data, seed)
+        post = dt["posterior"].to_dataset()
+        draws = _scalar_parameters(post, self.names, self.spec)
+        C, D = post.sizes["chain"], post.sizes["draw"]
+        first = self.spec.blocks[0]
+        sd = post[f"{self.names[0]}_sd"].to_numpy().reshape(C * D, first.q)
+        if first.correlated and first.q > 1:
+            R = post[f"{self.names[0]}_corr"].to_numpy().reshape(C * D, first.q, first.q)
+            L = sd[:, :, None] * np.linalg.cholesky(R)
+        else:
+            L = sd[:, :, None] * np.eye(first.q)
+        rest = [post[n].to_numpy().reshape(C * D, -1) for n in self.names[1:]]
+        gamma = np.concatenate(rest + [post["beta"].to_numpy().reshape(C * D, -1)], axis=1)
+        draws[LOGLIK] = marginal_loglik(data, gamma, L, post["sigma"].to_numpy().reshape(C * D)).reshape(C, D)
+        keep = np.floor((np.arange(self.n_ranks) + 0.5) * (C * D) / self.n_ranks).astype(int)
+        record: dict = {"sim": i, "sampler_seed": seed}
+        ess, rhat = [], []
+        for q in self.quantities:
+            v = np.asarray(draws[q], dtype=float)
+            flat = v.reshape(-1)
+            record[f"rank:{q}"] = int(np.sum(flat[keep] < truth[q]))
+            record[f"truth:{q}"] = truth[q]
+            for p in self.levels:
+                lo, hi = np.quantile(flat, [(1 - p) / 2, (1 + p) / 2])
+                record[f"in{_pct(p)}:{q}"] = bool(lo <= truth[q] <= hi)
+            if np.ptp(flat) > 0:
+                ess.append(float(array_stats.ess(v, chain_axis=0, draw_axis=1, method="bulk")))
+                rhat.append(float(array_stats.rhat(v, chain_axis=0, draw_axis=1)) if C > 1 else np.nan)
+        stats_ = dt["sample_stats"]
+        div = stats_["diverging"] if "diverging" in stats_ else stats_.get("divergences")
+        record["divergences"] = int(np.asarray(div).sum()) if div is not None else -1
+        record["min_ess_bulk"] = float(np.min(ess)) if ess else np.nan
+        record["max_rhat"] = float(np.nanmax(rhat)) if rhat and not np.all(np.isnan(rhat)) else np.nan
+        record["seconds"] = time.perf_counter() - t0
+        return record
+
+    def run(self, indices: Iterable[int] | None = None, on_result: Callable[[dict], None] | None = None) -> "SBCResult":
+        """Run the simulations ``indices`` (default all) and return their result."""
+        indices = range(self.n_sims) if indices is None else list(indices)
+        records = []
+        for i in indices:
+            rec = self.run_one(int(i))
+            records.append(rec)
+            if on_result is not None:
+                on_result(rec)
+        return SBCResult.from_records(pd.DataFrame(records), self.n_ranks, self.quantities, self.levels)
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:g}"
+
+
+def simulation_based_calibration(spec: ModelSpec, n_sims: int = 20, *, draws: int = 500, tune: int = 500,
+                                 chains: int = 2, n_ranks: int = 99, seed: int = 0, priors: dict | None = None,
+                                 sampler: str = "nutpie", levels: tuple[float, ...] = (0.5, 0.9)) -> "SBCResult":
+    """Run SBC for the collapsed model of ``spec``'s design; see :class:`SBCRunner`."""
+    runner = SBCRunner(spec, n_sims, draws=draws, tune=tune, chains=chains, n_ranks=n_ranks, seed=seed,
+                       priors=priors, sampler=sampler, levels=levels)
+    return runner.run()
+
+
+# --------------------------------------------------------------------------- the checks
+def _tail_prob(counts, n: int, p) -> np.ndarray:
+    """Two-sided binomial tail probability of each count: 2·min(P(X ≤ c), P(X ≥ c)), at most 1."""
+    lower = stats.binom.cdf(counts, n, p)
+    upper = stats.binom.sf(np.asarray(counts) - 1, n, p)
+    return np.minimum(1.0, 2.0 * np.minimum(lower, upper))
+
+
+def _ecdf_counts(ranks: np.ndarray, n_ranks: int) -> np.ndarray:
+    """#{rank < k} for k = 1..L: the ECDF (times N) at z_k = k/(L+1), the rank grid."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim == 1:
+        return np.cumsum(np.bincount(ranks, minlength=n_ranks + 1))[:-1]
+    rows = ranks.shape[0]
+    flat = (ranks + (n_ranks + 1) * np.arange(rows)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=rows * (n_ranks + 1)).reshape(rows, n_ranks + 1)
+    return np.cumsum(counts, axis=1)[:, :-1]
+
+
+def ecdf_statistic(ranks, n_ranks: int) -> float:
+    """Säilynoja et al.'s statistic: the smallest pointwise two-sided binomial tail probability of the ECDF.
+
+    Under uniformity the count of ranks below k is Binomial(N, k/(L+1)) at every k;
+    small values mean the ECDF strays from the diagonal somewhere.
+    """
+    ranks = np.asarray(ranks, dtype=int)
+    z = np.arange(1, n_ranks + 1) / (n_ranks + 1)
+    return float(np.min(_tail_prob(_ecdf_counts(ranks, n_ranks), len(ranks), z)))
+
+
+@lru_cache(maxsize=32)
+def _null_statistics(n: int, n_ranks: int, n_null: int, seed: int) -> np.ndarray:
+    """The statistic over ``n_null`` samples of ``n`` exactly uniform ranks on 0..L (sorted)."""
+    rng = np.random.default_rng(seed)
+    z = np.arange(1, n_ranks + 1) / (n_ranks + 1)
+    out = np.empty(n_null)
+    chunk = max(1, 2_000_000 // max(n, n_ranks))
+    for start in range(0, n_null, chunk):
+        m = min(chunk, n_null - start)
+        counts = _ecdf_counts(rng.integers(0, n_ranks + 1, size=(m, n)), n_ranks)
+        out[start:start + m] = _tail_prob(counts, n, z).min(axis=1)
+    return np.sort(out)
+
+
+def ecdf_test(ranks, n_ranks: int, alpha: float = 0.05, n_null: int = 10_000, seed: int = 1) -> dict:
+    """The ECDF uniformity test with simultaneous 1 − α bands (Säilynoja, Bürkner & Vehtari 2022).
+
+    The band level γ is the α-quantile of the statistic under exact discrete uniformity
+    (simulated), so the whole ECDF stays inside the pointwise γ-level binomial bands
+    with probability ≥ 1 − α.  Returns the statistic, γ, the p-value (the statistic's
+    null CDF at the observed value) and whether the ECDF leaves the band.
+    """
+    ranks = np.asarray(ranks, dtype=int)
+    null = _null_statistics(len(ranks), int(n_ranks), int(n_null), int(seed))
+    t = ecdf_statistic(ranks, n_ranks)
+    gamma = float(np.quantile(null, alpha))
+    p = (1 + np.searchsorted(null, t, side="right")) / (len(null) + 1)
+    return {"statistic": t, "gamma": gamma, "p_value": float(min(1.0, p)), "outside_band": bool(t < gamma)}
+
+
+def ecdf_band(n: int, n_ranks: int, alpha: float = 0.05, n_null: int = 10_000, seed: int = 1):
+    """The simultaneous band of the ECDF of ``n`` ranks on 0..L at the points z_k = k/(L+1).
+
+    Returns ``z``, ``lower`` and ``upper`` as fractions: the ECDF of uniform ranks lies
+    within [lower, upper] at every z at once with probability ≥ 1 − α.
+    """
+    null = _null_statistics(int(n), int(n_ranks), int(n_null), int(seed))
+    gamma = float(np.quantile(null, alpha))
+    z = np.arange(1, n_ranks + 1) / (n_ranks + 1)
+    c = np.arange(n + 1)[:, None]
+    inside = _tail_prob(c, n, z[None, :]) >= gamma                 # (n+1, L): counts inside the band
+    lower = np.argmax(inside, axis=0)
+    upper = n - np.argmax(inside[::-1], axis=0)
+    return z, lower / n, upper / n
+
+
+def chi2_uniformity(ranks, n_ranks: int, bins: int) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Chi-square test of uniform ranks on 0..L in ``bins`` bins of consecutive ranks.
+
+    Expected counts are exact (the number of rank values in each bin), so bins need
+    not divide L + 1.  Returns (statistic, p-value, observed, expected).
+    """
+    ranks = np.asarray(ranks, dtype=int)
+    if not 2 <= bins <= n_ranks + 1:
+        raise BayesLMMError(f"bins must be between 2 and n_ranks + 1 = {n_ranks + 1}, got {bins}")
+    edges = np.round(np.linspace(0, n_ranks + 1, bins + 1)).astype(int)
+    observed = np.histogram(ranks, bins=edges - 0.5)[0]
+    expected = len(ranks) * np.diff(edges) / (n_ranks + 1)
+    chi2, p = stats.chisquare(observed, expected)
+    return float(chi2), float(p), observed, expected
+
+
+def coverage_interval(k: int, n: int, ci: float = 0.99) -> tuple[float, float]:
+    """Clopper–Pearson interval of a proportion k/n at confidence ``ci``."""
+    r = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=ci, method="exact")
+    return float(r.low), float(r.high)
+
+
+@dataclass(frozen=True)
+class SBCResult:
+    """The records of an SBC run: one row per simulation.
+
+    Columns: ``sim``, ``sampler_seed``; per quantity ``rank:{q}`` (0..n_ranks),
+    ``truth:{q}`` and ``in{50,90}:{q}`` (the truth inside the central interval of all
+    draws); ``divergences``, ``min_ess_bulk``, ``max_rhat``, ``seconds``.
+    """
+
+    records: pd.DataFrame
+    n_ranks: int
+    quantities: tuple[str, ...]
+    levels: tuple[float, ...] = (0.5, 0.9)
+
+    @classmethod
+    def from_records(cls, records: pd.DataFrame, n_ranks: int, quantities=None, levels=(0.5, 0.9)) -> "SBCResult":
+        if quantities is None:
+            quantities = [c.split(":", 1)[1] for c in records.columns if c.startswith("rank:")]
+        recs = records.sort_values("sim").reset_index(drop=True) if len(records) else records
+        return cls(records=recs, n_ranks=int(n_ranks), quantities=tuple(quantities), levels=tuple(levels))
+
+    @property
+    def ranks(self) -> pd.DataFrame:
+        return pd.DataFrame({q: self.records[f"rank:{q}"].astype(int).to_numpy() for q in self.quantities})
+
+    @property
+    def truth(self) -> pd.DataFrame:
+        return pd.DataFrame({q: self.records[f"truth:{q}"].to_numpy() for q in self.quantities})
+
+    def uniformity(self, bins: int = 5) -> pd.DataFrame:
+        """Chi-square test of uniform ranks per quantity."""
+        rows = []
+        for q in self.quantities:
+            chi2, p, obs, _ = chi2_uniformity(self.ranks[q], self.n_ranks, bins)
+            rows.append((q, chi2, p, obs.tolist()))
+        return pd.DataFrame(rows, columns=["quantity", "chi2", "p_value", "counts"]).set_index("quantity")
+
+    def ecdf(self, alpha: float = 0.05, n_null: int = 10_000) -> pd.DataFrame:
+        """The ECDF test with simultaneous 1 − α bands per quantity."""
+        rows = [{"quantity": q, **ecdf_test(self.ranks[q], self.n_ranks, alpha, n_null)} for q in self.quantities]
+        return pd.DataFrame(rows).set_index("quantity")
+
+    def coverage(self, ci: float = 0.99) -> pd.DataFrame:
+        """Observed coverage of each central interval with its Clopper–Pearson ``ci`` interval."""
+        rows = []
+        n = len(self.records)
+        for q in self.quantities:
+            for p in self.levels:
+                k = int(self.records[f"in{_pct(p)}:{q}"].astype(bool).sum())
+                lo, hi = coverage_interval(k, n, ci)
+                rows.append((q, p, k, n, k / n, lo, hi, lo <= p <= hi))
+        return pd.DataFrame(rows, columns=["quantity", "nominal", "covered", "n", "coverage", "ci_low", "ci_high",
+                                           "consistent"])
+
+    def table(self, bins: int = 10, alpha: float = 0.05, ci: float = 0.99) -> pd.DataFrame:
+        """One row per quantity: chi-square p, ECDF p and band verdict, each coverage with its interval."""
+        chi = self.uniformity(bins)
+        ec = self.ecdf(alpha)
+        cov = self.coverage(ci)
+        out = pd.DataFrame(index=pd.Index(self.quantities, name="quantity"))
+        out["chi2_p"] = chi["p_value"]
+        out["ecdf_p"] = ec["p_value"]
+        out["ecdf_inside_band"] = ~ec["outside_band"]
+        for p in self.levels:
+            c = cov[cov.nominal == p].set_index("quantity")
+            out[f"cov{_pct(p)}"] = c["coverage"]
+            out[f"cov{_pct(p)}_low"] = c["ci_low"]
+            out[f"cov{_pct(p)}_high"] = c["ci_high"]
+            out[f"cov{_pct(p)}_ok"] = c["consistent"]
+        return out
