@@ -57,3 +57,26 @@ def test_effect_draws_have_conditional_mean_and_variance(data, formula):
     assert np.all(np.abs(mean - modes) < 5 * se)
     emp = np.einsum("sja,sjb->jab", b - mean, b - mean) / (S - 1)
     np.testing.assert_allclose(emp, cov, rtol=0.05, atol=0.05 * np.abs(cov).max())
+
+
+def test_fused_effect_draws_equal_the_numpy_formula():
+    """kernel.draw_effects_small (used for q ≤ 2) is _draw_small's arithmetic on the same normals."""
+    from bayeslmm.bayes.collapsed import _draw_small
+    from bayeslmm.bayes.kernel import draw_effects_small
+
+    rng = np.random.default_rng(4)
+    J, S, r = 37, 11, 3
+    for q in (1, 2):
+        A = rng.normal(size=(J, q, q))
+        G = np.einsum("jab,jcb->jac", A, A) + np.eye(q)
+        H, g = rng.normal(size=(J, q, r)), rng.normal(size=(J, q))
+        gamma = rng.normal(size=(S, r))
+        L = np.tril(rng.normal(size=(S, q, q)))
+        L[:, np.arange(q), np.arange(q)] = np.abs(L[:, np.arange(q), np.arange(q)]) + 0.1
+        s2 = rng.uniform(0.5, 2.0, S)
+        u = g[None] - np.einsum("jqr,sr->sjq", H, gamma)
+        ref = _draw_small(G, u, L, s2, np.random.default_rng(9))
+        eps = np.random.default_rng(9).standard_normal((q, S, J))
+        out = np.empty((S, J, q))
+        draw_effects_small(G, H, g, gamma, L, s2, eps, out)
+        np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)

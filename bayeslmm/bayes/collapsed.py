@@ -129,10 +129,15 @@ def draw_first_block(data: CollapsedData, gamma: np.ndarray, L: np.ndarray, sigm
     for start in range(0, S, chunk):
         sl = slice(start, min(S, start + chunk))
         gm, Ls, s2 = gamma[sl], L[sl], sigma[sl] ** 2
-        u = data.g[None] - np.einsum("jqr,sr->sjq", data.H, gm)                    # (s, J, q)
         if q <= 2:
-            out[sl] = _draw_small(data.G, u, Ls, s2, rng)
+            from .kernel import draw_effects_small
+
+            # the same normals, in the same order, as _draw_small; the arithmetic fused in one loop
+            eps = rng.standard_normal((q,) + (gm.shape[0], J)) if q == 2 else rng.standard_normal((1, gm.shape[0], J))
+            draw_effects_small(data.G, data.H, data.g, np.ascontiguousarray(gm), np.ascontiguousarray(Ls), s2, eps,
+                               out[sl])
             continue
+        u = data.g[None] - np.einsum("jqr,sr->sjq", data.H, gm)                    # (s, J, q)
         w = np.einsum("sba,sjb->sja", Ls, u)                                        # Lᵀu
         M = np.einsum("sba,jbc,scd->sjad", Ls, data.G, Ls) / s2[:, None, None, None]
         M += np.eye(q)

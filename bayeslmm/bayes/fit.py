@@ -338,8 +338,12 @@ def _add_first_block(spec, built, post, seed: int):
 
 def _summarise_effects(d: np.ndarray) -> np.ndarray:
     """(S, levels, q) draws → (levels, q, stat) with SUMMARY_STATS."""
-    q = np.moveaxis(np.quantile(d, SUMMARY_PROBS, axis=0), 0, -1)
-    return np.concatenate([d.mean(0)[..., None], d.std(0, ddof=1)[..., None], q], axis=-1)
+    from .kernel import summarise_columns
+
+    S, c, q = d.shape
+    out = np.empty((c * q, len(SUMMARY_STATS)))
+    summarise_columns(np.ascontiguousarray(d).reshape(S, c * q), np.asarray(SUMMARY_PROBS), out)
+    return out.reshape(c, q, len(SUMMARY_STATS))
 
 
 def _first_block_summary(built, post, seed: int, first) -> xr.Dataset:

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
@@ -359,3 +359,87 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
             drho = a10 * sd[1] - a11 * sd[1] * rho / cc
             grad[p + 3] += drho * cc * cc
     return lp
+
+
+@njit(cache=True, nogil=True)
+def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
+    """Exact draws of the first block's effects for q ≤ 2, fused over (draws, levels).
+
+    The loop form of :func:`bayeslmm.bayes.collapsed._draw_small`: for draw s and
+    level j, u = g_j − H_jγ_s, M = I + LᵀG_jL/σ², v = M⁻¹Lᵀu/σ² + C⁻ᵀε (C = chol M),
+    b = Lv.  ``eps`` is (q, S, J) standard normals (the same stream layout as the
+    numpy version), ``out`` is (S, J, q).
+    """
+    S = gamma.shape[0]
+    J = G.shape[0]
+    q = G.shape[1]
+    r = H.shape[2]
+    for s in range(S):
+        a = L[s, 0, 0]
+        inv_s2 = 1.0 / s2[s]
+        if q == 1:
+            for j in range(J):
+                u = g[j, 0]
+                for k in range(r):
+                    u -= H[j, 0, k] * gamma[s, k]
+                M = 1.0 + a * a * G[j, 0, 0] * inv_s2
+                v = a * u * inv_s2 / M + eps[0, s, j] / math.sqrt(M)
+                out[s, j, 0] = a * v
+            continue
+        b = L[s, 1, 0]
+        c = L[s, 1, 1]
+        for j in range(J):
+            u0 = g[j, 0]
+            u1 = g[j, 1]
+            for k in range(r):
+                u0 -= H[j, 0, k] * gamma[s, k]
+                u1 -= H[j, 1, k] * gamma[s, k]
+            g11 = G[j, 0, 0]
+            g12 = G[j, 0, 1]
+            g22 = G[j, 1, 1]
+            m11 = 1.0 + (a * a * g11 + 2.0 * a * b * g12 + b * b * g22) * inv_s2
+            m12 = c * (a * g12 + b * g22) * inv_s2
+            m22 = 1.0 + c * c * g22 * inv_s2
+            det = m11 * m22 - m12 * m12
+            w1 = (a * u0 + b * u1) * inv_s2
+            w2 = c * u1 * inv_s2
+            mean1 = (m22 * w1 - m12 * w2) / det
+            mean2 = (m11 * w2 - m12 * w1) / det
+            c11 = math.sqrt(m11)
+            c21 = m12 / c11
+            c22 = math.sqrt(m22 - c21 * c21)
+            n2 = eps[1, s, j] / c22
+            n1 = (eps[0, s, j] - c21 * n2) / c11
+            v1 = mean1 + n1
+            v2 = mean2 + n2
+            out[s, j, 0] = a * v1
+            out[s, j, 1] = b * v1 + c * v2
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def summarise_columns(d, probs, out):
+    """Mean, sd (ddof 1) and quantiles (numpy's linear method) of every column of d (S, K) → out (K, 2 + len(probs)).
+
+    Columns are independent, so they are spread over the cores (numba ``prange``).
+    """
+    S = d.shape[0]
+    K = d.shape[1]
+    for k in prange(K):
+        col = np.empty(S)
+        acc = 0.0
+        for s in range(S):
+            col[s] = d[s, k]
+            acc += col[s]
+        mean = acc / S
+        ss = 0.0
+        for s in range(S):
+            ss += (col[s] - mean) ** 2
+        out[k, 0] = mean
+        out[k, 1] = math.sqrt(ss / (S - 1)) if S > 1 else np.nan
+        col.sort()
+        for i in range(probs.shape[0]):
+            h = (S - 1) * probs[i]
+            lo = int(math.floor(h))
+            hi = min(lo + 1, S - 1)
+            t = h - lo
+            out[k, 2 + i] = col[lo] + t * (col[hi] - col[lo])
