@@ -220,3 +220,18 @@ def test_fit_methods_work_from_effect_summaries(effects_pair):
                                bayeslmm.pooling_table(full)["partial"].to_numpy(), rtol=1e-12)
     with pytest.raises(BayesLMMError, match="effects='summary'"):
         summ.r2(method="gelman")
+
+
+def test_the_sampler_never_sees_nan_or_an_exception():
+    """Where σ or an sd under/overflows the log-density is -inf with a zero gradient (a divergence for
+    NUTS); numba's default would raise ZeroDivisionError inside nutpie's thread and abort the run."""
+    _, _, _, kd = _kernel(FORMULAS[0], None)
+    f = kd.logp_function()
+    x = kd.initial_point(np.random.default_rng(0))
+    for idx in range(kd.p, kd.ndim):
+        for v in (-800.0, 800.0):
+            y = x.copy()
+            y[idx] = v
+            lp, grad = f(y)
+            assert np.isfinite(lp) or lp == -np.inf
+            assert np.all(np.isfinite(grad))

@@ -131,7 +131,12 @@ class KernelData:
 
         def logp(x, **_shared):
             grad = np.empty(ndim)
-            return _logp_grad(x, *args, grad), grad
+            lp = _logp_grad(x, *args, grad)
+            if not (np.isfinite(lp) and np.isfinite(grad).all()):
+                # far in the tails (σ or an sd under- or overflowing): a point NUTS must reject,
+                # reported as -inf (a divergence), never as NaN or an exception
+                return -np.inf, np.zeros(ndim)
+            return lp, grad
 
         return logp
 
@@ -168,7 +173,7 @@ def _prior_centre(fam: int, par: np.ndarray) -> float:
     return par[0]           # HalfNormal(sigma), HalfCauchy(beta)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scale_logp(fam, a, b, s):
     """log density of a positive scale s and its derivative in s."""
     if fam == 0:    # HalfNormal(sigma=a)
@@ -186,14 +191,14 @@ def _scale_logp(fam, a, b, s):
     return math.log(2.0 / math.pi) - math.log(a) - math.log1p(t * t), -2.0 * t / (a * (1.0 + t * t))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _log_sech2(z):
     """log(1 − tanh²z) = −2 log cosh z, without overflow."""
     az = abs(z)
     return -2.0 * (az + math.log1p(math.exp(-2.0 * az)) - math.log(2.0))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
                correlated, grad):
     p = XtX.shape[0]
@@ -361,7 +366,7 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
     return lp
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
     """Exact draws of the first block's effects for q ≤ 2, fused over (draws, levels).
 
@@ -416,7 +421,7 @@ def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
             out[s, j, 1] = b * v1 + c * v2
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def summarise_columns(d, probs, out):
     """Mean, sd (ddof 1) and quantiles (numpy's linear method) of every column of d (S, K) → out (K, 2 + len(probs)).
 

@@ -47,16 +47,19 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 from scipy import stats
 
 from ..crossprod import CrossProducts
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
+from .fit import _kernel_model, _kernel_posterior, _sample_kernel
+from .kernel import unsupported_reason
 from .model import block_names, build_pymc_model
 from .priors import Prior, PriorSet, resolve_priors
 
-SBC_SAMPLERS = ("nutpie",)
+SBC_SAMPLERS = ("kernel", "nutpie")
 #: the shared data containers of the collapsed model that hold the response
 RESPONSE_DATA = ("Z1ty", "Xty", "yty")
 LOGLIK = "loglik"
@@ -212,9 +215,13 @@ class SBCRunner:
     seed : int
     priors : dict, optional
         Overrides as for ``Model.fit``; default :func:`fixed_priors`.
-    sampler : "nutpie"
-        The only one: nutpie compiles the model once (numba) and each simulation is a
-        ``with_data`` copy of it (PyMC's own NUTS pays ~0.4 s of Python per fit more).
+    sampler : "kernel" or "nutpie"
+        ``"kernel"`` (default where it applies: one factor, at most two random-effect
+        columns): the compiled collapsed kernel that ``fit(method="nuts")`` uses by
+        default (:mod:`.kernel`), re-fed each simulation's response with nothing to
+        compile.  ``"nutpie"``: nutpie compiles the PyMC graph once (numba) and each
+        simulation is a ``with_data`` copy of it (PyMC's own NUTS pays ~0.4 s of Python
+        per fit more).
     levels : central interval probabilities whose coverage is recorded.
     fit_priors : dict, optional
         Priors of the *fitted* model when they should differ from those the truth is drawn
@@ -223,7 +230,7 @@ class SBCRunner:
     """
 
     def __init__(self, spec: ModelSpec, n_sims: int = 20, *, draws: int = 500, tune: int = 500, chains: int = 2,
-                 n_ranks: int = 99, seed: int = 0, priors: dict | None = None, sampler: str = "nutpie",
+                 n_ranks: int = 99, seed: int = 0, priors: dict | None = None, sampler: str = "auto",
                  levels: tuple[float, ...] = (0.5, 0.9), target_accept: float = 0.8,
                  fit_priors: dict | None = None):
         self.n_sims = _positive_int("n_sims", n_sims)
@@ -235,8 +242,8 @@ class SBCRunner:
         if self.n_ranks > self.chains * self.draws:
             raise BayesLMMError(f"n_ranks ({n_ranks}) must be at most chains × draws ({self.chains * self.draws}); "
                                 "lower n_ranks or draw more")
-        if sampler not in SBC_SAMPLERS:
-            raise BayesLMMError(f"sampler must be one of {list(SBC_SAMPLERS)}, got {sampler!r}")
+        if sampler not in SBC_SAMPLERS + ("auto",):
+            raise BayesLMMError(f"sampler must be one of {['auto', *SBC_SAMPLERS]}, got {sampler!r}")
         if not levels or not all(isinstance(p, float) and 0 < p < 1 for p in levels):
             raise BayesLMMError(f"levels must be interval probabilities strictly between 0 and 1, got {levels!r}")
         if not 0 < target_accept < 1:
@@ -246,6 +253,11 @@ class SBCRunner:
         self.prior_overrides = fixed_priors(spec) if priors is None else priors
         self.priors = resolve_priors(spec, self.prior_overrides)
         self.fit_priors = self.priors if fit_priors is None else resolve_priors(spec, fit_priors)
+        reason = unsupported_reason(spec, self.fit_priors, "collapsed")
+        if sampler == "auto":
+            self.sampler = "kernel" if reason is None else "nutpie"
+        elif sampler == "kernel" and reason is not None:
+            raise BayesLMMError(f"sampler='kernel' cannot fit this model: {reason}; use sampler='nutpie'")
         self.names = block_names(spec)
         self.cp = CrossProducts.from_spec(spec)
         self.params = draw_prior(spec, self.priors, self.n_sims, self.seed)
@@ -321,6 +333,10 @@ class SBCRunner:
     def compile(self) -> float:
         """Build and compile the collapsed model once; returns the seconds it took."""
         t0 = time.perf_counter()
+        if self.sampler == "kernel":
+            if self._compiled is None:
+                self._compiled = _kernel_model(self.spec, self.cp, self.fit_priors)[1]
+            return time.perf_counter() - t0
         built = self._build()
         if self._compiled is None:
             import nutpie
@@ -334,6 +350,13 @@ class SBCRunner:
         import nutpie
 
         self.compile()
+        if self.sampler == "kernel":
+            kd = dataclasses.replace(self._compiled, g=np.ascontiguousarray(data.g), Xty=data.Xty,
+                                     yty=float(data.yty))
+            dt = _sample_kernel(kd, self.draws, self.tune, self.chains, 1, seed, self.target_accept, 10, False)
+            dt["posterior"] = xr.DataTree(_kernel_posterior(self.spec, kd, self.names,
+                                                            dt["posterior"].to_dataset()))
+            return dt
         compiled = self._compiled.with_data(Z1ty=data.g, Xty=data.Xty, yty=data.yty)
         return nutpie.sample(compiled, draws=self.draws, tune=self.tune, chains=self.chains, cores=1, seed=seed,
                              progress_bar=False, save_warmup=False, target_accept=self.target_accept)
