@@ -87,7 +87,7 @@ def make_runner(size: str, n_sims: int, args) -> SBCRunner:
     if cfg["fit_priors"] is not None:
         fit_priors = {**fixed_priors(spec), **cfg["fit_priors"]}
     return SBCRunner(spec, n_sims, draws=args.draws, tune=args.tune, chains=args.chains, n_ranks=args.n_ranks,
-                     seed=cfg["seed"], priors=fixed_priors(spec), sampler="nutpie", fit_priors=fit_priors)
+                     seed=cfg["seed"], priors=fixed_priors(spec), sampler=args.sampler, fit_priors=fit_priors)
 
 
 def _jsonable(settings: dict) -> dict:
@@ -286,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", type=int, default=1000)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--n-ranks", type=int, default=99, help="thinned draws the truth is ranked among")
+    ap.add_argument("--sampler", default="kernel", choices=["kernel", "nutpie"],
+                    help="kernel: the compiled collapsed kernel fit(method='nuts') uses by default; "
+                         "nutpie: the PyMC graph compiled by nutpie")
     ap.add_argument("--fresh", action="store_true", help="discard existing results and start again")
     ap.add_argument("--report-only", action="store_true", help="only write the tables and figures")
     args = ap.parse_args(argv)
