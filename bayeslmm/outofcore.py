@@ -54,9 +54,10 @@ from .formula.design import (
     _formulae_frame,
     _group_codes,
     _lme4_order,
-    formula_with_groups,
+    check_levels,
+    parse_mixed_formula,
 )
-from .formula.parse import BarTerm, parse_formula, referenced_names
+from .formula.parse import referenced_names
 from .spec import Moments, ModelSpec, RandomBlock, RowMoments
 
 __all__ = ["is_dask_dataframe", "is_parquet_source", "read_parquet", "build_out_of_core"]
@@ -470,13 +471,7 @@ def build_out_of_core(
     if not all(isinstance(c, str) for c in data.columns):
         data = data.rename(columns={c: str(c) for c in data.columns})
     meta = data._meta
-    formula_full = formula_with_groups(formula, groups)
-    parsed = parse_formula(formula_full)
-    if not parsed.bars:
-        raise FormulaError(
-            f"formula {formula_full!r} has no random-effect term such as '(1 | group)'; "
-            "add one, or use groups={'column': '1'}"
-        )
+    formula_full, parsed = parse_mixed_formula(formula, groups)
     used = _check_columns(parsed, meta)
     _check_transforms(parsed)
     if parsed.response in meta.columns:
@@ -584,7 +579,7 @@ def build_out_of_core(
         for factor in bar.factors:
             f = factors.index(factor)
             levels = factor_levels[f]
-            _check_levels(bar, ":".join(factor), levels, q, n)
+            check_levels(bar, ":".join(factor), levels, q, n)
             block = RandomBlock(group=":".join(factor), codes=np.zeros(0, dtype=np.int64), levels=levels,
                                 Z=np.zeros((0, q)), columns=cols, correlated=not bar.independent or q == 1)
             templates.append(block)
@@ -661,28 +656,6 @@ def build_out_of_core(
     cp = CrossProducts.from_blocks(n, p, blocks[0], tuple(blocks[1:]), sums.A11, Arr, B)
     log.info("cross-product blocks assembled (m = %d, nnz(P) = %d): %.2f s", cp.m, cp.P.nnz, time.perf_counter() - t0)
     return spec, cp
-
-
-def _check_levels(bar: BarTerm, group: str, levels: tuple, q: int, n: int) -> None:
-    """The in-memory checks of a grouping factor's levels (``design._make_block``)."""
-    n_levels = len(levels)
-    if n_levels < 2:
-        raise ModelError(
-            f"grouping factor {group!r} in {bar.text} has only one level ({levels[0]!r}); a "
-            "random effect needs at least two groups: drop the term or use a fixed effect"
-        )
-    if n_levels >= n:
-        raise ModelError(
-            f"grouping factor {group!r} in {bar.text} has {n_levels} levels for {n} observations; "
-            "the number of levels must be smaller than the number of observations "
-            "(each group its own observation leaves the residual unidentifiable)"
-        )
-    if n_levels * q >= n:
-        raise ModelError(
-            f"the term {bar.text} has {n_levels * q} random effects ({n_levels} levels × {q}) for "
-            f"{n} observations; the random effects and the residual variance are unidentifiable. "
-            "Simplify the term (fewer slopes) or use more data"
-        )
 
 
 def _independent_columns(G: np.ndarray, names: list[str], rank_deficient: str) -> tuple[list[int], list[str]]:

@@ -11,7 +11,6 @@ FIGURE_DIR (or the environment variable BAYESLMM_FIGURES) receives the figures; 
 default a new temporary folder.  BAYESLMM_QUICK=1 runs short NUTS chains (for tests).
 """
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,18 +21,11 @@ import pandas as pd
 import bayeslmm
 from bayeslmm import Model
 
-
-def settings() -> dict:
-    """NUTS settings: the tutorial's (4 chains × 1000 draws), or short ones with BAYESLMM_QUICK=1."""
-    if os.environ.get("BAYESLMM_QUICK", "") not in ("", "0"):
-        return {"draws": 200, "tune": 200, "chains": 2}
-    return {"draws": 1000, "tune": 1000, "chains": 4}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tutorial import figure_dir_for, settings  # noqa: E402
 
 
-def figure_dir(out_dir=None) -> Path:
-    folder = Path(out_dir or os.environ.get("BAYESLMM_FIGURES") or tempfile.mkdtemp(prefix="bayeslmm-sleep-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+figure_dir = figure_dir_for("sleep")
 
 
 def main(out_dir=None) -> dict:

@@ -14,3 +14,16 @@ def load_reference() -> dict:
 @pytest.fixture(scope="session")
 def lme4_reference() -> dict:
     return load_reference()
+
+
+@pytest.fixture(scope="session")
+def sleep_model():
+    """sleepstudy's ``Reaction ~ Days + (Days | Subject)`` (shared; a test file may define its own)."""
+    from bayeslmm import Model
+
+    return Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
+
+
+@pytest.fixture(scope="session")
+def sleep_reml(sleep_model):
+    return sleep_model.fit(method="reml")

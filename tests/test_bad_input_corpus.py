@@ -381,7 +381,7 @@ def test_unreadable_files(tmp_path, capsys, name, content, pattern):
     path.write_bytes(content)
     code, err = run_cli(["fit", str(path), F], capsys)
     assert code == 2
-    assert err.startswith(f"bayeslmm: error: ")
+    assert err.startswith("bayeslmm: error: ")
     assert re.search(pattern, err, re.S), err
 
 

@@ -9,16 +9,6 @@ from bayeslmm import BayesLMMError, Model, ModelError, compare
 
 
 @pytest.fixture(scope="module")
-def sleep_model():
-    return Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
-
-
-@pytest.fixture(scope="module")
-def sleep_reml(sleep_model):
-    return sleep_model.fit(method="reml")
-
-
-@pytest.fixture(scope="module")
 def sleep_bayes(sleep_model):
     return sleep_model.fit(method="nuts", draws=300, tune=300, chains=2, random_seed=7, progressbar=False,
                            warn=False)

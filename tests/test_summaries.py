@@ -8,16 +8,6 @@ from bayeslmm.simulate import simulate_doctors
 
 
 @pytest.fixture(scope="module")
-def sleep_model():
-    return Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
-
-
-@pytest.fixture(scope="module")
-def sleep_reml(sleep_model):
-    return sleep_model.fit(method="reml")
-
-
-@pytest.fixture(scope="module")
 def sleep_bayes(sleep_model):
     return sleep_model.fit(method="nuts", draws=300, tune=300, chains=2, random_seed=3, progressbar=False,
                            warn=False)

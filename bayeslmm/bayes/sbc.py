@@ -56,7 +56,7 @@ from ..spec import ModelSpec
 from .collapsed import CollapsedData
 from .fit import _kernel_model, _kernel_posterior, _sample_kernel
 from .kernel import unsupported_reason
-from .model import block_names, build_pymc_model
+from .model import block_names, build_pymc_model, centring_matrix
 from .priors import Prior, PriorSet, resolve_priors
 
 SBC_SAMPLERS = ("kernel", "nutpie")
@@ -84,16 +84,6 @@ def fixed_priors(spec: ModelSpec, *, coef_sd: float = 2.5, sigma_rate: float = 1
     return out
 
 
-def _centring_matrix(spec: ModelSpec, priors: PriorSet) -> np.ndarray:
-    """β = C β_c, β_c the coefficients on centred predictors (as the PyMC model has them)."""
-    C = np.eye(spec.n_fixed)
-    if priors.centred:
-        i0 = list(spec.fixed_names).index("(Intercept)")
-        C[i0, :] -= priors.x_means
-        C[i0, i0] = 1.0
-    return C
-
-
 def draw_prior(spec: ModelSpec, priors: PriorSet, n: int, seed: int) -> dict[str, np.ndarray]:
     """``n`` draws of every parameter from ``priors`` (the PyMC distributions of the model).
 
@@ -112,7 +102,7 @@ def draw_prior(spec: ModelSpec, priors: PriorSet, n: int, seed: int) -> dict[str
     values = [np.asarray(v, dtype=float).reshape((n,) + np.shape(v)[1:]) for v in values]
     p = spec.n_fixed
     beta_c = np.stack(values[:p], axis=1)
-    out = {"beta": beta_c @ _centring_matrix(spec, priors).T, "sigma": values[p]}
+    out = {"beta": beta_c @ centring_matrix(spec, priors).T, "sigma": values[p]}
     k = p + 1
     for name, block in zip(block_names(spec), spec.blocks):
         out[f"{name}_sd"] = values[k]

@@ -300,6 +300,18 @@ def _drop_rank_deficient(X: pd.DataFrame, rank_deficient: str) -> tuple[pd.DataF
     return X.iloc[:, kept], dropped
 
 
+def parse_mixed_formula(formula: str, groups=None):
+    """The full formula (groups= folded in) and its parse; it must have a random-effect term."""
+    formula_full = formula_with_groups(formula, groups)
+    parsed = parse_formula(formula_full)
+    if not parsed.bars:
+        raise FormulaError(
+            f"formula {formula_full!r} has no random-effect term such as '(1 | group)'; "
+            "add one, or use groups={'column': '1'}"
+        )
+    return formula_full, parsed
+
+
 def build_spec(
     formula: str,
     data: pd.DataFrame,
@@ -336,13 +348,7 @@ def build_spec(
         raise DataError("data is empty: it has no rows to fit")
     if not all(isinstance(c, str) for c in data.columns):
         data = data.rename(columns=str)  # formulas name columns by strings
-    formula_full = formula_with_groups(formula, groups)
-    parsed = parse_formula(formula_full)
-    if not parsed.bars:
-        raise FormulaError(
-            f"formula {formula_full!r} has no random-effect term such as '(1 | group)'; "
-            "add one, or use groups={'column': '1'}"
-        )
+    formula_full, parsed = parse_mixed_formula(formula, groups)
     used = _check_columns(parsed, data)
     data, notes = _check_missing(data, used, missing)
     if len(data) == 0:
@@ -421,9 +427,8 @@ def _lme4_order(blocks: list[RandomBlock]) -> list[RandomBlock]:
     return out
 
 
-def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: pd.DataFrame, n: int) -> RandomBlock:
-    group = ":".join(factor)
-    codes, levels = _group_codes(factor, data)
+def check_levels(bar: BarTerm, group: str, levels: tuple, q: int, n: int) -> None:
+    """A grouping factor needs ≥ 2 levels, fewer levels than rows, and fewer effects than rows."""
     n_levels = len(levels)
     if n_levels < 2:
         raise ModelError(
@@ -436,13 +441,20 @@ def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: 
             "the number of levels must be smaller than the number of observations "
             "(each group its own observation leaves the residual unidentifiable)"
         )
-    q = lhs.shape[1]
     if n_levels * q >= n:
         raise ModelError(
             f"the term {bar.text} has {n_levels * q} random effects ({n_levels} levels × {q}) for "
             f"{n} observations; the random effects and the residual variance are unidentifiable. "
             "Simplify the term (fewer slopes) or use more data"
         )
+
+
+def _make_block(bar: BarTerm, factor: tuple[str, ...], lhs: pd.DataFrame, data: pd.DataFrame, n: int) -> RandomBlock:
+    group = ":".join(factor)
+    codes, levels = _group_codes(factor, data)
+    n_levels = len(levels)
+    q = lhs.shape[1]
+    check_levels(bar, group, levels, q, n)
     for col in lhs.columns:
         _check_scale(lhs[col].to_numpy(), f"the column {col!r} of {bar.text}")
     if q > 1:
