@@ -60,7 +60,14 @@ read_columns <- function(dir) {
 
 # minimal JSON writer (no dependency on jsonlite)
 num <- function(x) if (length(x) == 1L && is.finite(x)) formatC(x, digits = 17, format = "g") else "null"
-jstr <- function(x) paste0('"', gsub('"', '\\\\"', x), '"')
+jstr <- function(x) {  # a JSON string: backslashes, quotes and control characters escaped
+  x <- gsub("\\", "\\\\", x, fixed = TRUE)
+  x <- gsub('"', '\\"', x, fixed = TRUE)
+  x <- gsub("\n", "\\n", x, fixed = TRUE)
+  x <- gsub("\t", "\\t", x, fixed = TRUE)
+  x <- gsub("[[:cntrl:]]", " ", x)
+  paste0('"', x, '"')
+}
 arr <- function(x) paste0("[", paste(vapply(x, num, ""), collapse = ", "), "]")
 sarr <- function(x) paste0("[", paste(vapply(x, function(s) if (is.na(s)) "null" else jstr(s), ""),
                                       collapse = ", "), "]")

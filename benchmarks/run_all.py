@@ -893,7 +893,7 @@ def run_job(rec: dict, ds: Dataset, data_dir: Path, tmp: Path, budget: float, me
         try:
             if engine == "lme4":
                 text = log.read_text()
-                res = json.loads(text[text.index("{"): text.rindex("}") + 1])
+                res = json.loads(text[text.index("{"): text.rindex("}") + 1], strict=False)
             else:
                 res = json.loads(out.read_text())
                 if method == "NUTS" and not res.get("runs"):
