@@ -559,6 +559,15 @@ def _agreement(r: dict) -> str:
     return r.get("sampler") or ""
 
 
+def _peer_warning(r: dict, width: int = 90) -> str:
+    """A REML peer's own convergence warning, shortened to one line (lme4's messages have newlines)."""
+    if r["method"] != "REML" or r["engine"] == "bayeslmm" or not r.get("warnings"):
+        return ""
+    text = " ".join(" ".join(str(w).split()) for w in r["warnings"])
+    text = f"{r['engine']} warns: {text}"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def table_rows(records: list[dict]) -> list[list[str]]:
     body = []
     for r in records:
@@ -576,7 +585,7 @@ def table_rows(records: list[dict]) -> list[list[str]]:
             fmt_ratio(vs.get("speedup")) if vs.get("speedup") else "",
             _agreement(r),
             ("-" if load is None else f"{load:.2f}") + (" busy" if busy else ""),
-            r.get("note") or "",
+            "; ".join(x for x in (r.get("note"), _peer_warning(r)) if x),
         ])
     return body
 
@@ -602,12 +611,47 @@ def render_table(records: list[dict]) -> str:
     return bb.md_table(TABLE_HEADERS, table_rows(records), align)
 
 
+def pivot_cell(r: dict | None) -> str:
+    """One engine's result as a cell of the side-by-side table."""
+    if r is None:
+        return "-"
+    busy = "*" if (r.get("other_load_cores") or 0) > BUSY_WARN_CORES else ""
+    if r.get("status") != "ok":
+        return (r.get("status") or "-") + busy
+    if r["method"] == "REML":
+        return f"{fmt_seconds(r.get('wall'))}, {fmt_mem(r.get('peak_rss_mib'))}{busy}"
+    return (f"{fmt_ess_rate(r.get('ess_per_s'))}/s, {fmt_seconds(r.get('wall'))}, "
+            f"{fmt_mem(r.get('peak_rss_mib'))}{busy}")
+
+
+def pivot_table(records: list[dict]) -> str:
+    """Side by side, one line per data set: REML wall and peak memory of each engine, NUTS
+    min ESS per second, wall and peak memory; '*' marks a job run while the machine was busy."""
+    by = {(r["dataset"], r["method"], r["engine"]): r for r in records}
+    datasets = []
+    for r in sort_records(records):
+        if r["dataset"] not in [d["dataset"] for d in datasets]:
+            datasets.append(r)
+    headers = ["data", "rows", "REML bayeslmm", "REML lme4", "REML statsmodels", "NUTS bayeslmm", "NUTS bambi"]
+    body = []
+    for d in datasets:
+        rows = f"{d['rows']:,}" if d.get("rows") else "-"
+        body.append([d["dataset"], rows] + [pivot_cell(by.get((d["dataset"], m, e))) for m, e in ENGINES])
+    return bb.md_table(headers, body, ["l", "r", "r", "r", "r", "r", "r"])
+
+
+PIVOT_LEGEND = ("REML cells: wall, peak RSS; NUTS cells: min bulk ESS per second, wall, peak RSS; "
+                "'*': taken while other processes used > 0.25 cores; timeout / OOM / skipped: see the full table.")
+
+
 def render_report(records: list[dict], environments: dict, notes: list[str]) -> str:
     records = compare_records(sort_records(records))
     lines = []
+    used = {r.get("run_at") for r in records}
     for run_at, env in sorted(environments.items()):
-        lines.append(f"run {run_at}: {env_line(env)}")
-    lines += ["", render_table(records), "", LEGEND]
+        if run_at in used:  # runs whose rows were all replaced by a merge are left out
+            lines.append(f"run {run_at}: {env_line(env)}")
+    lines += ["", pivot_table(records), "", PIVOT_LEGEND, "", render_table(records), "", LEGEND]
     busy = [f"{r['dataset']} {r['method']} {r['engine']}" for r in records
             if (r.get("other_load_cores") or 0) > BUSY_WARN_CORES]
     if busy:

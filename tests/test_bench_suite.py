@@ -227,7 +227,8 @@ def test_report_table_cells(records):
                                  ["lme4 skipped: nothing"])
     lines = text.splitlines()
     assert lines[0].startswith("run 2026-11-21 09:00: Xeon, 2 cores; Python 3.12.1; lme4 1.1.31")
-    table = [ln for ln in lines if ln.startswith("| ")]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| data") and "groups" in ln)
+    table = [ln for ln in lines[start:] if ln.startswith("| ")]   # the full table, after the pivot
     assert table[0].split("|")[1].strip() == "data" and len(table) == 1 + len(records)
     cells = {(c[1], c[4], c[5]): c for c in ([x.strip() for x in ln.split("|")] for ln in table[1:])}
     ours = cells[("sleepstudy", "REML", "bayeslmm")]
@@ -268,3 +269,35 @@ def test_fill_nuts_from_a_bench_bayes_worker_result():
     assert rec["min_ess"] == 1800.0 and rec["ess_per_s"] == pytest.approx(900.0)
     assert rec["max_rhat"] == pytest.approx(1.004) and rec["sampler"] == "nutpie (kernel)"
     assert rec["wall"] == 2.0 and rec["version"] == "0.1.0"
+
+
+def test_peer_convergence_warning_in_note_on_one_line(records):
+    lme4 = next(r for r in records if r["engine"] == "lme4")
+    lme4["warnings"] = ["Model failed to converge with max|grad| = 0.0269 (tol = 0.002, component 1); "
+                        "Model is nearly unidentifiable: very large eigenvalue\n - Rescale variables?"]
+    ours_nuts = next(r for r in records if r["engine"] == "bayeslmm" and r["method"] == "NUTS")
+    ours_nuts["warnings"] = ["UserWarning: the pointwise log-likelihood was not stored"]
+    rows = {(c[0], c[3], c[4]): c for c in run_all.table_rows(run_all.compare_records(records))}
+    note = rows[("sleepstudy", "REML", "lme4")][-1]
+    assert note.startswith("lme4 warns: Model failed to converge with max|grad| = 0.0269")
+    assert "\n" not in note and len(note) <= 90 and note.endswith("…")
+    assert rows[("sleepstudy", "NUTS", "bayeslmm")][-1] == ""   # bayeslmm's own notices stay in the JSON
+
+
+def test_pivot_table_side_by_side(records):
+    records[0]["other_load_cores"] = 0.61
+    lines = run_all.pivot_table(run_all.compare_records(records)).splitlines()
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
+        "data", "rows", "REML bayeslmm", "REML lme4", "REML statsmodels", "NUTS bayeslmm", "NUTS bambi"]
+    cells = {c[1]: c for c in ([x.strip() for x in ln.split("|")] for ln in lines[2:])}
+    assert list(cells) == ["sleepstudy", "exam", "sim 1e3 x 50", "sim 1e6 x 1e4"]
+    assert cells["sleepstudy"][3:8] == ["11.8 ms, 190 MiB", "14.0 ms, 190 MiB", "103.0 ms, 190 MiB",
+                                        "560/s, 5.87 s, 380 MiB", "289/s, 7.00 s, 380 MiB*"]
+    assert cells["exam"][4:8] == ["-", "-", "-", "-"]
+    assert cells["sim 1e6 x 1e4"][3:8] == ["1.90 s, 190 MiB", "-", "timeout*", "-", "OOM"]
+
+
+def test_report_lists_only_runs_that_still_have_rows(records):
+    envs = {"2026-11-21 09:00": {"processor": "Xeon"}, "2026-11-21 08:00": {"processor": "old"}}
+    text = run_all.render_report(records, envs, [])
+    assert "run 2026-11-21 09:00: Xeon" in text and "08:00" not in text
