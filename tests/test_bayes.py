@@ -200,3 +200,17 @@ def test_nutpie_sampler(sleep_model):
     fit = sleep_model.fit(method="nuts", sampler="nutpie", random_seed=7, **FAST)
     _check_against_lme4(fit, "sleepstudy_corr_reml")
     assert fit.sampler == "nutpie" and fit.diagnostics().ok
+
+
+def test_data_rich_sampled_blocks_are_centred():
+    """Penicillin: 'sample' (6 levels, 24 rows each) is sampled centred, 'plate' (24 levels, 6 rows) non-centred."""
+    from bayeslmm.bayes.model import build_pymc_model, centred_block
+    from bayeslmm.bayes.priors import resolve_priors
+
+    m = Model("diameter ~ 1 + (1 | plate) + (1 | sample)", "Penicillin")
+    spec = m.spec
+    assert [b.group for b in spec.blocks] == ["plate", "sample"]
+    assert [centred_block(spec, b) for b in spec.blocks] == [False, True]
+    built = build_pymc_model(spec, m.crossprods, resolve_priors(spec, None), "explicit")
+    free = {rv.name for rv in built.model.free_RVs}
+    assert {"plate_z", "sample"} <= free and "sample_z" not in free

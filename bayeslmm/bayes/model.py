@@ -60,6 +60,20 @@ def _block_cov(name: str, block, bp, pm, pt):
     return pt.diag(sds)
 
 
+#: a sampled one-column block is centred when its levels average at least this many rows
+CENTRED_MIN_ROWS = 20
+
+
+def centred_block(spec: ModelSpec, block) -> bool:
+    """Whether a sampled block's effects are parameterised centred (b ~ N(0, sd²)) rather than b = sd·z.
+
+    Betancourt & Girolami (2015): non-centred suits weakly informed effects, centred
+    strongly informed ones; here a one-column block whose levels average ≥ 20 rows
+    (InstEval's lecturers and departments) is centred.
+    """
+    return block.q == 1 and spec.n_obs / block.n_levels >= CENTRED_MIN_ROWS
+
+
 def centring_matrix(spec: ModelSpec, priors: PriorSet) -> np.ndarray:
     """C with β = C β_c: β_c are the coefficients on centred predictors (intercept at the means)."""
     Cm = np.eye(spec.n_fixed)
@@ -103,9 +117,15 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
         first = 1 if parameterization == "collapsed" else 0
         effects = []
         for name, block, L in zip(names[first:], spec.blocks[first:], chols[first:]):
-            z = pm.Normal(f"{name}_z", 0.0, 1.0, dims=(f"{name}_level", f"{name}_effect"))
+            dims = (f"{name}_level", f"{name}_effect")
+            if centred_block(spec, block):
+                # data-rich levels: the centred form b ~ N(0, sd²) has the better geometry
+                # (the non-centred one turns into a ridge between z and the sd)
+                effects.append(pm.Normal(name, 0.0, L[0, 0], dims=dims))
+                continue
+            z = pm.Normal(f"{name}_z", 0.0, 1.0, dims=dims)
             internal.append(f"{name}_z")
-            effects.append(pm.Deterministic(name, pt.dot(z, L.T), dims=(f"{name}_level", f"{name}_effect")))
+            effects.append(pm.Deterministic(name, pt.dot(z, L.T), dims=dims))
         if parameterization == "collapsed":
             data = CollapsedData.from_crossprods(cp)
             # the response enters only through these three: shared, so that a compiled
