@@ -68,3 +68,48 @@ def test_centred_fit_saves_and_loads_to_the_same_numbers(fits, tmp_path):
     assert again.objective == offset.objective
     np.testing.assert_array_equal(again.fixef_se.to_numpy(), offset.fixef_se.to_numpy())
     np.testing.assert_array_equal(again.ranef()["Subject"].to_numpy(), offset.ranef()["Subject"].to_numpy())
+
+
+# -- a response far from zero: the cross-products are taken of y − mean(y) -------------------
+def test_response_offset_does_not_cost_digits():
+    """sleepstudy + 1e8 used to give σ 25.38 (yᵀy ~ 1e16 per row swamps the residual sum of squares)."""
+    df = load_dataset("sleepstudy")
+    df["R8"] = df["Reaction"] + 1e8
+    plain = Model("Reaction ~ Days + (Days | Subject)", df).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the far-from-zero response warning is expected
+        m = Model("R8 ~ Days + (Days | Subject)", df)
+        offset = m.fit()
+    assert m.crossprods.y_shift == pytest.approx(1e8 + df["Reaction"].mean())
+    assert offset.objective == pytest.approx(plain.objective, rel=1e-10)
+    assert offset.sigma == pytest.approx(plain.sigma, rel=1e-6)
+    assert offset.fixef["(Intercept)"] == pytest.approx(plain.fixef["(Intercept)"] + 1e8, rel=1e-12)
+    assert offset.fixef["Days"] == pytest.approx(plain.fixef["Days"], rel=1e-6)
+    np.testing.assert_allclose(offset.varcorr["sdcor"], plain.varcorr["sdcor"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(offset.fitted - 1e8, plain.fitted, atol=1e-5)
+
+
+def test_collapsed_data_undoes_the_shift_exactly():
+    """The Bayesian engines read the same y-blocks as if no shift had been made."""
+    from bayeslmm.bayes.collapsed import CollapsedData
+    from bayeslmm.crossprod import CrossProducts
+
+    df = load_dataset("sleepstudy")
+    df["R4"] = df["Reaction"] + 1e4       # |mean| / sd ≈ 180: shifted, and still exact enough unshifted
+    spec = Model("R4 ~ Days + (Days | Subject)", df).spec
+    shifted = CrossProducts.from_spec(spec)
+    assert shifted.y_shift != 0
+    import bayeslmm.crossprod as cpmod
+
+    ratio = cpmod.SHIFT_RATIO
+    try:
+        cpmod.SHIFT_RATIO = float("inf")
+        direct = CrossProducts.from_spec(spec)
+    finally:
+        cpmod.SHIFT_RATIO = ratio
+    assert direct.y_shift == 0
+    a, b = CollapsedData.from_crossprods(shifted), CollapsedData.from_crossprods(direct)
+    np.testing.assert_allclose(a.g, b.g, rtol=1e-12)
+    np.testing.assert_allclose(a.Xty, b.Xty, rtol=1e-12)
+    assert a.yty == pytest.approx(b.yty, rel=1e-12)
+    np.testing.assert_array_equal(a.XtX, b.XtX)

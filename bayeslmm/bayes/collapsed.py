@@ -53,8 +53,16 @@ class CollapsedData:
         H = B[:r, :].T.reshape(J, q, r)
         g = B[r, :].reshape(J, q)
         Arr = np.ascontiguousarray(cp.Arr)
-        return cls(G=cp.A11, H=np.ascontiguousarray(H), g=np.ascontiguousarray(g), XtX=Arr[:r, :r].copy(),
-                   Xty=Arr[:r, r].copy(), yty=float(Arr[r, r]), n_obs=cp.n_obs)
+        XtX, Xty, yty = Arr[:r, :r].copy(), Arr[:r, r].copy(), float(Arr[r, r])
+        if cp.y_shift:
+            # the blocks are of y' = y − c·1 (CrossProducts.response_shift); the likelihood here is
+            # of y itself: 1 is the intercept column k, so Zᵀ1 = H[..., k], X̃ᵀ1 = X̃ᵀX̃[:, k]
+            c, k = cp.y_shift, cp.n_rest_effects + cp.intercept
+            yty = yty + 2.0 * c * Xty[k] + c * c * cp.n_obs
+            g = g + c * H[:, :, k]
+            Xty = Xty + c * XtX[:, k]
+        return cls(G=cp.A11, H=np.ascontiguousarray(H), g=np.ascontiguousarray(g), XtX=XtX,
+                   Xty=Xty, yty=yty, n_obs=cp.n_obs)
 
 
 def collapsed_loglik(data: CollapsedData, gamma, L, sigma):

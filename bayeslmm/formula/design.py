@@ -369,7 +369,7 @@ def build_spec(
         notes.append(msg)
         warnings.warn(msg, stacklevel=3)
     if INTERCEPT in X.columns:  # then a shift of y or of a column changes only the intercept
-        _warn_offset(y, f"the response {parsed.response!r}")
+        # (the response itself is shifted inside the cross-products: crossprod.response_shift)
         for col in X.columns:
             if col != INTERCEPT:
                 _warn_offset(X[col].to_numpy(), f"the fixed-effect column {col!r}")

@@ -73,7 +73,9 @@ def compute_estimates(dev: ProfiledDeviance, f: Factorization, condvar: bool = T
     Lp = Lr[: m - 1, : m - 1]
     ell = Lr[m - 1, : m - 1]
     z = sla.solve_triangular(Lp, ell, lower=True, trans="T", check_finite=False)
-    beta = z[mR:]
+    beta = z[mR:].copy()
+    if cp.y_shift:  # the cross-products are of y − c·1: the intercept takes c back
+        beta[cp.intercept] += cp.y_shift
     u_rest = z[:mR]
     rhs = np.asarray(Lr1[m - 1, :].toarray()).ravel() - Lr1[: m - 1, :].T @ z
     rhs = rhs.reshape(n1, q1)
