@@ -3,9 +3,10 @@
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from bayeslmm import Model, load
+from bayeslmm import BayesLMMError, Model, load
 from bayeslmm.datasets import load_dataset
 from bayeslmm.reml.fit import centring_shifts, theta_from_centred, theta_to_centred
 
@@ -113,3 +114,17 @@ def test_collapsed_data_undoes_the_shift_exactly():
     np.testing.assert_allclose(a.Xty, b.Xty, rtol=1e-12)
     assert a.yty == pytest.approx(b.yty, rel=1e-12)
     np.testing.assert_array_equal(a.XtX, b.XtX)
+
+
+def test_exactly_fitted_data_with_an_offset_slope_does_not_crash():
+    """Found by the slow property search: y a line in x (two distinct points), x far from zero."""
+    df = pd.DataFrame({"y": [0.400275, 0.411264, 0.400275, 0.411264, 0.400275],
+                       "x": [-1.199449, -1.177473, -1.199449, -1.177473, -1.199449],
+                       "g": pd.Categorical([0, 1, 0, 1, 0])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fit = Model("y ~ x + (x | g)", df).fit()
+        except BayesLMMError:
+            return  # a clear refusal is fine; a LinAlgError is not
+    assert np.isfinite(fit.objective) and np.all(np.isfinite(fit.fixef))

@@ -46,7 +46,7 @@ def fit_frequentist(
     if shifts is None:
         record = minimize_bobyqa(dev, theta0, spec.theta_lower, **optimizer_options)
     else:
-        record = _minimize_centred(spec, shifts, reml, **optimizer_options)
+        record, theta_c = _minimize_centred(spec, shifts, reml, **optimizer_options)
     if not np.isfinite(record.objective):
         raise ModelError(
             "the deviance could not be evaluated at any θ the optimizer tried; the data may be "
@@ -55,13 +55,14 @@ def fit_frequentist(
     for w in record.warnings:
         warnings.warn(w, stacklevel=3)
     theta = record.end
-    objective, est = estimates_at(spec, theta, reml, dev=dev if shifts is None else None, shifts=shifts)
+    objective, est = estimates_at(spec, theta, reml, dev=dev if shifts is None else None, shifts=shifts,
+                                  theta_centred=None if shifts is None else theta_c)
     return FreqFit(spec=spec, method="REML" if reml else "ML", theta=theta, objective=objective, estimates=est,
                    optimization=record, data_name=data_name)
 
 
 def estimates_at(spec: ModelSpec, theta: np.ndarray, reml: bool, crossprods: CrossProducts | None = None,
-                 dev: ProfiledDeviance | None = None, shifts="auto"):
+                 dev: ProfiledDeviance | None = None, shifts="auto", theta_centred: np.ndarray | None = None):
     """The criterion and every estimate at θ (of the model as written).
 
     Where :func:`centring_shifts` re-expresses a term, they are evaluated in the
@@ -76,7 +77,20 @@ def estimates_at(spec: ModelSpec, theta: np.ndarray, reml: bool, crossprods: Cro
         return float(dev.objective(f)), compute_estimates(dev, f)
     spec_c = _centred_spec(spec, shifts)
     dev_c = ProfiledDeviance(spec_c, None, reml=reml)
-    f = dev_c.factor(theta_to_centred(spec, theta, shifts))
+    # θ mapped to the centred coordinates (what load() recomputes, so a reloaded fit is identical);
+    # for a degenerate, exactly fitted model the round trip can land a hair outside the
+    # positive-definite region: then the optimizer's own point, then the raw coordinates
+    f = None
+    for point in (theta_to_centred(spec, theta, shifts), theta_centred):
+        if point is None:
+            continue
+        try:
+            f = dev_c.factor(point)
+            break
+        except np.linalg.LinAlgError:
+            continue
+    if f is None:
+        return estimates_at(spec, theta, reml, crossprods, shifts=None)
     est = compute_estimates(dev_c, f)
     Cs = [None if m is None else _centring_matrix(b, m) for b, m in zip(spec.blocks, shifts)]
     b = [bk if C is None else bk @ C.T for bk, C in zip(est.b, Cs)]
@@ -153,12 +167,13 @@ def _centred_spec(spec: ModelSpec, shifts) -> ModelSpec:
 
 
 def _minimize_centred(spec: ModelSpec, shifts, reml: bool, **optimizer_options):
-    """Optimise the centred model and return the record with θ of the model as written."""
+    """Optimise the centred model: the record with θ of the model as written, and the centred optimum θ'."""
     spec_c = _centred_spec(spec, shifts)
     dev_c = ProfiledDeviance(spec_c, None, reml=reml)
     rec = minimize_bobyqa(dev_c, spec_c.theta_start, spec_c.theta_lower, **optimizer_options)
     moved = ", ".join(f"{b.group}: {c} − {mv:.6g}" for b, m in zip(spec.blocks, shifts) if m is not None
                       for c, mv in zip(b.columns, m) if mv != 0)
-    return replace(rec, start=theta_from_centred(spec, rec.start, shifts),
-                   end=theta_from_centred(spec, rec.end, shifts),
-                   message=f"{rec.message} (optimised with centred slopes, {moved}; θ mapped back)")
+    record = replace(rec, start=theta_from_centred(spec, rec.start, shifts),
+                     end=theta_from_centred(spec, rec.end, shifts),
+                     message=f"{rec.message} (optimised with centred slopes, {moved}; θ mapped back)")
+    return record, rec.end
