@@ -131,12 +131,7 @@ class KernelData:
 
         def logp(x, **_shared):
             grad = np.empty(ndim)
-            lp = _logp_grad(x, *args, grad)
-            if not (np.isfinite(lp) and np.isfinite(grad).all()):
-                # far in the tails (σ or an sd under- or overflowing): a point NUTS must reject,
-                # reported as -inf (a divergence), never as NaN or an exception
-                return -np.inf, np.zeros(ndim)
-            return lp, grad
+            return _logp_grad(x, *args, grad), grad
 
         return logp
 
@@ -363,6 +358,15 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
         if correlated:
             drho = a10 * sd[1] - a11 * sd[1] * rho / cc
             grad[p + 3] += drho * cc * cc
+    # far in the tails (σ or an sd under- or overflowing) the value or gradient is not finite:
+    # a point NUTS must reject, reported as -inf with a zero gradient (a divergence), never NaN
+    finite = math.isfinite(lp)
+    for k in range(x.shape[0]):
+        finite = finite and math.isfinite(grad[k])
+    if not finite:
+        for k in range(x.shape[0]):
+            grad[k] = 0.0
+        return -math.inf
     return lp
 
 
@@ -370,10 +374,10 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
 def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
     """Exact draws of the first block's effects for q ≤ 2, fused over (draws, levels).
 
-    The loop form of :func:`bayeslmm.bayes.collapsed._draw_small`: for draw s and
+    The exact conditional draw of :func:`bayeslmm.bayes.collapsed.draw_first_block` for q ≤ 2: for draw s and
     level j, u = g_j − H_jγ_s, M = I + LᵀG_jL/σ², v = M⁻¹Lᵀu/σ² + C⁻ᵀε (C = chol M),
-    b = Lv.  ``eps`` is (q, S, J) standard normals (the same stream layout as the
-    numpy version), ``out`` is (S, J, q).
+    b = Lv.  ``eps`` is (q, S, J) standard normals, ``out`` is (S, J, q); the
+    tests compare it with the same formula written in numpy.
     """
     S = gamma.shape[0]
     J = G.shape[0]
