@@ -60,8 +60,7 @@ def test_effect_draws_have_conditional_mean_and_variance(data, formula):
 
 
 def test_fused_effect_draws_equal_the_numpy_formula():
-    """kernel.draw_effects_small (used for q ≤ 2) is _draw_small's arithmetic on the same normals."""
-    from bayeslmm.bayes.collapsed import _draw_small
+    """kernel.draw_effects_small (used for q ≤ 2) is the numpy closed form below on the same normals."""
     from bayeslmm.bayes.kernel import draw_effects_small
 
     rng = np.random.default_rng(4)
@@ -80,3 +79,33 @@ def test_fused_effect_draws_equal_the_numpy_formula():
         out = np.empty((S, J, q))
         draw_effects_small(G, H, g, gamma, L, s2, eps, out)
         np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def _draw_small(G: np.ndarray, u: np.ndarray, L: np.ndarray, s2: np.ndarray, rng) -> np.ndarray:
+    """Reference: the q ≤ 2 closed-form draw in numpy, elementwise over (draws, levels)."""
+    q = G.shape[1]
+    s2 = s2[:, None]
+    if q == 1:
+        a = L[:, 0, 0][:, None]
+        M = 1.0 + a**2 * G[None, :, 0, 0] / s2
+        w = a * u[..., 0]
+        v = w / (s2 * M) + rng.standard_normal(w.shape) / np.sqrt(M)
+        return (a * v)[..., None]
+    a, b, c = L[:, 0, 0][:, None], L[:, 1, 0][:, None], L[:, 1, 1][:, None]
+    g11, g12, g22 = G[None, :, 0, 0], G[None, :, 0, 1], G[None, :, 1, 1]
+    m11 = 1.0 + (a**2 * g11 + 2 * a * b * g12 + b**2 * g22) / s2
+    m12 = c * (a * g12 + b * g22) / s2
+    m22 = 1.0 + c**2 * g22 / s2
+    det = m11 * m22 - m12**2
+    w1 = (a * u[..., 0] + b * u[..., 1]) / s2
+    w2 = c * u[..., 1] / s2
+    mean1 = (m22 * w1 - m12 * w2) / det
+    mean2 = (m11 * w2 - m12 * w1) / det
+    c11 = np.sqrt(m11)
+    c21 = m12 / c11
+    c22 = np.sqrt(m22 - c21**2)
+    eps = rng.standard_normal((2,) + w1.shape)
+    n2 = eps[1] / c22                      # Cᵀ n = ε, C = chol(M) lower
+    n1 = (eps[0] - c21 * n2) / c11
+    v1, v2 = mean1 + n1, mean2 + n2
+    return np.stack([a * v1, b * v1 + c * v2], axis=-1)
