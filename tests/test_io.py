@@ -122,12 +122,7 @@ def assert_bayes_equal(a: BayesFit, b: BayesFit):
     assert json.dumps(b.to_dict(), sort_keys=True) == json.dumps(a.to_dict(), sort_keys=True)
 
 
-# -- fits shared by the tests ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sleep_model():
-    return Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
-
-
+# -- fits shared by the tests (sleep_model is conftest's) -------------------------------------
 @pytest.fixture(scope="module")
 def reml_fit(sleep_model):
     return sleep_model.fit(method="reml")

@@ -190,6 +190,23 @@ def diagnostics_line(res: SBCResult, settings: dict) -> str:
             f"1.01; {r['seconds'].median():.2f} s per fit (median, compilation excluded).")
 
 
+def _finish_panels(fig, axes, n_used: int, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Blank the unused panels, label the outer ones, title, save and close; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[n_used:]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(res: SBCResult, size: str, title: str) -> list[str]:
     import matplotlib
 
@@ -210,17 +227,9 @@ def plot(res: SBCResult, size: str, title: str) -> list[str]:
         ax.step(z, ecdf - z, where="mid", color="C0", lw=1.2)
         ax.axhline(0, color="0.5", lw=0.6)
         ax.set_title(q, fontsize=9)
-    for ax in list(axes.flat)[len(qs):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("fractional rank")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("ECDF − uniform")
-    fig.suptitle(f"SBC ECDF difference, {title} ({n} simulations, ranks among {L} draws)", fontsize=10)
-    fig.tight_layout()
-    ecdf_path = FIGURES / f"sbc_ecdf_{size}.png"
-    fig.savefig(ecdf_path, dpi=110)
-    plt.close(fig)
+    ecdf_path = _finish_panels(fig, axes, len(qs), "fractional rank", "ECDF − uniform",
+                               f"SBC ECDF difference, {title} ({n} simulations, ranks among {L} draws)",
+                               FIGURES / f"sbc_ecdf_{size}.png")
 
     bins = bins_for(n)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), sharex=True, sharey=True)
@@ -234,17 +243,9 @@ def plot(res: SBCResult, size: str, title: str) -> list[str]:
         ax.fill_between(edges, np.r_[lo, lo[-1]], np.r_[hi, hi[-1]], step="post", color="0.85")
         ax.stairs(obs, edges, color="C0", lw=1.2)
         ax.set_title(q, fontsize=9)
-    for ax in list(axes.flat)[len(qs):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("rank")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("simulations")
-    fig.suptitle(f"SBC rank histograms, {title} (grey: 99 % pointwise binomial range per bin)", fontsize=10)
-    fig.tight_layout()
-    hist_path = FIGURES / f"sbc_hist_{size}.png"
-    fig.savefig(hist_path, dpi=110)
-    plt.close(fig)
+    hist_path = _finish_panels(fig, axes, len(qs), "rank", "simulations",
+                               f"SBC rank histograms, {title} (grey: 99 % pointwise binomial range per bin)",
+                               FIGURES / f"sbc_hist_{size}.png")
     return [ecdf_path.name, hist_path.name]
 
 
