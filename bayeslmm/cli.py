@@ -13,17 +13,34 @@ the side-by-side table of :func:`bayeslmm.compare`.  ``--out DIR`` writes into D
 factor's pooling table (``pooling_<group>.csv``) and the figures as PNG: shrinkage and
 caterpillar plots per grouping factor, and for a NUTS fit the variance components
 (with the REML estimates when both were fitted) and a posterior predictive check.
-An output that the model cannot give (a plot that needs the rows of a model fitted
-out of memory, say) is reported on stderr as a warning and listed as skipped.
+
+Nothing is lost and no traceback is printed:
+
+* ``--out`` and ``--json`` are checked, created and probed with a small file before
+  anything is fitted; files of a non-empty ``--out`` that the run will replace are
+  named on stderr.
+* Each fit's files are written as soon as the fit is done (``summary.txt`` and
+  ``--json`` are rewritten after each step), every file under a temporary name then
+  renamed, so none is ever half-written.
+* An output that cannot be made (the comparison, a table or a plot: an error of the
+  model's or an internal one) is reported as a warning on stderr and listed as
+  skipped; the rest is still written and the exit status is 0.
+* Any other failure ends with one ``bayeslmm: error:`` line: exit status 2 for bad
+  input or options, 1 for the environment (disk full, read-only, out of memory) or an
+  internal error.  Ctrl-C ends with exit status 130 and writes nothing of the step it
+  interrupted; the files of the steps that finished before it stay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +48,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import BayesLMMError, DataError
+from .io import SaveError, write_atomically
 
 
 def read_data(source: str) -> tuple[pd.DataFrame, str]:
@@ -89,10 +107,23 @@ def use_dask(source: str, force: bool = False) -> bool:
     return len(files) > 1 or sum(f.stat().st_size for f in files if f.exists()) > DASK_BYTES
 
 
+SAMPLER_HELP = (
+    "nuts: which NUTS runs. auto (default): for one random-effect term with at most two columns, nutpie "
+    "on bayeslmm's compiled (numba) collapsed log-posterior; otherwise the PyMC model, sampled by nutpie "
+    "when its gradient is large and by PyMC's own NUTS when small. nutpie: nutpie always (on the compiled "
+    "log-posterior where it applies, else on the PyMC model). pymc: PyMC's own NUTS on the PyMC model")
+
+
+EXIT_STATUS = ("Exit status: 0 done (outputs that could not be made are warned about and listed as skipped), "
+               "1 a failure of the environment (disk full, read-only, out of memory) or an internal error, "
+               "2 bad input or options, 130 interrupted (Ctrl-C).")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bayeslmm", description="Linear mixed models with lme4 formulas.")
+    p = argparse.ArgumentParser(prog="bayeslmm", description="Linear mixed models with lme4 formulas.",
+                                epilog=EXIT_STATUS)
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="fit a model and print its summary")
+    f = sub.add_parser("fit", help="fit a model and print its summary", epilog=EXIT_STATUS)
     f.add_argument("data", metavar="DATA", help="CSV or Parquet path, or a bundled dataset name")
     f.add_argument("formula", metavar="FORMULA", help="lme4 formula, e.g. 'y ~ x + (1 + x | g)'")
     f.add_argument("--method", default="reml", choices=["reml", "ml", "nuts", "both"],
@@ -102,8 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--tune", type=int, default=1000, help="nuts: tuning steps per chain (default 1000)")
     f.add_argument("--chains", type=int, default=4, help="nuts: number of chains (default 4)")
     f.add_argument("--seed", type=int, default=None, help="nuts: random seed")
-    f.add_argument("--sampler", default="auto", choices=["auto", "pymc", "nutpie"],
-                   help="nuts: sampler (default auto: pymc for small models, nutpie for big ones)")
+    f.add_argument("--sampler", default="auto", choices=["auto", "pymc", "nutpie"], help=SAMPLER_HELP)
+    f.add_argument("--target-accept", type=float, default=0.8, metavar="P",
+                   help="nuts: target acceptance probability of the step-size adaptation, strictly between 0 "
+                        "and 1 (default 0.8); raise it (0.95, 0.99) when the fit reports divergences")
+    f.add_argument("--intervals", default=None, choices=["profile", "wald", "none"],
+                   help="both: frequentist intervals in the comparison table: profile (Wald for the fixed "
+                        "effects, profile likelihood for the sds, correlations and sigma), wald (the fixed "
+                        "effects' only, as lme4's Wald confint), or none at all; default: compare()'s (profile "
+                        "unless the model is very large)")
     f.add_argument("--ci-prob", type=float, default=None, metavar="P",
                    help="probability of the intervals (posterior summary, comparison table, caterpillar plots); "
                         "default: ArviZ's 0.89 for the posterior and the comparison, 0.95 for REML/ML "
@@ -111,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     f.add_argument("--out", metavar="DIR",
                    help="write the results (summary.txt, JSON, saved fits, comparison and pooling tables as CSV) "
-                        "and the plots (PNG) into the folder DIR, created if needed")
+                        "and the plots (PNG) into the folder DIR, created if needed; each fit's files are "
+                        "written as soon as it is done")
     f.add_argument("--missing", default="raise", choices=["raise", "drop"],
                    help="rows with missing values: raise an error (default) or drop them")
     f.add_argument("--dask", action="store_true",
@@ -126,17 +165,93 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"bayeslmm: warning: {message}", file=sys.stderr)
 
 
+#: errno -> what the user can do about it
+_OS_HINTS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space within your disk quota",
+             errno.EROFS: "the file system is read-only; give a writable --out / --json",
+             errno.EACCES: "check its permissions, or give a writable --out / --json",
+             errno.EPERM: "check its permissions, or give a writable --out / --json",
+             errno.EFBIG: "a limit on file size refuses files this large; write elsewhere"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``bayeslmm`` command.  Never raises (but argparse exits with 2 on bad options):
+    every failure becomes one ``bayeslmm: error:`` line on stderr and an exit status."""
     args = _parser().parse_args(argv)
-    with warnings.catch_warnings():
+    run = _Run(args)
+    with warnings.catch_warnings(), _interrupts_flagged(run):
         warnings.showwarning = _show_warning
-        return _run(args)
+        try:
+            return run.execute()
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001  (the last line of defence: no traceback, ever)
+            run.discard_empty_folder()
+            code, message = _failure(exc, run)
+            print(message, file=sys.stderr, flush=True)
+            return code
+
+
+def _failure(exc: BaseException, run: "_Run") -> tuple[int, str]:
+    """The exit status and the one line on stderr for a run that ``exc`` ended."""
+    if run.interrupted or isinstance(exc, KeyboardInterrupt):
+        # a sampler may turn Ctrl-C into a partial result or another exception: the flag decides
+        kept = f"; kept from the steps that finished: {', '.join(run.written)}" if run.written else ""
+        if run.stage.startswith("writing "):  # the files being written were completed first
+            return 130, f"bayeslmm: interrupted after {run.stage}{kept}"
+        return 130, f"bayeslmm: interrupted while {run.stage}: nothing of that step was written{kept}"
+    if isinstance(exc, BayesLMMError):
+        return 2, f"bayeslmm: error: {exc}"
+    if isinstance(exc, OSError):
+        return 1, f"bayeslmm: error: {run.stage}: {_describe_os_error(exc)}{run.kept()}"
+    if isinstance(exc, MemoryError):
+        return 1, (f"bayeslmm: error: out of memory while {run.stage}; try fewer --draws or --chains, a smaller "
+                   f"model or data set, or a machine with more memory{run.kept()}")
+    if isinstance(exc, RecursionError):
+        return 1, (f"bayeslmm: error: recursion too deep while {run.stage} (an extremely nested formula or "
+                   f"file?); please report it with the command line{run.kept()}")
+    return 1, (f"bayeslmm: error: internal error while {run.stage}: {type(exc).__name__}: {exc}; please report "
+               f"it with the command line{run.kept()}")
+
+
+@contextlib.contextmanager
+def _interrupts_flagged(run: "_Run"):
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual and also sets ``run.interrupted``.
+
+    A sampler that catches the interrupt and returns what it drew (nutpie keeps a
+    partial trace) cannot then pass for a finished fit: the run checks the flag after
+    every step and writes nothing of an interrupted one.
+    """
+    def handle(signum, frame):
+        run.interrupted = True
+        if not run.deferring:
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, handle)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, SaveError):  # already says what failed and what to do
+        return str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = _OS_HINTS.get(exc.errno, "check the files and folders named and run again")
+    return f"{reason}{where}; {hint}"
 
 
 def _check_json_path(path: str | None) -> None:
     if path and path != "-" and not Path(path).resolve().parent.is_dir():
         raise BayesLMMError(f"--json {path!r}: the folder {str(Path(path).parent)!r} does not "
                             "exist; create it or give another path")
+    if path and path != "-" and Path(path).is_dir():
+        raise BayesLMMError(f"--json {path!r} is a folder; give a file name such as {str(Path(path) / 'fit.json')!r}")
 
 
 def _check_out_dir(path: str | None) -> None:
@@ -153,69 +268,236 @@ def _check_out_dir(path: str | None) -> None:
         raise BayesLMMError(f"--out {path!r}: cannot write into {str(existing)!r}; give a writable folder")
 
 
-def _check_ci_prob(p: float | None) -> None:
-    if p is not None and not (0 < p < 1):  # NaN fails too
-        raise BayesLMMError(f"--ci-prob must be a probability strictly between 0 and 1, got {p!r}")
-
-
-def _run(args: argparse.Namespace) -> int:
+def _probe_writable(folder: Path, option: str) -> None:
+    """Write and remove one small file in ``folder``: permissions, read-only mounts and full disks show here."""
     try:
+        write_atomically(folder / ".bayeslmm-probe", lambda tmp: tmp.write_bytes(b"probe\n"))
+        (folder / ".bayeslmm-probe").unlink()
+    except OSError as exc:
+        raise BayesLMMError(f"{option}: cannot write into {str(folder)!r} ({exc.strerror or exc}); "
+                            f"give a writable folder with free space") from exc
+
+
+def _check_probability(option: str, p: float | None) -> None:
+    if p is not None and not (0 < p < 1):  # NaN fails too
+        raise BayesLMMError(f"{option} must be a probability strictly between 0 and 1, got {p!r}")
+
+
+def output_names(keys: list[str], groups: list[str], comparison: bool) -> list[str]:
+    """The files ``--out`` writes for fits ``keys`` ("reml", "ml", "nuts") of a model with grouping factors ``groups``."""
+    names = ["summary.txt"] + [f"{key}.{ext}" for key in keys for ext in ("json", "nc")]
+    names += ["comparison.csv"] if comparison else []
+    for group in groups:
+        g = _safe_name(group)
+        names += [f"pooling_{g}.csv", f"shrinkage_{g}.png"] + [f"caterpillar_{g}_{key}.png" for key in keys]
+    names += ["variance.png", "ppc.png"] if "nuts" in keys else []
+    return names
+
+
+class _Run:
+    """One ``bayeslmm`` command: the fits in order, each written out as soon as it exists.
+
+    ``--out`` gets ``summary.txt`` (rewritten after every step), then each fit's JSON and
+    saved file, the comparison, and last the tables and plots; ``--json`` is rewritten
+    after every fit with what exists so far.  Every file is written under a temporary
+    name and renamed, so none is ever half-written; an interrupted or failed step
+    writes nothing, and the files of the steps that finished before stay.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.stage = "starting"
+        self.folder = Path(args.out) if getattr(args, "out", None) else None  # ("datasets" has no --out)
+        self.created_folder = False
+        self.fits: dict[str, object] = {}  # "reml" | "ml" | "nuts" -> fit, in the order fitted
+        self.comparison = None
+        self.printed: list[str] = []
+        self.written: list[str] = []
+        self.skipped: list[str] = []
+        self.interrupted = False  # set by the Ctrl-C handler of main()
+        self.deferring = False  # Ctrl-C waits until the files being written are complete
+
+    def check_not_interrupted(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    def kept(self) -> str:
+        return f"; the files of the steps that finished were written: {', '.join(self.written)}" if self.written else ""
+
+    def discard_empty_folder(self) -> None:
+        """Remove the --out folder this run created when nothing was written into it."""
+        if self.created_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    def show(self, text: str) -> None:
+        print(text, flush=True)
+        self.printed.append(text)
+
+    def execute(self) -> int:
+        args = self.args
         if args.command == "datasets":
-            from .datasets import dataset_info, list_datasets
-
-            for name in list_datasets():
-                first = dataset_info(name).strip().splitlines()[0]
-                print(f"{name:12s} {first}")
-            return 0
-        from .model import Model
-
+            return _list_datasets()
+        self.stage = "checking the options"
         _check_json_path(args.json)
         _check_out_dir(args.out)
-        _check_ci_prob(args.ci_prob)
-        if use_dask(args.data, args.dask):
-            model = Model(args.formula, args.data, missing=args.missing)
-            name = Path(args.data).name
-        else:
-            data, name = read_data(args.data)
-            model = Model(args.formula, data, missing=args.missing)
-        model.data_name = name
-        fits: dict[str, object] = {}  # "reml" | "ml" | "nuts" -> fit, in the order fitted
-        printed: list[str] = []
-
-        def show(text: str) -> None:
-            print(text, flush=True)
-            printed.append(text)
-
+        _check_probability("--ci-prob", args.ci_prob)
+        _check_probability("--target-accept", args.target_accept)
+        self.stage = "reading the data"
+        model = _build_model(args)
+        self.stage = "preparing the outputs"
+        self._prepare_outputs(model)
         if args.method in ("reml", "ml", "both"):
             key = "ml" if args.method == "ml" else "reml"
-            fits[key] = model.fit(method=key)
-            show(str(fits[key].summary()))
+            self.stage = f"fitting by {key.upper()}"
+            fit = model.fit(method=key)
+            self._add_fit(key, fit, str(fit.summary()))
         if args.method in ("nuts", "both"):
-            if fits:
-                show("")
-            fits["nuts"] = model.fit(method="nuts", draws=args.draws, tune=args.tune, chains=args.chains,
-                                     random_seed=args.seed, sampler=args.sampler,
-                                     progressbar=sys.stderr.isatty())
-            show(str(fits["nuts"].summary(args.ci_prob)))
-        comparison = None
+            self.stage = "sampling by NUTS"
+            fit = model.fit(method="nuts", draws=args.draws, tune=args.tune, chains=args.chains,
+                            random_seed=args.seed, sampler=args.sampler, target_accept=args.target_accept,
+                            progressbar=sys.stderr.isatty())
+            self._add_fit("nuts", fit, str(fit.summary(args.ci_prob)))
         if args.method == "both":
-            from .compare import compare
-
-            comparison = compare(fits["nuts"], fits["reml"], ci_prob=args.ci_prob)
-            show("")
-            show(str(comparison))
-        if args.json:
-            _write_json(args.json, _json_results(fits, comparison, args.ci_prob))
-        if args.out:
-            written, skipped = write_outputs(Path(args.out), fits, comparison, "\n".join(printed) + "\n",
-                                             ci_prob=args.ci_prob)
-            print(f"\nWrote {len(written)} files to {args.out}: {', '.join(written)}")
-            if skipped:
-                print(f"Skipped (see the warnings on stderr): {', '.join(skipped)}")
+            self.stage = "comparing the fits"
+            self._compare()
+        if args.json == "-":
+            print(json.dumps(self._json(), indent=2))
+        if self.folder is not None:
+            self.stage = "making the tables and plots"
+            self._write_the_rest()
+            print(f"\nWrote {len(self.written)} files to {args.out}: {', '.join(self.written)}")
+        if self.skipped:
+            print(f"Skipped (see the warnings on stderr): {', '.join(self.skipped)}")
         return 0
-    except BayesLMMError as exc:
-        print(f"bayeslmm: error: {exc}", file=sys.stderr)
-        return 2
+
+    # -- each step's outputs --------------------------------------------------------------
+    def _prepare_outputs(self, model) -> None:
+        """Create and probe --out and --json before fitting; say which files of a non-empty --out get replaced."""
+        if self.folder is not None:
+            if not self.folder.exists():
+                try:
+                    self.folder.mkdir(parents=True)
+                except OSError as exc:
+                    raise BayesLMMError(f"--out {self.args.out!r}: could not create the folder "
+                                        f"({exc.strerror or exc}); give a writable folder") from exc
+                self.created_folder = True
+            _probe_writable(self.folder, f"--out {self.args.out!r}")
+            keys = {"reml": ["reml"], "ml": ["ml"], "nuts": ["nuts"], "both": ["reml", "nuts"]}[self.args.method]
+            groups = list(dict.fromkeys(b.group for b in model.spec.blocks))
+            planned = output_names(keys, groups, self.args.method == "both")
+            present = {p.name for p in self.folder.iterdir()}
+            replaced = [n for n in planned if n in present]
+            others = len(present - set(planned))
+            if replaced:
+                stay = f"; {others} other file(s) there stay as they are" if others else ""
+                print(f"bayeslmm: note: --out {self.args.out!r} is not empty: this run replaces "
+                      f"{', '.join(replaced)}{stay}", file=sys.stderr, flush=True)
+        if self.args.json and self.args.json != "-":
+            _probe_writable(Path(self.args.json).resolve().parent, f"--json {self.args.json!r}")
+
+    def _add_fit(self, key: str, fit, summary: str) -> None:
+        self.check_not_interrupted()  # a fit that returned after Ctrl-C is not kept
+        if self.fits:
+            self.show("")
+        self.fits[key] = fit
+        self.show(summary)
+        with self._writing(f"the {key.upper()} fit's files"):
+            self._write_summary()
+            self._attempt(f"{key}.json", lambda p: p.write_text(json.dumps(fit_dict(fit, self.args.ci_prob),
+                                                                              indent=2) + "\n"))
+            self._attempt(f"{key}.nc", lambda p: fit.save(p), atomic=False)  # save() writes atomically itself
+            self._write_json()
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Ctrl-C while one step's files are written takes effect once they all are (a second or so).
+
+        So a step's files are never a mix of this run's and an earlier run's.
+        """
+        self.stage, self.deferring = f"writing {what}", True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        self.check_not_interrupted()
+
+    def _compare(self) -> None:
+        from .compare import compare
+
+        options = {} if self.args.intervals is None else {"intervals": self.args.intervals}
+        try:
+            self.comparison = compare(self.fits["nuts"], self.fits["reml"], ci_prob=self.args.ci_prob, **options)
+        except (MemoryError, RecursionError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001  (the fits are done and written: report and go on)
+            self.check_not_interrupted()  # (an interrupt turned into another exception)
+            lost = ["comparison.csv"] if self.folder is not None else []
+            lost += [f"the comparison in --json {self.args.json}"] if self.args.json else []
+            kind = "" if isinstance(exc, BayesLMMError) else f"internal error, please report: {type(exc).__name__}: "
+            warnings.warn(f"the comparison table was not made ({kind}{exc})"
+                          + (f"; skipped: {', '.join(lost)}" if lost else ""), stacklevel=2)
+            if self.folder is not None:
+                self.skipped.append("comparison.csv")
+            return
+        self.check_not_interrupted()
+        self.show("")
+        self.show(str(self.comparison))
+        with self._writing("the comparison"):
+            self._write_summary()
+            self._attempt("comparison.csv", lambda p: self.comparison.to_frame().rename_axis("parameter").to_csv(p))
+            self._write_json()
+
+    def _write_summary(self) -> None:
+        self._attempt("summary.txt", lambda p: p.write_text("\n".join(self.printed) + "\n"))
+
+    def _write_json(self) -> None:
+        path = self.args.json
+        if not path or path == "-":
+            return
+        text = json.dumps(self._json(), indent=2) + "\n"
+        try:
+            write_atomically(Path(path), lambda tmp: tmp.write_text(text))
+        except OSError as exc:
+            raise OSError(exc.errno, f"--json {path!r}: could not write the results ({exc.strerror or exc})") from exc
+
+    def _json(self) -> dict:
+        return _json_results(self.fits, self.comparison, self.args.ci_prob, keyed=self.args.method == "both")
+
+    def _attempt(self, name: str, make, atomic: bool = True) -> None:
+        """Write one --out file; an output that cannot be made is warned about and listed as skipped."""
+        if self.folder is None:
+            return
+        if not _write_one(self.folder, name, make, atomic):
+            self.skipped.append(name)
+        elif name not in self.written:
+            self.written.append(name)
+
+    def _write_the_rest(self) -> None:
+        written, skipped = write_tables_and_plots(self.folder, self.fits, ci_prob=self.args.ci_prob)
+        self.written += [n for n in written if n not in self.written]
+        self.skipped += skipped
+
+
+def _list_datasets() -> int:
+    from .datasets import dataset_info, list_datasets
+
+    for name in list_datasets():
+        first = dataset_info(name).strip().splitlines()[0]
+        print(f"{name:12s} {first}")
+    return 0
+
+
+def _build_model(args: argparse.Namespace):
+    from .model import Model
+
+    if use_dask(args.data, args.dask):
+        model = Model(args.formula, args.data, missing=args.missing)
+        name = Path(args.data).name
+    else:
+        data, name = read_data(args.data)
+        model = Model(args.formula, data, missing=args.missing)
+    model.data_name = name
+    return model
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -243,26 +525,15 @@ def fit_dict(fit, ci_prob: float | None = None) -> dict:
     return out
 
 
-def _json_results(fits: dict, comparison, ci_prob: float | None = None) -> dict:
-    """One fit's results, or for ``--method both`` both fits and the comparison."""
-    if len(fits) == 1:
+def _json_results(fits: dict, comparison, ci_prob: float | None = None, keyed: bool = False) -> dict:
+    """One fit's results, or (``keyed``, for ``--method both``) the fits by method and the comparison."""
+    if len(fits) == 1 and not keyed:
         return fit_dict(next(iter(fits.values())), ci_prob)
     out = {key: fit_dict(fit, ci_prob) for key, fit in fits.items()}
     if comparison is not None:
         out["comparison"] = comparison_records(comparison)
         out["comparison_ci_prob"] = comparison.attrs["ci_prob"]
     return out
-
-
-def _write_json(path: str, result: dict) -> None:
-    text = json.dumps(result, indent=2)
-    if path == "-":
-        print(text)
-        return
-    try:
-        Path(path).write_text(text + "\n")
-    except OSError as exc:
-        raise BayesLMMError(f"--json {path!r}: could not write the results ({exc.strerror})") from exc
 
 
 def _safe_name(text: str) -> str:
@@ -277,48 +548,53 @@ def _flat_columns(table):
     return out
 
 
-def write_outputs(folder: Path, fits: dict, comparison, summary_text: str, ci_prob: float | None = None,
-                  dpi: int = 100) -> tuple[list[str], list[str]]:
-    """Write the results and figures of ``fits`` into ``folder``; return (files written, files skipped).
+def _write_one(folder: Path, name: str, make, atomic: bool = True) -> bool:
+    """``make(path)`` for ``folder / name``; False (with a warning) when the output cannot be made.
 
-    ``fits`` maps ``"reml"``/``"ml"``/``"nuts"`` to fits of one model.  An output the
-    model cannot give (it raises a :class:`~bayeslmm.errors.BayesLMMError`, e.g. a plot
-    that needs rows the model does not keep) is warned about and listed as skipped;
-    a file that cannot be written raises.
+    ``atomic``: ``make`` writes a temporary file renamed to ``name`` once complete (pass
+    False for a writer that does so itself).  An output the model cannot give (a
+    :class:`~bayeslmm.errors.BayesLMMError`) or whose making fails (any other error but
+    the environment's) is skipped; a file that cannot be written (disk full, no
+    permission) raises ``OSError`` naming it.
+    """
+    path = folder / name
+    try:
+        if atomic:
+            write_atomically(path, make)
+        else:
+            make(path)
+    except (OSError, MemoryError, RecursionError, KeyboardInterrupt) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, SaveError):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+    except Exception as exc:  # noqa: BLE001  (one output failing must not lose the others)
+        kind = "" if isinstance(exc, BayesLMMError) else f"internal error, please report: {type(exc).__name__}: "
+        warnings.warn(f"--out: {name} not written: {kind}{exc}", stacklevel=2)
+        return False
+    return True
+
+
+def write_tables_and_plots(folder: Path, fits: dict, ci_prob: float | None = None,
+                           dpi: int = 100) -> tuple[list[str], list[str]]:
+    """Write the pooling tables and the figures of ``fits`` into ``folder``; return (written, skipped).
+
+    ``fits`` maps ``"reml"``/``"ml"``/``"nuts"`` to fits of one model.  An output that
+    cannot be made is warned about and listed as skipped (see :func:`_write_one`).
     """
     from .plots import caterpillar_plot, ppc_plot, shrinkage_plot, variance_plot
     from .pooling import pooling_table
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BayesLMMError(f"--out {str(folder)!r}: could not create the folder ({exc.strerror})") from exc
     written: list[str] = []
     skipped: list[str] = []
 
     def attempt(name: str, make) -> None:
-        path = folder / name
-        try:
-            make(path)
-        except BayesLMMError as exc:
-            warnings.warn(f"--out: {name} not written: {exc}", stacklevel=2)
-            skipped.append(name)
-            return
-        except OSError as exc:
-            raise BayesLMMError(f"--out: could not write {str(path)!r} ({exc.strerror or exc})") from exc
-        written.append(name)
+        (written if _write_one(folder, name, make) else skipped).append(name)
 
     def figure(make_fig):
         def write(path: Path) -> None:
-            make_fig().savefig(path, dpi=dpi)
+            make_fig().savefig(path, dpi=dpi, format="png")  # the temporary name has no .png to go by
         return write
 
-    attempt("summary.txt", lambda p: p.write_text(summary_text))
-    for key, fit in fits.items():
-        attempt(f"{key}.json", lambda p, fit=fit: p.write_text(json.dumps(fit_dict(fit, ci_prob), indent=2) + "\n"))
-        attempt(f"{key}.nc", lambda p, fit=fit: fit.save(p))
-    if comparison is not None:
-        attempt("comparison.csv", lambda p: comparison.to_frame().rename_axis("parameter").to_csv(p))
     main_fit = fits.get("reml", fits.get("ml", fits.get("nuts")))
     groups = list(dict.fromkeys(b.group for b in main_fit.spec.blocks))
     for group in groups:
@@ -326,9 +602,8 @@ def write_outputs(folder: Path, fits: dict, comparison, summary_text: str, ci_pr
         attempt(f"pooling_{g}.csv", lambda p, group=group: _flat_columns(pooling_table(main_fit, group)).to_csv(p))
         attempt(f"shrinkage_{g}.png", figure(lambda group=group: shrinkage_plot(main_fit, group)))
         for key, fit in fits.items():
-            prob = ci_prob
             attempt(f"caterpillar_{g}_{key}.png",
-                    figure(lambda fit=fit, group=group, prob=prob: caterpillar_plot(fit, group, prob)))
+                    figure(lambda fit=fit, group=group: caterpillar_plot(fit, group, ci_prob)))
     if "nuts" in fits:
         freq = fits.get("reml", fits.get("ml"))
         attempt("variance.png", figure(lambda: variance_plot(fits["nuts"], freq)))

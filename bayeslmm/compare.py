@@ -20,7 +20,6 @@ lies to its right.
 from __future__ import annotations
 
 import html
-import time
 
 import numpy as np
 import pandas as pd
@@ -28,10 +27,12 @@ from scipy import stats
 
 from .errors import BayesLMMError, ModelError
 
-#: seconds a profile may be expected to take before ``intervals="auto"`` skips it
-AUTO_PROFILE_SECONDS = 30.0
-#: deviance evaluations a full profile of one parameter typically needs
-_EVALS_PER_PARAMETER = 6000
+#: ``intervals="auto"`` profiles when :func:`~bayeslmm.reml.profile.profile_work` is at most
+#: this (a rule on the model's size, not on time: the same table on every machine).  A
+#: dense block of ~250 columns with four variance parameters reaches it; sleepstudy's work
+#: is 2.3e3, InstEval's 2.0e9
+AUTO_PROFILE_MAX_WORK = 2e7
+INTERVALS = ("auto", "profile", "wald", "none")
 
 
 class ReportFrame(pd.DataFrame):
@@ -132,11 +133,15 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     ci_prob : float, optional
         Probability of both intervals: the posterior's equal-tailed interval and the
         frequentist confidence interval.  ArviZ's default (0.89) when omitted.
-    intervals : {"auto", "profile", "wald"}
-        Frequentist intervals of the sds, correlations and σ: by profile likelihood
-        (``"profile"``), or none (``"wald"``: fixed effects only, the rest NaN).
-        ``"auto"`` profiles unless one deviance evaluation is so slow that the
-        profile would take more than about 30 s, and says so in the notes.
+    intervals : {"auto", "profile", "wald", "none"}
+        Frequentist intervals: ``"profile"``, Wald for the fixed effects and profile
+        likelihood for the sds, correlations and σ; ``"wald"``, the fixed effects' only
+        (the rest NaN); ``"none"``, no frequentist interval.  ``"auto"`` (default) is
+        ``"profile"`` unless the model is so large (by
+        :func:`~bayeslmm.reml.profile.profile_work` above ``AUTO_PROFILE_MAX_WORK``) that
+        the profile would take minutes, and then says so in the notes.  The rule reads
+        the model's size, never the clock, so the table is the same on any machine.
+        A parameter whose profile fails gets no interval and a note; the rest are kept.
 
     Returns
     -------
@@ -154,8 +159,8 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     if not isinstance(bayes_fit, BayesFit) or not isinstance(freq_fit, FreqFit):
         raise BayesLMMError("compare(bayes_fit, reml_fit) needs a NUTS fit and a REML/ML fit, got "
                             f"{type(bayes_fit).__name__} and {type(freq_fit).__name__}")
-    if intervals not in ("auto", "profile", "wald"):
-        raise BayesLMMError(f"intervals must be 'auto', 'profile' or 'wald', got {intervals!r}")
+    if not isinstance(intervals, str) or intervals not in INTERVALS:
+        raise BayesLMMError(f"intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}")
     _same_model(bayes_fit, freq_fit)
     prob = interval_prob(ci_prob)
     z = stats.norm.ppf((1 + prob) / 2)
@@ -174,23 +179,12 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     se = np.concatenate([fe["Std. Error"].to_numpy(), np.full(n_var, np.nan)])
     lower = np.concatenate([est[: len(fe)] - z * se[: len(fe)], np.full(n_var, np.nan)])
     upper = np.concatenate([est[: len(fe)] + z * se[: len(fe)], np.full(n_var, np.nan)])
-    method = "Wald for the fixed effects"
-    do_profile = intervals == "profile"
-    if intervals == "auto":
-        seconds = _profile_cost(freq_fit)
-        do_profile = seconds <= AUTO_PROFILE_SECONDS
-        if not do_profile:
-            notes.append("profile intervals of the variance parameters skipped: "
-                         + (f"they would take about {seconds:.0f} s; pass intervals='profile' to compute them"
-                            if np.isfinite(seconds) else "the model was built out of memory (no rows to profile)"))
-    if do_profile:
-        prof = freq_fit.confint(level=prob, method="profile")
-        lower[len(fe):] = prof["lower"].to_numpy()[:n_var]
-        upper[len(fe):] = prof["upper"].to_numpy()[:n_var]
-        method += "; profile likelihood (ML deviance, as lme4's confint) for the sds, correlations and σ"
-    elif intervals == "wald":
-        notes.append("no frequentist interval for the sds, correlations and σ (intervals='wald'); "
-                     "intervals='profile' computes profile-likelihood ones")
+    method, var_notes = _variance_intervals(freq_fit, intervals, prob, lower[len(fe):], upper[len(fe):])
+    notes += var_notes
+    if intervals == "none":
+        lower[:], upper[:] = np.nan, np.nan
+        method = "no intervals"
+        notes.append("no frequentist intervals (intervals='none'); intervals='profile' computes them")
 
     groups = list(fe.index.map(lambda _: "fixed")) + ["Residual" if g == "Residual" else g for g in vc["grp"]]
     terms = list(fe.index) + [(v1 if v2 is None or (isinstance(v2, float) and np.isnan(v2)) else f"{v1},{v2}")
@@ -218,16 +212,34 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     return ReportFrame.of(table, heading, notes, hide=["group", "term"])
 
 
-def _profile_cost(freq_fit) -> float:
-    """Rough seconds a full profile would take: one timed deviance evaluation × the usual count."""
-    from .reml.deviance import ProfiledDeviance
-    from .reml.profile import crossproducts
+def _variance_intervals(freq_fit, intervals: str, prob: float, lower: np.ndarray, upper: np.ndarray):
+    """Fill the sds', correlations' and σ's interval ends in place; (method words, notes)."""
+    from .reml.profile import profile_intervals, profile_work
 
-    if not getattr(freq_fit.spec, "rows_in_memory", True):
-        return np.inf
-    dev = ProfiledDeviance(freq_fit.spec, crossproducts(freq_fit.spec), reml=False)
-    t0 = time.perf_counter()
-    dev(freq_fit.theta)
-    one = time.perf_counter() - t0
-    n_par = len(freq_fit.varcorr)
-    return one * _EVALS_PER_PARAMETER * n_par
+    method = "Wald for the fixed effects"
+    notes: list[str] = []
+    if intervals in ("wald", "none"):
+        if intervals == "wald":
+            notes.append("no frequentist interval for the sds, correlations and σ (intervals='wald'); "
+                         "intervals='profile' computes profile-likelihood ones")
+        return method, notes
+    if intervals == "auto":
+        work = profile_work(freq_fit)
+        if not np.isfinite(work):
+            return method, ["profile intervals of the variance parameters skipped: the model was built out "
+                            "of memory (no rows to profile)"]
+        if work > AUTO_PROFILE_MAX_WORK:
+            return method, [f"profile intervals of the variance parameters skipped: the model is large "
+                            f"(profile work {work:.2g} > {AUTO_PROFILE_MAX_WORK:.2g}; it could take minutes); "
+                            "pass intervals='profile' (command line: --intervals profile) to compute them"]
+    try:
+        prof = profile_intervals(freq_fit, prob)
+    except (BayesLMMError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+        # the two fits are done: a failed profile must not lose them
+        return method, [f"profile intervals could not be computed ({type(exc).__name__}: {exc}); the sds, "
+                        "correlations and σ have none"]
+    lower[:] = prof["lower"].to_numpy()
+    upper[:] = prof["upper"].to_numpy()
+    notes += [f"profile: {n}" for n in prof.attrs.get("notes", [])]
+    method += "; profile likelihood (ML deviance, as lme4's confint) for the sds, correlations and σ"
+    return method, notes

@@ -28,6 +28,14 @@ class ModelError(BayesLMMError):
     """The model cannot be estimated from these data (unidentifiable, rank deficient, ...)."""
 
 
+class InsufficientMemoryError(BayesLMMError, MemoryError):
+    """The fit needs more memory than this process may use; the message says what to reduce."""
+
+
+class IncompleteTraceError(RuntimeError):
+    """The sampler handed back chains with missing draws; no fit is made from them."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ``" Did you mean 'x'?"`` suffix naming the closest choice, or ``""``."""
     close = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)

@@ -34,9 +34,11 @@ objective come back bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
-import tempfile
+import secrets
+import shutil
 import warnings
 from pathlib import Path
 
@@ -57,32 +59,68 @@ _DTYPE_ATTR = "bayeslmm_dtype"
 _NONE_SUFFIX = "__bayeslmm_none"
 
 
+class SaveError(OSError):
+    """A save could not be completed (disk full, read-only folder, no permission, no memory).
+
+    An ``OSError`` with the cause's ``errno``; its message names the path and what to do.
+    The previous save at the path, if any, is left unchanged and no temporary file stays.
+    """
+
+    def __init__(self, code: int, message: str, filename: str | None = None):
+        super().__init__(code, message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 # -- public API -----------------------------------------------------------------------------
 def save_fit(fit, path) -> Path:
     """Write ``fit`` (a ``FreqFit`` or a ``BayesFit``) to ``path``; see the module docstring.
 
     ``path`` ending in ``.zarr`` writes a zarr folder; any other name a single netCDF-4
-    file (``.nc`` is the usual suffix).  An existing file is replaced only once the new
-    one is complete.  Returns the path written.
+    file (``.nc`` is the usual suffix).  The new save is written under a temporary name
+    in the same folder and renamed into place once complete, so an existing save is
+    replaced only then.  A save that fails part-way (disk full, read-only folder, no
+    permission) raises :class:`SaveError` (an ``OSError``), removes what it wrote and
+    leaves the previous save unchanged.  Returns the path written.
     """
     from .bayes.results import BayesFit
     from .reml.results import FreqFit
 
     path = _as_path(path, "path")
+    if not isinstance(fit, (BayesFit, FreqFit)):
+        raise BayesLMMError(f"save expects a FreqFit or a BayesFit, got {type(fit).__name__}")
+    try:
+        tree = _fit_tree(fit)
+        if _is_zarr_name(path):
+            _write_zarr(tree, path)
+        else:
+            _write_netcdf(tree, path)
+    except RecursionError as exc:
+        raise DataError(f"cannot save to {path}: the fit holds values nested too deeply to store as JSON "
+                        "(in its attributes or extra fields); flatten them first") from exc
+    except MemoryError as exc:
+        raise SaveError(errno.ENOMEM, f"could not save to {path}: not enough memory to assemble the file; free "
+                        "memory and save again (the previous save, if any, is unchanged)", str(path)) from exc
+    except SaveError:
+        raise
+    except OSError as exc:
+        raise _save_error(path, exc) from exc
+    return path
+
+
+def _fit_tree(fit):
+    """The DataTree a save writes: the fit's groups, its data and the JSON record."""
+    from .bayes.results import BayesFit
+
     if isinstance(fit, BayesFit):
         record, groups = _bayes_record(fit), _idata_groups(fit.idata)
-    elif isinstance(fit, FreqFit):
-        record, groups = _freq_record(fit), {}
     else:
-        raise BayesLMMError(f"save expects a FreqFit or a BayesFit, got {type(fit).__name__}")
+        record, groups = _freq_record(fit), {}
     data_ds, record["data"] = _encode_frame(fit.spec)
     groups[DATA_GROUP] = data_ds
-    tree = _make_tree(groups, record)
-    if _is_zarr_name(path):
-        _write_zarr(tree, path)
-    else:
-        _write_netcdf(tree, path)
-    return path
+    return _make_tree(groups, record)
 
 
 def load(path):
@@ -91,12 +129,15 @@ def load(path):
     Raises
     ------
     DataError
-        The path does not exist, is not a bayeslmm save, was written by a newer
-        bayeslmm (a higher format version), or its data do not rebuild the saved model.
+        The path does not exist or cannot be read, is not a bayeslmm save (checked from
+        the file's header and root attributes, before anything else is read), was written
+        by a newer bayeslmm (a higher format version), its data do not rebuild the saved
+        model, its priors are not ones a fit accepts, or it does not fit in memory.
     """
     path = _as_path(path, "path")
-    tree = _read_tree(path)
-    record = _read_record(tree, path)
+    attrs, engine = _read_root_attrs(path)
+    record = _read_record(attrs, path)
+    tree = _read_tree(path, engine)
     try:
         groups = {name: _decode_dataset(tree[name].to_dataset()) for name in tree.children}
         if DATA_GROUP not in groups:
@@ -108,8 +149,11 @@ def load(path):
         return _load_freq(record, spec, path)
     except BayesLMMError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, np.linalg.LinAlgError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, np.linalg.LinAlgError, RecursionError) as exc:
         raise DataError(f"cannot load {path}: the save is incomplete or damaged ({type(exc).__name__}: {exc})") from exc
+    except MemoryError as exc:
+        raise DataError(f"cannot load {path}: not enough memory to rebuild the fit; free memory or load it on a "
+                        "machine with more") from exc
 
 
 # -- paths and files --------------------------------------------------------------------------
@@ -130,6 +174,13 @@ def _writable_parent(path: Path) -> None:
 
 
 def _write_netcdf(tree, path: Path) -> None:
+    """Assemble the file in memory, then write it under a temporary name and rename it.
+
+    HDF5 writing straight to a full disk raises, and then crashes the process when it
+    closes the half-written file (h5py/h5netcdf); in memory HDF5 cannot fail that way,
+    and the bytes go to disk by plain Python I/O, which fails cleanly.  The peak memory
+    is the fit plus one copy of the file.
+    """
     _writable_parent(path)
     if path.is_dir():
         raise DataError(f"cannot save to {path}: it is a folder; give a file name such as {path / 'fit.nc'}")
@@ -140,59 +191,188 @@ def _write_netcdf(tree, path: Path) -> None:
             f"saving {path} as netCDF needs the h5py package (h5netcdf writes through it): "
             "pip install h5py, or save to a zarr folder (a path ending in '.zarr')"
         ) from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tree.to_netcdf(tmp, engine="h5netcdf", mode="w")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    content = tree.to_netcdf(None, engine="h5netcdf", mode="w")
+    write_atomically(path, lambda tmp: tmp.write_bytes(content))
 
 
 def _write_zarr(tree, path: Path) -> None:
+    """Write a complete zarr folder under a temporary name, then swap it in by renames.
+
+    The previous save stays in place, untouched, until the new one is complete; only
+    then is it renamed aside, the new folder renamed to ``path``, and the old removed.
+    """
     _writable_parent(path)
     if path.exists() and not (path.is_dir() and _looks_like_zarr(path)):
         raise DataError(f"cannot save to {path}: something that is not a zarr folder is already there; "
                         "remove it or choose another name")
-    with warnings.catch_warnings():
-        # zarr 3 warns that consolidated metadata is not part of its specification yet
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        tree.to_zarr(path, mode="w", consolidated=True)
+    tmp = _temp_name(path, "folder")
+    try:
+        with warnings.catch_warnings():
+            # zarr 3 warns that consolidated metadata is not part of its specification yet
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            tree.to_zarr(tmp, mode="w", consolidated=True)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_atomically(path, write) -> None:
+    """Call ``write(tmp)`` on a fresh temporary path beside ``path``, then rename it to ``path``.
+
+    ``path`` is thus either left as it was or replaced by a complete file, never
+    half-written; on any failure or interrupt the temporary file is removed and the
+    exception raised again.  The file gets the usual permissions (``0o666`` less the umask).
+    """
+    path = Path(path)
+    tmp = _temp_name(path, "file")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temp_name(path: Path, kind: str) -> Path:
+    """A fresh file or folder beside ``path`` (same folder, so the final rename stays on one file system).
+
+    Made with ``os.open``/``os.mkdir`` rather than ``tempfile``, whose 0o600/0o700
+    modes the renamed save would keep.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            if kind == "file":
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            else:
+                os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` is renamed aside first and removed last."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    old = _temp_name(path, "folder")
+    os.rmdir(old)  # only the fresh name is wanted: rename needs it free
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)  # put the previous save back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_error(path: Path, exc: OSError) -> "SaveError":
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free space within your disk quota",
+            errno.EFBIG: "the file system or a limit on file size refuses files this large; save elsewhere",
+            errno.EROFS: "the file system is read-only; save elsewhere",
+            errno.EACCES: "you may not write there; save elsewhere or change the folder's permissions",
+            errno.EPERM: "you may not write there; save elsewhere or change the folder's permissions",
+            }.get(exc.errno, "check the folder and save again")
+    return SaveError(exc.errno or errno.EIO, f"could not save to {path}: {reason}; {hint} (the previous save, "
+                     "if any, is unchanged)", str(path))
 
 
 def _looks_like_zarr(path: Path) -> bool:
     return any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zattrs"))
 
 
-def _read_tree(path: Path):
-    import xarray as xr
+def _read_root_attrs(path: Path) -> tuple[dict, str]:
+    """The root attributes of a save and the engine that reads it, from the header alone.
 
-    if not path.exists():
-        raise DataError(f"cannot load {path}: no such file or folder")
-    if path.is_dir():
-        if not _looks_like_zarr(path):
-            raise DataError(f"cannot load {path}: the folder is not a zarr store, so not a bayeslmm save "
-                            "(fit.save writes a '.nc' file or a '.zarr' folder)")
-        engine = "zarr"
-    else:
+    Only the first bytes of a file (the HDF5 signature, then the root attributes) or a
+    zarr folder's root metadata are read, so a large file that is not a save is refused
+    at once.
+    """
+    try:
+        if not path.exists():
+            raise DataError(f"cannot load {path}: no such file or folder")
+        if path.is_dir():
+            return _zarr_root_attrs(path), "zarr"
         with open(path, "rb") as fh:
             head = fh.read(len(_HDF5_SIGNATURE))
         if head != _HDF5_SIGNATURE:
-            raise DataError(f"cannot load {path}: it is not a netCDF-4 file, so not a bayeslmm save "
-                            "(fit.save writes a '.nc' file or a '.zarr' folder)")
-        engine = "h5netcdf"
+            raise DataError(_not_a_save(path, head))
+        return _hdf5_root_attrs(path), "h5netcdf"
+    except PermissionError as exc:
+        raise DataError(f"cannot load {path}: permission denied ({exc.strerror}); make it readable or copy it "
+                        "somewhere you can read") from exc
+    except OSError as exc:
+        raise DataError(f"cannot load {path}: it could not be read ({exc.strerror or exc})") from exc
+
+
+def _not_a_save(path: Path, head: bytes) -> str:
+    what = "it is not a netCDF-4 file"
+    if path.suffix.lower() == ".json" or head.lstrip()[:1] in (b"{", b"["):
+        what = ("it is a JSON file (the command line's reml.json / nuts.json hold a fit's numbers, not the fit); "
+                "load the '.nc' file saved beside it")
+    return f"cannot load {path}: {what}, so not a bayeslmm save (fit.save writes a '.nc' file or a '.zarr' folder)"
+
+
+def _hdf5_root_attrs(path: Path) -> dict:
+    try:
+        import h5py
+    except ImportError as exc:
+        raise BayesLMMError(f"loading {path} needs the h5py package: pip install h5py") from exc
+    keys = ("bayeslmm_format", "bayeslmm_format_version", "bayeslmm_record")
+    try:
+        with h5py.File(path, "r") as fh:
+            return {k: _attr_value(fh.attrs[k]) for k in keys if k in fh.attrs}
+    except OSError:
+        raise
+    except Exception as exc:  # h5py raises its own kinds for a damaged header
+        raise DataError(f"cannot load {path}: its header could not be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _zarr_root_attrs(path: Path) -> dict:
+    for name in ("zarr.json", ".zattrs"):  # zarr 3, zarr 2
+        meta = path / name
+        if meta.is_file():
+            try:
+                doc = json.loads(meta.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise DataError(f"cannot load {path}: its {name} is not valid JSON ({exc})") from exc
+            attrs = doc.get("attributes", {}) if name == "zarr.json" and isinstance(doc, dict) else doc
+            return attrs if isinstance(attrs, dict) else {}
+    raise DataError(f"cannot load {path}: the folder is not a zarr store, so not a bayeslmm save "
+                    "(fit.save writes a '.nc' file or a '.zarr' folder)")
+
+
+def _attr_value(value):
+    """An HDF5 attribute as a Python value: bytes as text, a one-element array as its element."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.ravel()[0]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return value
+
+
+def _read_tree(path: Path, engine: str):
+    import xarray as xr
+
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
             return xr.load_datatree(path, engine=engine)
+    except MemoryError as exc:
+        raise DataError(f"cannot load {path}: not enough memory to read it; free memory or load it on a machine "
+                        "with more") from exc
     except Exception as exc:  # h5py, h5netcdf, zarr and xarray each raise their own kinds
         raise DataError(f"cannot load {path}: it could not be read as a bayeslmm save "
                         f"({type(exc).__name__}: {exc})") from exc
 
 
-def _read_record(tree, path: Path) -> dict:
-    attrs = tree.attrs
+def _read_record(attrs: dict, path: Path) -> dict:
     if attrs.get("bayeslmm_format") != FORMAT_NAME or "bayeslmm_record" not in attrs:
         raise DataError(f"cannot load {path}: it is not a bayeslmm save (no 'bayeslmm_format' mark); "
                         "only files written by fit.save can be loaded")
@@ -209,10 +389,11 @@ def _read_record(tree, path: Path) -> dict:
         raise DataError(f"cannot load {path}: unknown format version {version}")
     try:
         record = json.loads(attrs["bayeslmm_record"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise DataError(f"cannot load {path}: its bayeslmm record is not valid JSON ({exc})") from exc
-    if record.get("kind") not in ("BayesFit", "FreqFit"):
-        raise DataError(f"cannot load {path}: unknown kind of fit {record.get('kind')!r}")
+    if not isinstance(record, dict) or record.get("kind") not in ("BayesFit", "FreqFit"):
+        kind = record.get("kind") if isinstance(record, dict) else None
+        raise DataError(f"cannot load {path}: unknown kind of fit {kind!r}")
     return record
 
 
@@ -577,7 +758,7 @@ def _load_bayes(record: dict, spec, groups: dict, path: Path):
         raise DataError(f"{path}: the groups {missing} of the saved posterior are missing from the file")
     idata = xr.DataTree.from_dict({f"/{g}": groups[g] for g in record["groups"]})
     _check_draws_match_spec(idata, spec, path)
-    return BayesFit(spec=spec, idata=idata, priors=_priors_from_record(record["priors"], path),
+    return BayesFit(spec=spec, idata=idata, priors=_priors_from_record(record["priors"], spec, path),
                     names=list(record["names"]), parameterization=record["parameterization"],
                     sampler=record["sampler"], seed=int(record["seed"]), data_name=record["data_name"],
                     timings=dict(record["timings"]), **_known_extra(BayesFit, record))
@@ -641,17 +822,50 @@ def _priors_record(priors) -> dict:
     }
 
 
-def _priors_from_record(rec: dict, path: Path):
+def _priors_from_record(rec: dict, spec, path: Path):
     from .bayes.priors import BlockPriors, PriorSet
 
     try:
-        return PriorSet(beta=tuple(_prior_from_record(p) for p in rec["beta"]),
-                        sigma=_prior_from_record(rec["sigma"]),
-                        blocks=tuple(BlockPriors(sd=_prior_from_record(b["sd"]), eta=float(b["eta"]))
-                                     for b in rec["blocks"]),
-                        centred=bool(rec["centred"]), x_means=_param_from_record(rec["x_means"]))
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{path}: the stored priors are incomplete ({exc})") from exc
+        priors = PriorSet(beta=tuple(_prior_from_record(p) for p in rec["beta"]),
+                          sigma=_prior_from_record(rec["sigma"]),
+                          blocks=tuple(BlockPriors(sd=_prior_from_record(b["sd"]), eta=float(b["eta"]))
+                                       for b in rec["blocks"]),
+                          centred=bool(rec["centred"]), x_means=_param_from_record(rec["x_means"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: the stored priors are incomplete ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_priors(priors, spec)
+    except BayesLMMError as exc:
+        raise DataError(f"{path}: the stored priors are not ones a fit accepts: {exc}; the file was altered or "
+                        "damaged") from exc
+    return priors
+
+
+def _check_priors(priors, spec) -> None:
+    """The checks a fit applies to a user's priors, and their count and shapes for ``spec``."""
+    if len(priors.beta) != spec.n_fixed or len(priors.blocks) != len(spec.blocks):
+        raise BayesLMMError(f"{len(priors.beta)} fixed-effect and {len(priors.blocks)} block priors stored, the "
+                            f"model has {spec.n_fixed} and {len(spec.blocks)}")
+    for name, prior in zip(spec.fixed_names, priors.beta):
+        prior.check(f"coefficient {name!r}", "location")
+        _check_prior_shape(prior, (), f"coefficient {name!r}")
+    priors.sigma.check("sigma", "scale")
+    _check_prior_shape(priors.sigma, (), "sigma")
+    for block, bp in zip(spec.blocks, priors.blocks):
+        bp.sd.check(f"{block.group} sd", "scale")
+        _check_prior_shape(bp.sd, (block.q,), f"{block.group} sd")
+        if not (np.isfinite(bp.eta) and bp.eta > 0):
+            raise BayesLMMError(f"prior for block {block.group!r}: LKJ eta must be a positive number, got {bp.eta!r}")
+    if np.shape(priors.x_means) != (spec.n_fixed,) or not np.all(np.isfinite(priors.x_means)):
+        raise BayesLMMError(f"the centring means must be {spec.n_fixed} finite numbers")
+
+
+def _check_prior_shape(prior, shape: tuple, where: str) -> None:
+    """One value (or, for a block's sds, one per column) per parameter."""
+    for name, value in prior.params.items():
+        if np.size(value) != 1 and np.shape(value) != shape:
+            raise BayesLMMError(f"prior for {where}: parameter {name} has shape {np.shape(value)}, "
+                                f"not {shape or 'one value'}")
 
 
 #: the fields of each fit that this module stores in its own way; any other field (added to the

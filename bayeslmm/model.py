@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .crossprod import CrossProducts
-from .errors import BayesLMMError
+from .errors import BayesLMMError, ModelError
+from .exactfit import NEAR_EXACT_RATIO, check_exact_fit
 from .formula import build_spec
 from .spec import ModelSpec
 
@@ -25,7 +26,8 @@ class Model:
     formula : str
         lme4 syntax: ``"y ~ x + (1 + x | g)"``, ``(x || g)``, ``(1 | a/b)``,
         ``(1 | a) + (1 | b)``.
-    data : pandas.DataFrame, the name of a bundled dataset, or data larger than memory
+    data : pandas.DataFrame, polars.DataFrame, the name of a bundled dataset, or data larger than memory
+        A polars DataFrame is converted with its ``to_pandas()`` (which needs pyarrow).
         A Dask DataFrame, or the path of a Parquet file, folder or glob
         (``"runs/*.parquet"``): the cross-products are then computed partition by
         partition (:mod:`bayeslmm.outofcore`, ``docs/scale.md``) and the model keeps
@@ -90,8 +92,9 @@ class Model:
             Restricted maximum likelihood (lme4's default), maximum likelihood, or
             the posterior by NUTS.
         **options
-            For REML/ML: ``start`` (θ) and optimizer settings (``ftol_rel``,
-            ``xtol_abs``, ``maxeval``, ``restarts``, ``initial_step``).
+            For REML/ML: ``start`` (θ), optimizer settings (``ftol_rel``,
+            ``xtol_abs``, ``maxeval``, ``restarts``, ``initial_step``) and
+            ``blas_threads`` (default ``$BAYESLMM_BLAS_THREADS``, else 1).
 
             For NUTS: ``draws=1000``, ``tune=1000``, ``chains=4``, ``cores`` (1 for
             PyMC's sampler; for nutpie one thread per chain up to the number of
@@ -113,23 +116,55 @@ class Model:
         Returns
         -------
         FreqFit or BayesFit
+
+        Raises
+        ------
+        ModelError
+            When the fixed and random effects reproduce the response exactly (every
+            method, before fitting): its residual after projection on the fixed and
+            random-effect columns is rounding error of y (:mod:`bayeslmm.exactfit`), so
+            σ would be 0 and σ, the variances and β artefacts of where the optimizer or
+            sampler stops. Data with tiny real noise (1e-6 × sd(y)) fit as usual; a
+            residual above rounding but below 1e-7 × sd(y), which the sums of squares
+            cannot resolve, fits with a warning. Also when the cross-products overflow.
+
+        Notes
+        -----
+        NUTS samples in standardised units of the response and reports draws in its
+        own (:class:`bayeslmm.bayes.collapsed.ResponseScale`; priors are given in the
+        response's units): the posterior of ``c * y`` is ``c`` times that of ``y``.
         """
         if not isinstance(method, str) or method.lower() not in METHODS:
             raise BayesLMMError(f"method must be one of {list(METHODS)}, got {method!r}")
         if method.lower() == "nuts":
             from .bayes.fit import fit_bayes
 
+            options = _known(options, _NUTS_OPTIONS)
             if options.get("parameterization") == "explicit":
                 self.spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
             if options.get("log_likelihood"):
                 self.spec.require_rows("the pointwise log-likelihood (log_likelihood=True)")
-            return fit_bayes(self.spec, self.crossprods, data_name=self.data_name, **_known(options, _NUTS_OPTIONS))
+            self._check_response()
+            return fit_bayes(self.spec, self.crossprods, data_name=self.data_name, **options)
         from .reml import fit_frequentist
 
+        options = _known(options, _FREQ_OPTIONS)
+        self._check_response()
         fit = fit_frequentist(self.spec, reml=method.lower() == "reml", crossprods=self.crossprods,
-                              data_name=self.data_name, **_known(options, _FREQ_OPTIONS))
-        _warn_if_exact(fit)
+                              data_name=self.data_name, **options)
+        if self._exact_fit.verdict == "no":  # (the other verdicts were reported before fitting)
+            _warn_if_exact(fit)
         return fit
+
+    def _check_response(self) -> None:
+        """Refuse a response whose squares overflow or that the effects reproduce exactly (every method)."""
+        _check_magnitude(self.spec, self.crossprods)
+        if self._exact_fit.verdict in ("exact", "near", "unresolved"):
+            _exact_fit_message(self._exact_fit)
+
+    @cached_property
+    def _exact_fit(self):
+        return check_exact_fit(self.spec, self.crossprods)
 
     def prior_predictive(self, draws: int = 500, priors: dict | None = None, random_seed: int | None = None):
         """Draws of the response from the priors (a DataTree with ``prior`` and ``prior_predictive``).
@@ -141,6 +176,51 @@ class Model:
 
         self.spec.require_rows("prior predictive draws of the response")
         return prior_predictive(self.spec, self.crossprods, draws=draws, priors=priors, random_seed=random_seed)
+
+    def pymc_model(self, priors: dict | None = None, parameterization: str = "explicit"):
+        """The PyMC model (``pm.Model``) that ``fit(method="nuts")`` samples, to sample or extend yourself.
+
+        ``explicit`` (default) has the linear predictor as the Deterministic ``mu``
+        and the likelihood as the observed ``y``, both with dim ``obs`` (the row
+        position); ``collapsed`` integrates the first block out (no ``mu``, no ``y``).
+        Wrap draws of the explicit model back into a fit with :meth:`fit_from_draws`
+        (see docs/bayes.md).
+        """
+        from .bayes.model import pymc_model
+        from .bayes.priors import resolve_priors
+
+        return pymc_model(self.spec, self.crossprods, resolve_priors(self.spec, priors), parameterization)
+
+    def fit_from_draws(self, idata, priors: dict | None = None, random_seed: int = 0, warn: bool = True):
+        """A ``BayesFit`` of draws made from :meth:`pymc_model` (``with m: idata = pm.sample()``).
+
+        Pass the ``priors`` the PyMC model was built with; see ``BayesFit.from_pymc``.
+        """
+        from .bayes.results import BayesFit
+
+        return BayesFit.from_pymc(self, idata, priors=priors, random_seed=random_seed, warn=warn)
+
+    @classmethod
+    def from_bambi(cls, bmb_model) -> "Model":
+        """The same model from a ``bambi.Model`` (Gaussian, identity link): same formula and data.
+
+        bambi's ``(x | g)`` is uncorrelated, so it becomes ``(x || g)``; what bayeslmm cannot
+        express raises ``ModelError``.  bambi's priors: ``fit(method="nuts",
+        priors=bayeslmm.interop.bambi_priors(bmb_model))`` (see :mod:`bayeslmm.interop`).
+        """
+        from .interop import from_bambi
+
+        return from_bambi(bmb_model)
+
+    def to_bambi(self, priors: dict | None = None, drop_correlations: bool = False):
+        """The same model as a ``bambi.Model``, with the priors ``fit(method="nuts", priors=priors)`` uses.
+
+        bambi has no correlated effects: a correlated block with more than one column raises
+        ``ModelError`` unless ``drop_correlations=True`` (see :mod:`bayeslmm.interop`).
+        """
+        from .interop import to_bambi
+
+        return to_bambi(self, priors=priors, drop_correlations=drop_correlations)
 
     def prior_summary(self, priors: dict | None = None):
         """The priors a NUTS fit would use: defaults scaled to the data, with ``priors`` applied."""
@@ -155,7 +235,8 @@ class Model:
                 f"random effects by {groups})")
 
 
-_FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step"}
+_FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step",
+                 "blas_threads"}
 _NUTS_OPTIONS = {"draws", "tune", "chains", "cores", "random_seed", "sampler", "parameterization", "priors",
                  "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn", "backend",
                  "effects"}
@@ -178,15 +259,55 @@ def _known(options: dict, allowed: set[str]) -> dict:
     return options
 
 
+def _check_magnitude(spec, cp) -> None:
+    """Refuse cross-products that overflowed (each value's square fits, as the spec checks, but not their sums)."""
+    if np.all(np.isfinite(cp.Arr)) and np.all(np.isfinite(cp.B.data)) and np.all(np.isfinite(cp.A11)):
+        return
+    big = float(np.max(np.abs(spec.y))) if spec.rows_in_memory else float(spec.moments.y.max_abs[0])
+    raise ModelError(
+        f"the sums of squares and products of the response and design overflow double precision (largest |y| "
+        f"{big:.3g}, {spec.n_obs} rows). Rescale the response (and any large predictor) before fitting, e.g. "
+        f"divide y by 1e{int(np.log10(big)) if np.isfinite(big) and big > 1 else 100}, and multiply β, σ and the "
+        "effects' sds back"
+    )
+
+
+def _exact_fit_message(check) -> None:
+    """Raise (exact fit) or warn (nearly exact, or not verifiable) as ``Model.fit`` documents."""
+    if check.verdict == "exact":
+        raise ModelError(
+            f"the fixed and random effects reproduce the response exactly: its residual after projection on "
+            f"the fixed and random-effect columns is {check.residual_rms:.3g} (rms), rounding error of y "
+            f"(sd {check.response_sd:.3g}). There is no residual variation, so σ is 0 and the variance "
+            "parameters, σ and even β would be artefacts of where the optimizer or sampler stops. Check that "
+            "the response is not computed from the predictors and groups; if it is simulated, add noise"
+        )
+    if check.verdict == "near":
+        warnings.warn(
+            f"the fixed and random effects reproduce the response almost exactly: its residual after projection "
+            f"is {check.ratio:.2g} × its sd, below the {NEAR_EXACT_RATIO:g} that the sums of squares both "
+            "engines work from resolve, so σ, the variance parameters and β's uncertainty may be far off. "
+            "Check that the response is not (nearly) computed from the predictors and groups",
+            UserWarning, stacklevel=4,
+        )
+    elif check.verdict == "unresolved" and check.ratio < NEAR_EXACT_RATIO:
+        warnings.warn(
+            f"the response may be reproduced exactly by the fixed and random effects (residual from the "
+            f"cross-products {check.ratio:.2g} × its sd; the rows were not available to check it precisely): "
+            "σ and the variance parameters may be rounding artefacts",
+            UserWarning, stacklevel=4,
+        )
+
+
 #: σ̂ below this fraction of the response's sd means the model reproduces the data to rounding error
 EXACT_FIT_RATIO = 1e-7
 
 
 def _warn_if_exact(fit) -> None:
-    """Warn when the residual sd is at rounding level: the effects reproduce the response exactly.
+    """Warn when the fitted residual sd is at rounding level although the data passed the exact-fit check.
 
-    Then the optimum lies at θ → ∞ (or anywhere), and σ̂ and the variance parameters
-    are artefacts of floating point, not estimates.
+    A backstop behind :func:`bayeslmm.exactfit.check_exact_fit`, which judges the data
+    before fitting: then σ̂ and the variance parameters are artefacts of floating point.
     """
     y = fit.spec.y
     if len(y) != fit.spec.n_obs:  # built out of memory: no rows to compare with

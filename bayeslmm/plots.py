@@ -26,6 +26,11 @@ __all__ = ["caterpillar_plot", "ppc_plot", "shrinkage_plot", "variance_plot"]
 _NO_POOL = "C0"
 _PARTIAL = "C3"
 _POP = "0.25"
+_COMPLETE = "C2"
+#: line styles of the ellipses, in the order of their probabilities: each gets its own legend entry
+_ELLIPSE_STYLES = ("-", "--", ":", "-.")
+#: at most this many distinct population lines get their own ellipses
+_MAX_ELLIPSE_CENTRES = 8
 
 
 def _new_axes(ax, n_panels: int = 1, *, ncols: int | None = None, panel_size=(4.2, 3.4), sharey=False):
@@ -105,7 +110,13 @@ def shrinkage_plot(fit, group: str | None = None, columns=None, *, layout: str =
         ``fig.pooling_table`` holds the table the figure was drawn from.
 
     Levels whose no-pooling estimate is missing (NaN, see the table's ``note``) are
-    drawn at their partial-pooling value only, without an arrow.
+    drawn at their partial-pooling value only, without an arrow.  The population and
+    complete-pooling values are lines when they are the same for every level, and one
+    mark per level when group-level predictors (``Sex``, ``Diet``) make them differ;
+    the ellipses are then drawn around each distinct population value (up to 8;
+    beyond that none, and the axes say so).
+    Axes say ``intercept`` and ``slope of age`` for the columns ``(Intercept)`` and a
+    numeric ``age``.
     """
     fit = resolve_fit(fit)
     table = pooling_table(fit, group, no_pooling=no_pooling)
@@ -122,21 +133,51 @@ def shrinkage_plot(fit, group: str | None = None, columns=None, *, layout: str =
                             f"effects {all_cols}, got {columns!r}")
     if layout not in ("auto", "n", "rows"):
         raise BayesLMMError(f"`layout` must be 'auto', 'n' or 'rows', got {layout!r}")
+    labels = {c: coefficient_label(fit.spec, c) for c in columns}
     if len(columns) == 1:
-        fig = _shrinkage_1d(table, columns[0], layout, ax)
+        fig = _shrinkage_1d(table, columns[0], labels[columns[0]], layout, ax)
     else:
-        fig = _shrinkage_2d(fit, table, columns, ellipse, ax)
+        fig = _shrinkage_2d(fit, table, columns, [labels[c] for c in columns], ellipse, ax)
     fig.pooling_table = table
     return fig
 
 
-def _shrinkage_1d(table, col, layout, ax):
+def coefficient_label(spec, col: str) -> str:
+    """What a random-effect column's coefficient is, for an axis: "intercept", "slope of age"."""
+    if col == "(Intercept)":
+        return "intercept"
+    data = spec.data
+    if data is not None and col in data.columns and np.issubdtype(np.asarray(data[col]).dtype, np.number):
+        return f"slope of {col}"
+    return f"coefficient of {col}"
+
+
+def _reference_marks(ax, where, values, vertical: bool):
+    """The population and complete-pooling values of one column: lines if one value, else a mark per level.
+
+    Complete pooling is drawn dashed, in its own colour and above the population, so it
+    stays visible where the two coincide.
+    """
+    styles = {"population": dict(color=_POP, lw=1.2, zorder=2, label="population (fixed effects)"),
+              "complete_pooling": dict(color=_COMPLETE, lw=1.2, ls="--", zorder=2.5, label="complete pooling")}
+    marker = "|" if vertical else "_"
+    for gid, v in values.items():
+        style = styles[gid]
+        if np.allclose(v, v[0], rtol=1e-12, atol=0.0):
+            (ax.axvline if vertical else ax.axhline)(v[0], gid=gid, **style)
+            continue
+        x, y = (v, np.full_like(v, where)) if vertical else (where, v)
+        ax.scatter(x, y, marker=marker, s=110, color=style["color"], linewidths=1.5, zorder=style["zorder"] + 3,
+                   label=style["label"] + ", per level", gid=gid)
+
+
+def _shrinkage_1d(table, col, label, layout, ax):
     fig, (ax,) = _new_axes(ax, panel_size=(7.0, 4.5))
     n = table["n"].to_numpy()
     npool = table[("no_pooling", col)].to_numpy()
     part = table[("partial", col)].to_numpy()
-    pop = table.attrs["population"][col]
-    comp = table[("complete", col)].iloc[0]
+    refs = {"population": table[("population", col)].to_numpy(),
+            "complete_pooling": table[("complete", col)].to_numpy()}
     ok = np.isfinite(npool)
     if layout == "auto":
         layout = "rows" if np.all(n == n[0]) else "n"
@@ -145,8 +186,7 @@ def _shrinkage_1d(table, col, layout, ax):
                    gid="no_pooling", zorder=3)
         ax.scatter(n, part, s=16, color=_PARTIAL, label="partial pooling", gid="partial_pooling", zorder=4)
         _arrows(ax, np.column_stack([n[ok], npool[ok]]), np.column_stack([n[ok], part[ok]]))
-        ax.axhline(pop, color=_POP, lw=1.2, label="population (fixed effect)", gid="population")
-        ax.axhline(comp, color=_POP, lw=1.0, ls=":", label="complete pooling", gid="complete_pooling")
+        _reference_marks(ax, n, refs, vertical=False)
         if n.min() > 0 and n.max() / n.min() >= 10:
             from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -155,19 +195,18 @@ def _shrinkage_1d(table, col, layout, ax):
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"observations in the level of {table.attrs['group']}")
-        ax.set_ylabel(col)
+        ax.set_ylabel(label)
     else:
         ax.scatter(npool[ok], np.ones(ok.sum()), s=22, facecolors="none", edgecolors=_NO_POOL,
                    label="no pooling", gid="no_pooling", zorder=3)
         ax.scatter(part, np.zeros_like(part), s=16, color=_PARTIAL, label="partial pooling",
                    gid="partial_pooling", zorder=4)
         _arrows(ax, np.column_stack([npool[ok], np.ones(ok.sum())]), np.column_stack([part[ok], np.zeros(ok.sum())]))
-        ax.axvline(pop, color=_POP, lw=1.2, label="population (fixed effect)", gid="population")
-        ax.axvline(comp, color=_POP, lw=1.0, ls=":", label="complete pooling", gid="complete_pooling")
+        _reference_marks(ax, 0.0, refs, vertical=True)
         ax.set_yticks([0, 1], ["partial pooling", "no pooling"])
         ax.set_ylim(-0.3, 1.45)
-        ax.set_xlabel(col)
-    ax.set_title(f"Shrinkage of {table.attrs['group']}'s {col} ({table.attrs['method']})")
+        ax.set_xlabel(label)
+    ax.set_title(f"Shrinkage of {table.attrs['group']}'s {label} ({table.attrs['method']})")
     _legend(ax, len(table))
     return fig
 
@@ -204,36 +243,47 @@ def ellipse_points(center, cov, prob: float, n: int = 200) -> np.ndarray:
     return (np.asarray(center)[:, None] + radius * (V * np.sqrt(np.maximum(w, 0.0))) @ circle).T
 
 
-def _shrinkage_2d(fit, table, cols, ellipse, ax):
+def _ellipses(ax, fit, table, cols, centres, probs):
+    """Contours of N(population, G) around each distinct population value, one line style per probability."""
+    bad = [p for p in probs if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1]
+    if bad:
+        raise BayesLMMError(f"`ellipse` must be probabilities strictly between 0 and 1, got {probs!r}")
+    if len(centres) > _MAX_ELLIPSE_CENTRES:
+        ax.text(0.01, 0.01, f"no ellipses: {len(centres)} different population values (group-level predictors)",
+                transform=ax.transAxes, fontsize="small", color="0.4", gid="note")
+        return
+    gd = group_design(fit.spec, table.attrs["group"])
+    idx = [gd.columns.index(c) for c in cols]
+    G = group_covariance(fit, gd)[np.ix_(idx, idx)]
+    for k, p in enumerate(probs):
+        for m, centre in enumerate(centres):
+            pts = ellipse_points(centre, G, p)
+            ax.plot(pts[:, 0], pts[:, 1], color="0.55", lw=0.9, ls=_ELLIPSE_STYLES[k % len(_ELLIPSE_STYLES)],
+                    gid="ellipse", label=f"{p:.0%} of N(population, G)" if m == 0 else None)
+
+
+def _shrinkage_2d(fit, table, cols, labels, ellipse, ax):
     fig, (ax,) = _new_axes(ax, panel_size=(8.0, 5.5))
     npool = table["no_pooling"][cols].to_numpy()
     part = table["partial"][cols].to_numpy()
     ok = np.isfinite(npool).all(axis=1)
-    pop = np.array([table.attrs["population"][c] for c in cols])
-    comp = table["complete"][cols].iloc[0].to_numpy()
+    pop = np.unique(table["population"][cols].to_numpy(), axis=0)
+    comp = np.unique(table["complete"][cols].to_numpy(), axis=0)
     if ellipse:
-        probs = list(ellipse) if np.ndim(ellipse) else [ellipse]
-        bad = [p for p in probs if not isinstance(p, (int, float)) or not 0 < p < 1]
-        if bad:
-            raise BayesLMMError(f"`ellipse` must be probabilities strictly between 0 and 1, got {ellipse!r}")
-        gd = group_design(fit.spec, table.attrs["group"])
-        idx = [gd.columns.index(c) for c in cols]
-        G = group_covariance(fit, gd)[np.ix_(idx, idx)]
-        for p in probs:
-            pts = ellipse_points(pop, G, p)
-            ax.plot(pts[:, 0], pts[:, 1], color="0.6", lw=0.9, ls="--", gid="ellipse", label=f"{p:.0%} of N(β, G)")
+        _ellipses(ax, fit, table, cols, pop, list(ellipse) if np.ndim(ellipse) else [ellipse])
     ax.scatter(npool[ok, 0], npool[ok, 1], s=26, facecolors="none", edgecolors=_NO_POOL, label="no pooling",
                gid="no_pooling", zorder=3)
     ax.scatter(part[:, 0], part[:, 1], s=18, color=_PARTIAL, label="partial pooling", gid="partial_pooling",
                zorder=4)
     _arrows(ax, npool[ok], part[ok])
-    ax.scatter([pop[0]], [pop[1]], marker="X", s=90, color="k", label="population (fixed effects)",
+    ax.scatter(pop[:, 0], pop[:, 1], marker="X", s=90, color="k", label="population (fixed effects)",
                gid="population", zorder=5)
-    ax.scatter([comp[0]], [comp[1]], marker="+", s=90, color="k", label="complete pooling",
-               gid="complete_pooling", zorder=5)
-    ax.set_xlabel(cols[0])
-    ax.set_ylabel(cols[1])
-    ax.set_title(f"Shrinkage of {table.attrs['group']}'s coefficients ({table.attrs['method']})")
+    # hollow and on top: visible where complete pooling coincides with the population value
+    ax.scatter(comp[:, 0], comp[:, 1], marker="D", s=80, facecolors="none", edgecolors=_COMPLETE, linewidths=1.6,
+               label="complete pooling", gid="complete_pooling", zorder=6)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(f"Shrinkage of {table.attrs['group']}'s lines ({table.attrs['method']})")
     _legend(ax, len(table), outside=True)
     return fig
 
@@ -466,7 +516,8 @@ def ppc_plot(bayes_fit, n_draws: int = 50, random_seed: int | None = None, *, ax
     total = fit.n_draws
     if isinstance(n_draws, bool) or not isinstance(n_draws, Integral) or not 1 <= n_draws <= total:
         raise BayesLMMError(f"`n_draws` must be an integer from 1 to the {total} posterior draws, got {n_draws!r}")
-    y_rep = fit.posterior_predictive(random_seed=random_seed)
+    # the same draws as fit.posterior_predictive(), which would also store them in fit.idata
+    y_rep = fit.predict_draws(predictive=True, random_seed=random_seed)
     flat = y_rep.to_numpy().reshape(total, -1)
     index = np.unique(np.linspace(0, total - 1, n_draws).round().astype(int))
     fig, (ax,) = _new_axes(ax, panel_size=(6.5, 4.2))

@@ -52,6 +52,16 @@ def random_value_columns(spec: ModelSpec) -> list[str]:
     return out
 
 
+def _typical_value(spec: ModelSpec, column: str) -> str:
+    """A value of ``column`` inside the data to suggest for ``at``: the mean (the most common category)."""
+    if spec.data is None or column not in spec.data.columns:
+        return "..."  # built out of memory: no rows to look at
+    s = spec.data[column]
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        return f"{float(s.mean()):.4g}"
+    return repr(s.mode().iloc[0])
+
+
 def z_at(spec: ModelSpec, at: Mapping | None) -> list[np.ndarray]:
     """Each block's row of Z at the point ``at`` (a dict of the slope variables' values)."""
     intercept_only = all(block.columns == ("(Intercept)",) for block in spec.blocks)
@@ -60,9 +70,10 @@ def z_at(spec: ModelSpec, at: Mapping | None) -> list[np.ndarray]:
             return [np.ones(1) for _ in spec.blocks]
         terms = sorted({f"{b.group}: {', '.join(b.columns)}" for b in spec.blocks if b.columns != ("(Intercept)",)})
         need = random_value_columns(spec)
-        example = ", ".join(f"{c!r}: 0" for c in need) or "...: 0"
+        example = ", ".join(f"{c!r}: {_typical_value(spec, c)}" for c in need) or "...: 0"
         raise ModelError(f"the variance of y depends on the random slopes ({'; '.join(terms)}); pass the point "
-                         f"at which to decompose it, e.g. at={{{example}}}")
+                         f"at which to decompose it, e.g. at the data's means (most common category for a factor): "
+                         f"at={{{example}}}")
     if not isinstance(at, Mapping):
         raise DataError(f"at must be a dict such as {{'Days': 3}}, got {type(at).__name__}")
     need = random_value_columns(spec)

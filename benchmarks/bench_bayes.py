@@ -35,12 +35,10 @@ Target: 1e6 x 1e4 in <= 30 s wall with every R-hat <= 1.01 and bulk ESS >= 400.
 bambi on the sizes in order until one does not finish within ``--bambi-budget``
 seconds (a subprocess with a timeout); the ratio is taken at the largest common size.
 
-bambi 0.21 needs formulae < 0.7 and bayeslmm needs formulae >= 0.9, so bambi runs in
-its own virtual environment (``--bambi-python``; by default
-``benchmarks/results/bambi-venv``, created on first use with the same PyMC,
-PyTensor, numpy, scipy, pandas and xarray versions as the running interpreter, and
-without nutpie, so that bambi's default ``pm.sample`` is PyMC's own NUTS: PyMC 6
-switches to nutpie by itself when nutpie is installed).
+bambi installs beside bayeslmm (the ``test`` extra brings it; both take formulae 0.6),
+so it runs from the same environment, each configuration in its own fresh process
+like bayeslmm's.  bambi's ``fit()`` passes ``nuts_sampler="pymc"`` to ``pm.sample``,
+so its default is PyMC's own NUTS although nutpie is installed.
 
 Compilation is measured by wrapping PyTensor's ``FunctionMaker`` (graph rewrites
 and linking of every compiled function) and ``nutpie.compile_pymc_model`` in the
@@ -75,8 +73,6 @@ from machine import CpuMeter, _cpu_name  # benchmarks/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_BAMBI_VENV = HERE / "results" / "bambi-venv"
-BAMBI_VERSION = "0.21.0"
 
 SLEEP_FORMULA = "Reaction ~ Days + (Days | Subject)"
 SIM_FORMULA = "y ~ x + (1 + x | g)"
@@ -93,8 +89,7 @@ BUSY_WARN_CORES = 0.25
 
 
 # =========================================================================== worker
-# The worker runs in a fresh interpreter (bayeslmm's venv or bambi's) and must not
-# need bayeslmm to be importable when it fits with bambi.
+# The worker runs in a fresh interpreter and does not import bayeslmm when it fits with bambi.
 
 class _CompileTimer:
     """Seconds spent compiling: PyTensor function construction (graph rewrites, C or
@@ -297,11 +292,8 @@ def worker(cfg_path: str, out_path: str) -> int:
     else:
         import bambi
         result["bambi_version"] = bambi.__version__
-        try:  # PyMC 6 picks nutpie for pm.sample() when it is installed, PyMC's NUTS otherwise
-            import nutpie  # noqa: F401
-            result["bambi_nuts_sampler"] = "nutpie (installed, so PyMC's default)"
-        except ImportError:
-            result["bambi_nuts_sampler"] = "pymc (nutpie not installed)"
+        # bambi's fit(inference_method="pymc") calls pm.sample(nuts_sampler="pymc"): PyMC's NUTS
+        result["bambi_nuts_sampler"] = "pymc (bambi's default)"
         fitter = _fit_bambi
     result["import_seconds"] = time.perf_counter() - t0
     import arviz
@@ -377,43 +369,18 @@ def run_worker(python: str, cfg: dict, workdir: Path, timeout: float | None, env
     return res
 
 
-# --------------------------------------------------------------------------- bambi's venv
-def _has_bambi(python: str) -> bool:
-    r = subprocess.run([python, "-c", "import bambi"], capture_output=True)
-    return r.returncode == 0
+# --------------------------------------------------------------------------- bambi
+def find_bambi() -> tuple[str | None, str]:
+    """The interpreter that runs bambi's fits (this one; each fit in a fresh process), or None and why not.
 
-
-def find_or_make_bambi_python(requested: str | None, allow_setup: bool) -> tuple[str | None, str]:
-    if requested:
-        if _has_bambi(requested):
-            return requested, f"bambi from {requested}"
-        return None, f"bambi skipped: `import bambi` fails with {requested}"
-    venv_py = DEFAULT_BAMBI_VENV / "bin" / "python"
-    if venv_py.exists() and _has_bambi(str(venv_py)):
-        return str(venv_py), f"bambi from {venv_py.relative_to(ROOT)}"
-    if not allow_setup:
-        return None, (f"bambi skipped: no interpreter with bambi (make one with --setup-bambi, "
-                      f"or pass --bambi-python)")
-    print(f"creating {DEFAULT_BAMBI_VENV.relative_to(ROOT)} with bambi=={BAMBI_VERSION} "
-          "(bambi needs formulae<0.7, bayeslmm formulae>=0.9: they cannot share a venv) ...", flush=True)
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base, "-m", "venv", str(DEFAULT_BAMBI_VENV)], check=True)
-    pins = []
-    from importlib import metadata
-    for dist in ("pymc", "pytensor", "numpy", "scipy", "pandas", "xarray", "numba",
-                 "arviz-base", "arviz-stats"):
-        try:
-            pins.append(f"{dist}=={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
-    pip = [str(venv_py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"bambi=={BAMBI_VERSION}"]
-    r = subprocess.run(pip + pins)
+    Checked in a subprocess, so that this process does not pay bambi's import.
+    """
+    r = subprocess.run([sys.executable, "-c", "import bambi; print(bambi.__version__)"], capture_output=True,
+                       text=True)
     if r.returncode != 0:
-        print("  pinned install failed; installing bambi with its own resolution", flush=True)
-        subprocess.run(pip, check=False)
-    if _has_bambi(str(venv_py)):
-        return str(venv_py), f"bambi from {venv_py.relative_to(ROOT)} (created now)"
-    return None, "bambi skipped: could not install it"
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return None, f"bambi skipped: `import bambi` fails here ({last}); pip install -e '.[test]' installs it"
+    return sys.executable, f"bambi {r.stdout.strip()} from this environment"
 
 
 # --------------------------------------------------------------------------- summaries
@@ -568,10 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--sim-warm", action="store_true", help="also a warm (second, same-process) run per size")
     p.add_argument("--bambi-budget", type=float, default=600.0,
                    help="seconds bambi may take on one simulated size (default 600)")
-    p.add_argument("--bambi-python", default=None, help="an interpreter that can `import bambi`")
     p.add_argument("--no-bambi", action="store_true", help="bayeslmm only")
-    p.add_argument("--no-bambi-setup", action="store_true",
-                   help=f"do not create {DEFAULT_BAMBI_VENV.relative_to(ROOT)} when bambi is missing")
     p.add_argument("--skip-sleepstudy", action="store_true")
     p.add_argument("--skip-sim", action="store_true")
     p.add_argument("--no-effects-diagnostics", action="store_true",
@@ -600,10 +564,8 @@ def main(argv=None) -> int:
     print(f"code: HEAD {env_info.get('git_head')}, bayeslmm/ dirty: {env_info.get('bayeslmm_dirty')}, "
           f"sources {env_info['sources_sha256']}", flush=True)
 
-    bambi_py, bambi_note = (None, "bambi skipped (--no-bambi)") if a.no_bambi else \
-        find_or_make_bambi_python(a.bambi_python, not a.no_bambi_setup)
-    print(bambi_note + " (bambi's default fit: pm.sample, PyMC's NUTS unless nutpie is installed "
-          "in bambi's environment; the one made here does not install it)", flush=True)
+    bambi_py, bambi_note = (None, "bambi skipped (--no-bambi)") if a.no_bambi else find_bambi()
+    print(bambi_note + " (bambi's default fit: pm.sample with PyMC's NUTS)", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_bayes_"))
     base = {"draws": a.draws, "tune": a.tune, "chains": a.chains, "seed": a.seed, "cores": a.cores}

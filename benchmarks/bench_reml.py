@@ -63,7 +63,8 @@ TARGET_INSTEVAL_SPEEDUP = 5.0  # InstEval REML in at most 1/5 of lme4's time
 TARGET_SLEEPSTUDY_SECONDS = 0.020  # sleepstudy REML under 20 ms
 #: other processes using more than this many cores on average while timing → warning
 BUSY_WARN_CORES = 0.25
-BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# BAYESLMM_BLAS_THREADS: bayeslmm holds BLAS to it (default 1) inside its REML/ML fits
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BAYESLMM_BLAS_THREADS")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ R_SCRIPT = HERE / "lme4_fit.R"
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import bench_bayes as bb  # noqa: E402  (benchmarks/bench_bayes.py: the NUTS worker, bambi's venv)
+import bench_bayes as bb  # noqa: E402  (benchmarks/bench_bayes.py: the NUTS worker, finding bambi)
 from machine import CpuMeter, _cpu_name  # noqa: E402
 
 #: other processes using more than this many cores on average during a job -> marked busy
@@ -74,7 +74,8 @@ ENGINE_FLAGS = {"bayeslmm-reml": ("REML", "bayeslmm"), "lme4": ("REML", "lme4"),
                 "bambi": ("NUTS", "bambi")}
 #: failures after which an engine is not tried on larger simulated sizes
 STOPPING = ("timeout", "OOM")
-BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# BAYESLMM_BLAS_THREADS: bayeslmm holds BLAS to it (default 1) inside its REML/ML fits
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BAYESLMM_BLAS_THREADS")
 MEMORY_ERRORS = ("MemoryError", "Unable to allocate", "cannot allocate vector", "std::bad_alloc",
                  "Cannot allocate memory", "out of memory")
 
@@ -748,8 +749,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-r", action="store_true", help="do not run lme4")
     p.add_argument("--no-statsmodels", action="store_true", help="do not run statsmodels")
     p.add_argument("--rscript", default=None, help="path to Rscript (default: found on PATH)")
-    p.add_argument("--bambi-python", default=None, help="an interpreter that can `import bambi` (default: "
-                                                        "benchmarks/results/bambi-venv, made on first use)")
     p.add_argument("--merge", metavar="JSON", help="start from an earlier suite JSON; rows run now replace its rows")
     p.add_argument("--out", metavar="PREFIX", default=None,
                    help="write PREFIX.json and PREFIX.md (default benchmarks/results/suite_<date>)")
@@ -806,7 +805,7 @@ def main(argv=None) -> int:
     else:
         notes.append("lme4 skipped (--no-r or not in --engines)")
     if ("NUTS", "bambi") in engines:
-        bambi_py, why = bb.find_or_make_bambi_python(a.bambi_python, True)
+        bambi_py, why = bb.find_bambi()
         if bambi_py is None:
             notes.append(why)
             engines.remove(("NUTS", "bambi"))

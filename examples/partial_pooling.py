@@ -37,7 +37,7 @@ def main(out_dir=None) -> dict:
     n = table[("n", "")]
     show = [n.idxmin(), (n - n.median()).abs().idxmin(), n.idxmax()]
     print("complete, no and partial pooling of the doctors' mean mobility (REML):")
-    print(table.loc[show].drop(columns="note", level=0).round(3).to_string(), end="\n\n")
+    print(table.loc[show].drop(columns=["population", "note"], level=0).round(3).to_string(), end="\n\n")
     # complete pooling weighs every patient alike; β0 weighs doctor j's mean by 1 / (σ²_u + σ²/n_j)
     s2u = float(fit.varcorr.loc[fit.varcorr.grp == "doctor", "vcov"].item())
     s2 = fit.sigma**2
@@ -64,7 +64,8 @@ def main(out_dir=None) -> dict:
     reml = sleep.fit(method="reml")
     lines = bayeslmm.pooling_table(reml)
     print("sleepstudy, three subjects (REML):")
-    print(lines.loc[["308", "309", "330"]].drop(columns="note", level=0).round(2).to_string(), end="\n\n")
+    shown = lines.loc[["308", "309", "330"]].drop(columns=["population", "note"], level=0)
+    print(shown.round(2).to_string(), end="\n\n")
     row = lines.loc["308"]
     print(f"subject 308's own slope {row[('no_pooling', 'Days')]:.2f} is pulled to {row[('partial', 'Days')]:.2f}; "
           f"its intercept moves from {row[('no_pooling', '(Intercept)')]:.2f} past the population "

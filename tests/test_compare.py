@@ -39,7 +39,7 @@ def test_confint_of_a_reml_fit_profiles_the_ml_deviance_like_lme4(sleep_reml):
             "sd_Days|Subject": (4.1061591787, 8.0601042607),
             "sigma": (23.3585695844, 28.2049775391)}
     # lme4's ends come from a spline through its profile: its correlation end -0.393229 is 7e-4 short of the
-    # χ² cutoff on the profile itself, ours (-0.393287) is on it to 1e-9
+    # χ² cutoff on the profile itself, ours (-0.393287) is on it to 4e-8
     for name, (lo, hi) in lme4.items():
         assert ci.loc[name, "lower"] == pytest.approx(lo, rel=1e-4, abs=1e-4)
         assert ci.loc[name, "upper"] == pytest.approx(hi, rel=1e-4, abs=1e-4)
@@ -139,10 +139,38 @@ def test_options_and_errors(sleep_bayes, sleep_reml):
     swapped = compare(sleep_reml, sleep_bayes, intervals="wald")
     assert swapped.attrs["ci_prob"] == pytest.approx(0.89)
     assert swapped["lower"].iloc[2:].isna().all() and any("intervals='wald'" in n for n in swapped.notes)
-    with pytest.raises(BayesLMMError, match="intervals"):
+    with pytest.raises(BayesLMMError, match="intervals must be one of 'auto', 'profile', 'wald', 'none'"):
         compare(sleep_bayes, sleep_reml, intervals="bootstrap")
     with pytest.raises(BayesLMMError, match="NUTS fit and a REML/ML fit"):
         compare(sleep_reml, sleep_reml)
     other = Model("Reaction ~ Days + (1 | Subject)", "sleepstudy").fit(method="reml")
     with pytest.raises(ModelError, match="not of the same model"):
         compare(sleep_bayes, other)
+
+
+def test_intervals_none(sleep_bayes, sleep_reml):
+    table = compare(sleep_bayes, sleep_reml, intervals="none")
+    assert table[["lower", "upper"]].isna().all().all()
+    assert table["post_lower"].notna().all() and table["se"].iloc[:2].notna().all()
+    assert any("intervals='none'" in n for n in table.notes)
+
+
+def test_auto_is_decided_by_size_not_time(sleep_bayes, sleep_reml, monkeypatch):
+    """The rule reads the model's size only: the same table on any machine, under any load."""
+    import importlib
+
+    from bayeslmm.reml.profile import crossproducts, profile_work
+
+    # 4 variance parameters × (18 levels × 2³ + the sparse product's nonzeros + 3³/3)
+    cp = crossproducts(sleep_reml.spec)
+    assert profile_work(sleep_reml) == 4 * (18 * 8 + cp.P.nnz + 9) == 2340
+    auto = compare(sleep_bayes, sleep_reml, ci_prob=0.95)
+    pd.testing.assert_frame_equal(auto.to_frame(), compare(sleep_bayes, sleep_reml, ci_prob=0.95,
+                                                           intervals="profile").to_frame())
+    cmp = importlib.import_module("bayeslmm.compare")  # the module, not the function of that name
+    monkeypatch.setattr(cmp, "AUTO_PROFILE_MAX_WORK", 1000.0)  # now this model counts as large
+    skipped = compare(sleep_bayes, sleep_reml, ci_prob=0.95)
+    assert skipped["lower"].iloc[2:].isna().all() and np.isfinite(skipped["lower"].iloc[:2]).all()
+    note = " ".join(skipped.notes)
+    assert "profile work 2.3e+03 > 1e+03" in note
+    assert "intervals='profile' (command line: --intervals profile)" in note

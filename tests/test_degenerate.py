@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from bayeslmm import Model
+from bayeslmm.errors import ModelError
 from bayeslmm.reml.deviance import ProfiledDeviance
 
 # Dyestuff2 (Box & Tiao 1973, Table 5.1.4; lme4's Dyestuff2): simulated yields whose
@@ -296,16 +297,16 @@ def test_maxeval_bounds_every_pass():
     assert full.optimization.n_evaluations < 1000 and not full.optimization.warnings
 
 
-def test_response_reproduced_exactly_warns():
+def test_response_reproduced_exactly_is_refused():
+    # (an exact fit used to return σ and θ of rounding with a warning; now every method refuses it:
+    # tests/test_scale_exact.py has the measurements)
     rng = np.random.default_rng(3)
     g = np.repeat(np.arange(6), 5)
     x = rng.normal(size=30)
     d = pd.DataFrame({"y": 1 + 0.5 * x + rng.normal(size=6)[g], "x": x, "g": g})
-    for method in ("reml", "ml"):
-        with pytest.warns(UserWarning, match=r"reproduce the response \(almost\) exactly.*rounding artefacts"):
-            fit = Model("y ~ x + (1 | g)", d).fit(method=method)
-        assert np.isfinite(fit.objective) and np.all(np.isfinite(fit.theta))
-        np.testing.assert_allclose(fit.fixef["x"], 0.5, atol=1e-6)
+    for method in ("reml", "ml", "nuts"):
+        with pytest.raises(ModelError, match=r"reproduce the response exactly.*no residual variation"):
+            Model("y ~ x + (1 | g)", d).fit(method=method)
 
 
 def test_ordinary_fits_do_not_warn():

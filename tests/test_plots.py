@@ -81,7 +81,55 @@ def test_shrinkage_plot_2d_draws_the_pooling_table(reml):
     np.testing.assert_allclose(start, table["no_pooling"].to_numpy())
     np.testing.assert_allclose(end, table["partial"].to_numpy())
     np.testing.assert_allclose(offsets(ax, "population"), [reml.fixef.to_numpy()])
-    assert ax.get_xlabel() == "(Intercept)" and ax.get_ylabel() == "Days"
+    assert ax.get_xlabel() == "intercept" and ax.get_ylabel() == "slope of Days"
+    # complete pooling: a hollow marker of its own drawn above the population's
+    (comp,) = by_gid(ax, "complete_pooling")
+    (pop,) = by_gid(ax, "population")
+    assert comp.get_zorder() > pop.get_zorder()
+    assert (comp.get_edgecolor()[0] != pop.get_facecolor()[0]).any()
+
+
+def test_shrinkage_plot_with_group_level_predictors():
+    """Orthodont: boys and girls have their own population line, ellipse and complete-pooling line."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    d = pd.read_csv(Path(__file__).parent / "data" / "Orthodont.csv")
+    d["Sex"] = d["Sex"].astype("category")
+    fit = Model("distance ~ age + Sex + (age | Subject)", d).fit()
+    fig = shrinkage_plot(fit, ellipse=(0.5, 0.95))
+    render(fig)
+    ax = fig.axes[0]
+    table = fig.pooling_table
+    beta = fit.fixef
+    girls, boys = [beta["(Intercept)"], beta["age"]], [beta["(Intercept)"] + beta["Sex[Male]"], beta["age"]]
+    np.testing.assert_allclose(offsets(ax, "population"), [girls, boys], rtol=1e-12)
+    assert len(offsets(ax, "complete_pooling")) == 2
+    np.testing.assert_allclose(offsets(ax, "no_pooling"), table["no_pooling"].to_numpy())
+    assert np.abs(offsets(ax, "no_pooling")).max() < 40  # was 2e14 for every child of one sex
+    assert ax.get_xlabel() == "intercept" and ax.get_ylabel() == "slope of age"
+    # two probabilities around two centres; one legend entry per probability, each its own line style
+    ellipses = by_gid(ax, "ellipse")
+    assert len(ellipses) == 4
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    assert legend["50% of N(population, G)"].get_linestyle() != legend["95% of N(population, G)"].get_linestyle()
+    # one column: a population mark per child, at the child's own population value
+    ax = shrinkage_plot(fit, columns="(Intercept)").axes[0]
+    np.testing.assert_allclose(offsets(ax, "population")[:, 0], table[("population", "(Intercept)")])
+    assert ax.get_xlabel() == "intercept"
+
+
+def test_a_continuous_group_level_predictor_gets_no_ellipses_and_says_so():
+    fit = Model("normexam ~ standLRT + schavg + (standLRT | school)", "exam").fit()
+    fig = shrinkage_plot(fit)
+    render(fig)
+    ax = fig.axes[0]
+    assert by_gid(ax, "ellipse") == []
+    (note,) = by_gid(ax, "note")
+    assert "65 different population values" in note.get_text()
+    assert len(offsets(ax, "population")) == 65
+    assert ax.get_ylabel() == "slope of standLRT"
 
 
 def test_shrinkage_ellipses_are_contours_of_the_fitted_covariance(reml):

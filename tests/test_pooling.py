@@ -69,6 +69,9 @@ def test_sleepstudy_partial_pooling_is_coef_and_complete_is_ols(sleep):
     ols = np.linalg.lstsq(X, df["Reaction"].to_numpy(float), rcond=None)[0]
     np.testing.assert_allclose(table["complete"].to_numpy(), np.tile(ols, (18, 1)), rtol=1e-10)
     assert table.attrs["population"] == pytest.approx(fit.fixef.to_dict(), rel=1e-12)
+    # no group-level predictors: every subject's population line is the fixed effects
+    np.testing.assert_allclose(table["population"].to_numpy(), np.tile(fit.fixef.to_numpy(), (18, 1)), rtol=1e-12)
+    assert table.attrs["group_level"] == [] and table.attrs["shared"] == {}
     assert table.attrs["method"] == "REML" and table.attrs["group"] == "Subject"
     # shrinkage is the fraction of the way from no pooling to the population value
     pop = fit.fixef.to_numpy()
@@ -246,8 +249,4 @@ def test_bad_arguments_raise_clear_errors(sleep):
         pooling_table(pd.DataFrame())
     assert issubclass(ModelError, BayesLMMError)
 
-
-def test_group_level_covariate_cannot_be_shared():
-    fit = Model("normexam ~ standLRT + schavg + (1 | school)", "exam").fit()
-    with pytest.raises(ModelError, match=r"\['schavg'\].*no_pooling='separate'"):
-        pooling_table(fit)
+# a group-level covariate (exam's schavg) is part of each level's line: tests/test_pooling_real_data.py

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..crossprod import CrossProducts
+from .priors import PriorSet
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +44,8 @@ class CollapsedData:
         return CollapsedData(G=self.G, H=self.H, g=g, XtX=self.XtX, Xty=Xty, yty=yty, n_obs=self.n_obs)
 
     @classmethod
-    def from_crossprods(cls, cp: CrossProducts) -> "CollapsedData":
+    def from_crossprods(cls, cp: CrossProducts, scale: "ResponseScale | None" = None) -> "CollapsedData":
+        """The arrays of y itself, or with ``scale`` those of the standardised response (y − shift)/scale."""
         J, q = cp.first.n_levels, cp.first.q
         m = cp.m
         B = cp.B.toarray() if cp.B.shape[0] * cp.B.shape[1] <= 50_000_000 else None
@@ -54,6 +56,11 @@ class CollapsedData:
         g = B[r, :].reshape(J, q)
         Arr = np.ascontiguousarray(cp.Arr)
         XtX, Xty, yty = Arr[:r, :r].copy(), Arr[:r, r].copy(), float(Arr[r, r])
+        if scale is not None:
+            # the blocks are of y − cp.y_shift, which is the scale's shift: divide, nothing to undo
+            s = scale.scale
+            return cls(G=cp.A11, H=np.ascontiguousarray(H), g=np.ascontiguousarray(g / s), XtX=XtX, Xty=Xty / s,
+                       yty=yty / s / s, n_obs=cp.n_obs)
         if cp.y_shift:
             # the blocks are of y' = y − c·1 (CrossProducts.response_shift); the likelihood here is
             # of y itself: 1 is the intercept column k, so Zᵀ1 = H[..., k], X̃ᵀ1 = X̃ᵀX̃[:, k]
@@ -63,6 +70,59 @@ class CollapsedData:
             Xty = Xty + c * XtX[:, k]
         return cls(G=cp.A11, H=np.ascontiguousarray(H), g=np.ascontiguousarray(g), XtX=XtX,
                    Xty=Xty, yty=yty, n_obs=cp.n_obs)
+
+
+@dataclass(frozen=True)
+class ResponseScale:
+    """The units the Bayesian engines sample in: y' = (y − shift)/scale, scale = sd(y).
+
+    A response of any magnitude (``Reaction * 1e15``, ``* 1e-10``) or far from zero
+    then looks the same to the sampler: its coordinates, step sizes and initial
+    points are O(1), and the collapsed likelihood's sums yᵀy, Xᵀy stay within a few
+    digits of the residual sum of squares.  It is the same model: with β' = (β −
+    shift·e_intercept)/scale, σ' = σ/scale, sd' = sd/scale (and the effects b/scale),
+    the priors mapped by :meth:`PriorSet.standardised` are the densities of the
+    primed variables, so the posterior maps back exactly (:meth:`to_data_units`).
+    The shift is the cross-products' own (``CrossProducts.y_shift``, the mean of a
+    response > 30 sds from zero in a model with an intercept), so no sum is undone.
+    """
+
+    shift: float
+    scale: float
+    intercept: int      # the intercept's index among the fixed effects (−1: none, then shift is 0)
+
+    @classmethod
+    def of(cls, spec, cp: CrossProducts) -> "ResponseScale":
+        sd = float(np.std(spec.y)) if spec.rows_in_memory else float(spec.moments.y.std[0])
+        if not (np.isfinite(sd) and sd > 0):
+            sd = 1.0
+        return cls(shift=float(cp.y_shift), scale=sd, intercept=int(cp.intercept) if cp.y_shift else -1)
+
+    def standardise(self, y: np.ndarray) -> np.ndarray:
+        return (y - self.shift) / self.scale
+
+    def priors(self, priors: PriorSet) -> PriorSet:
+        """``priors`` (on β, σ and the sds in the response's units) on the standardised scale."""
+        return priors.standardised(self.shift, self.scale, self.intercept)
+
+    def to_data_units(self, post, names: list[str]):
+        """Posterior draws sampled on the standardised scale (an xarray Dataset) in the response's units.
+
+        β, σ, every block's sds and sampled effects; correlations have no units.
+        """
+        known = {"beta", "sigma"} | {f"{n}_sd" for n in names} | {f"{n}_corr" for n in names} | set(names)
+        unknown = sorted(set(post.data_vars) - known)
+        if unknown:  # a variable whose units are not known here must not be returned half-mapped
+            raise RuntimeError(f"ResponseScale.to_data_units: no rule for the variables {unknown}")
+        out = post.copy()
+        beta = post["beta"].to_numpy() * self.scale
+        if self.shift:
+            beta[..., self.intercept] += self.shift
+        out["beta"] = post["beta"].copy(data=beta)
+        for var in ["sigma"] + [f"{n}_sd" for n in names] + list(names):
+            if var in post:
+                out[var] = post[var] * self.scale
+        return out
 
 
 def collapsed_loglik(data: CollapsedData, gamma, L, sigma):

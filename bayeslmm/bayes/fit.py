@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import resource
+import signal
+import sys
+import threading
 import time
 import warnings
 
@@ -11,13 +17,14 @@ import numpy as np
 import xarray as xr
 
 from ..crossprod import CrossProducts
-from ..errors import BayesLMMError
+from ..errors import BayesLMMError, IncompleteTraceError, InsufficientMemoryError
 from ..spec import ModelSpec
 from . import diagnostics
-from .collapsed import CollapsedData, draw_first_block
-from .kernel import KernelData, unsupported_reason
+from .collapsed import CollapsedData, ResponseScale, draw_first_block
+from .kernel import KernelData, private_cache_dir, unsupported_reason
 from .model import PARAMETERIZATIONS, BuiltModel, block_names, build_pymc_model, centring_matrix
 from .priors import resolve_priors
+from .progress import pymc_progress_options
 from .results import BayesFit
 
 SAMPLERS = ("auto", "pymc", "nutpie")
@@ -54,6 +61,22 @@ def check_sampler_args(draws, tune, chains, cores, sampler, parameterization, ta
     return draws, tune, chains, cores, max_treedepth
 
 
+def _explain_memory_errors(func):
+    """Turn a MemoryError out of sampling or post-processing into one that says what to reduce."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except InsufficientMemoryError:
+            raise
+        except MemoryError as exc:
+            detail = str(exc) or "no detail"
+            raise InsufficientMemoryError(f"the fit ran out of memory ({detail}); nothing was returned. "
+                                          f"{REDUCE_MEMORY}") from exc
+    return wrapper
+
+
+@_explain_memory_errors
 def fit_bayes(
     spec: ModelSpec,
     crossprods: CrossProducts,
@@ -83,15 +106,19 @@ def fit_bayes(
     if sampler == "auto":
         sampler = "nutpie" if use_kernel else choose_sampler(spec, parameterization)
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
+    check_memory(spec, chains, draws, parameterization, effects, log_likelihood)
     t0 = time.perf_counter()
+    # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
+    scale = ResponseScale.of(spec, crossprods)
     if use_kernel:
-        built, kd = _kernel_model(spec, crossprods, prior_set)
+        built, kd = _kernel_model(spec, crossprods, prior_set, scale)
         t1 = time.perf_counter()
         dt = _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
         t2 = time.perf_counter()
         post = _kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
     else:
-        built = build_pymc_model(spec, crossprods, prior_set, parameterization)
+        ensure_pytensor_compiledir()  # before PyTensor is first imported
+        built = build_pymc_model(spec, crossprods, prior_set, parameterization, scale=scale)
         t1 = time.perf_counter()
         dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth,
                      progressbar)
@@ -99,6 +126,9 @@ def fit_bayes(
         post = dt["posterior"].to_dataset()
         keep = [v for v in post.data_vars if v not in built.internal]
         post = post[keep]
+        if built.collapsed is not None:  # the effects are drawn below in y's units, from y's arrays
+            built.collapsed = CollapsedData.from_crossprods(crossprods)
+    post = scale.to_data_units(post, built.names)
     mode = "draws"
     if parameterization == "collapsed":
         first = spec.blocks[0]
@@ -162,9 +192,13 @@ def _use_kernel(spec, prior_set, parameterization, sampler, backend) -> bool:
     return reason is None
 
 
-def _kernel_model(spec, crossprods, prior_set):
+def _kernel_model(spec, crossprods, prior_set, scale: ResponseScale | None = None):
+    """The kernel's arrays (in ``scale``'s standardised units when given), and the model in y's own units."""
     data = CollapsedData.from_crossprods(crossprods)
-    kd = KernelData.build(spec, data, prior_set, centring_matrix(spec, prior_set))
+    if scale is not None:
+        prior_set = scale.priors(prior_set)
+    kd = KernelData.build(spec, CollapsedData.from_crossprods(crossprods, scale), prior_set,
+                          centring_matrix(spec, prior_set))
     built = BuiltModel(model=None, parameterization="collapsed", names=block_names(spec), collapsed=data,
                        internal=[])
     return built, kd
@@ -185,17 +219,18 @@ def _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_tree
     def initial_point(chain_seed):
         return kd.initial_point(np.random.default_rng([seed, int(chain_seed)]))
 
-    compiled = from_pyfunc(ndim, kd.logp_function, make_expand, [np.dtype("float64")], [(ndim,)], ["x"],
-                           make_initial_point_fn=initial_point, coords={"x_dim": np.arange(ndim)},
-                           dims={"x": ("x_dim",)})
-    if cores is None:
-        # the kernel releases the GIL, but each call still enters Python: threads pay off
-        # only when a gradient is long enough (many levels) to outweigh the hand-over
-        big = kd.G.shape[0] * kd.q >= KERNEL_THREADS_WORK
-        cores = max(1, min(chains, os.cpu_count() or 1)) if big else 1
-    return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
-                         progress_bar=progressbar, target_accept=target_accept, maxdepth=max_treedepth,
-                         save_warmup=False)
+    counter = DrawCounter(chains, tune, draws)
+    with counter.interrupts():
+        compiled = from_pyfunc(ndim, kd.logp_function, make_expand, [np.dtype("float64")], [(ndim,)], ["x"],
+                               make_initial_point_fn=initial_point, coords={"x_dim": np.arange(ndim)},
+                               dims={"x": ("x_dim",)})
+        if cores is None:
+            # the kernel releases the GIL, but each call still enters Python: threads pay off
+            # only when a gradient is long enough (many levels) to outweigh the hand-over
+            big = kd.G.shape[0] * kd.q >= KERNEL_THREADS_WORK
+            cores = max(1, min(chains, os.cpu_count() or 1)) if big else 1
+        return _nutpie_sample(compiled, counter, cores=cores, seed=seed, progress_bar=progressbar,
+                              target_accept=target_accept, maxdepth=max_treedepth)
 
 
 def _kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:
@@ -243,26 +278,294 @@ def _run_sampler(model, draws, tune, chains, cores, seed, sampler, target_accept
     if sampler == "nutpie":
         import nutpie
 
-        compiled = nutpie.compile_pymc_model(model)
-        if cores is None:  # one thread per chain, but no more threads than processors
-            cores = max(1, min(chains, os.cpu_count() or 1))
-        return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
-                             progress_bar=progressbar, target_accept=target_accept, maxdepth=max_treedepth,
-                             save_warmup=False)
+        counter = DrawCounter(chains, tune, draws)
+        with counter.interrupts():
+            compiled = nutpie.compile_pymc_model(model)
+            if cores is None:  # one thread per chain, but no more threads than processors
+                cores = max(1, min(chains, os.cpu_count() or 1))
+            return _nutpie_sample(compiled, counter, cores=cores, seed=seed, progress_bar=progressbar,
+                                  target_accept=target_accept, maxdepth=max_treedepth)
     # PyMC's own NUTS; one process by default: for these models starting worker
     # processes costs more than the sampling they would share
     logger = logging.getLogger("pymc")
     level = logger.level
     if not progressbar:
         logger.setLevel(logging.ERROR)
+    counter = DrawCounter(chains, tune, draws)
+    # in a notebook without ipywidgets: a line of text (rich would only warn), see .progress
+    options = pymc_progress_options(progressbar, chains, tune, draws)
+    text_progress = options.pop("callback", None)  # before the call: **options must not hold it too
     try:
-        with model:
+        with counter.interrupts(), _noting_sigint() as sigint, model:
             step = pm.NUTS(target_accept=target_accept, max_treedepth=max_treedepth)
-            return pm.sample(draws=draws, tune=tune, chains=chains, cores=cores if cores is not None else 1,
-                             random_seed=seed, step=step, progressbar=progressbar, nuts_sampler="pymc",
-                             compute_convergence_checks=False)
+            try:
+                trace = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores if cores is not None else 1,
+                                  random_seed=seed, step=step, nuts_sampler="pymc",
+                                  compute_convergence_checks=False,
+                                  **options, callback=counter.pymc_callback(sigint, text_progress))
+            finally:
+                # PyMC catches the KeyboardInterrupt, then returns the partial trace (or, while
+                # tuning, fails to build one): either way the interrupt is what the caller gets
+                if sigint.is_set():
+                    raise KeyboardInterrupt from None
     finally:
         logger.setLevel(level)
+    check_complete(trace["posterior"], chains, draws)
+    return trace
+
+
+def _nutpie_sample(compiled, counter: DrawCounter, **options):
+    """``nutpie.sample`` that raises on an interrupt, where nutpie returns the draws so far padded with NaN."""
+    import nutpie
+
+    sampler = nutpie.sample(compiled, draws=counter.draws, tune=counter.tune, chains=counter.chains,
+                            save_warmup=False, blocking=False, progress_callback=counter.nutpie_progress,
+                            **options)
+    try:
+        trace = sampler.wait()
+    except BaseException:
+        sampler.cancel()  # stops the chains' threads and drops their draws
+        raise
+    check_complete(trace["posterior"], counter.chains, counter.draws)
+    return trace
+
+
+class DrawCounter:
+    """Iterations each chain has finished (tuning included), as the sampler reports them.
+
+    It turns an interrupt into ``KeyboardInterrupt("the fit was interrupted after N of M
+    draws ...")``: a fit is never made from part of the chains.
+    """
+
+    def __init__(self, chains: int, tune: int, draws: int):
+        self.chains, self.tune, self.draws = chains, tune, draws
+        self.done = np.zeros(chains, dtype=int)
+
+    def interrupted(self) -> KeyboardInterrupt:
+        kept = int(np.clip(self.done - self.tune, 0, self.draws).sum())
+        note = ""
+        if not self.done.any():
+            note = ", before sampling began"
+        elif kept == 0 and self.tune:
+            note = f", while tuning ({int(self.done.max()):,} of {self.tune:,} tuning iterations)"
+        return KeyboardInterrupt(f"the fit was interrupted after {kept:,} of {self.chains * self.draws:,} draws "
+                                 f"({self.chains} chains × {self.draws:,}){note}; nothing was returned")
+
+    @contextlib.contextmanager
+    def interrupts(self):
+        """Re-raise a KeyboardInterrupt from the block with the count of draws made."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            raise self.interrupted() from None
+
+    def nutpie_progress(self, progress) -> None:
+        """nutpie's ``progress_callback`` (called on a background thread every progress refresh)."""
+        for i, chain in enumerate(progress[: self.chains]):
+            self.done[i] = chain.finished_draws
+
+    def pymc_callback(self, sigint: threading.Event, then=None):
+        """``pm.sample``'s per-draw callback: counts, stops each later chain once SIGINT came, calls ``then``."""
+        def callback(trace=None, draw=None):
+            self.done[draw.chain] = draw.draw_idx + 1
+            if sigint.is_set():  # PyMC samples chains one after another: stop the next ones at once
+                raise KeyboardInterrupt
+            if then is not None:
+                then(trace=trace, draw=draw)
+        return callback
+
+
+@contextlib.contextmanager
+def _noting_sigint():
+    """Set the yielded event when SIGINT arrives, then act as before (raise KeyboardInterrupt).
+
+    PyMC's ``pm.sample`` catches the KeyboardInterrupt and returns the partial trace;
+    the event is how the caller learns of it.  Only the main thread receives signals,
+    so elsewhere nothing is installed (and :func:`check_complete` still refuses a
+    partial trace).
+    """
+    event = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield event
+        return
+
+    def handler(signum, frame):
+        event.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def check_complete(posterior, chains: int, draws: int) -> None:
+    """Raise :class:`~bayeslmm.errors.IncompleteTraceError` unless every chain holds all its draws.
+
+    A sampler that stops early (an interrupt, a crashed chain) may hand back fewer
+    draws or chains padded with NaN; no fit is made from such a trace.
+    """
+    ds = posterior.to_dataset() if isinstance(posterior, xr.DataTree) else posterior
+    got = (ds.sizes.get("chain", 0), ds.sizes.get("draw", 0))
+    complete = np.full(got[0], got[1])
+    for da in ds.data_vars.values():
+        if np.issubdtype(da.dtype, np.floating) and da.dims[:2] == ("chain", "draw"):
+            missing = np.isnan(da.to_numpy().reshape(got[0], got[1], -1)).any(axis=2)
+            complete = np.minimum(complete, got[1] - missing.sum(axis=1))
+    if got == (chains, draws) and (complete == draws).all():
+        return
+    per_chain = ", ".join(f"chain {c}: {int(n):,}" for c, n in enumerate(complete))
+    raise IncompleteTraceError(
+        f"the sampler returned an incomplete trace ({chains} chains × {draws:,} draws asked; complete draws "
+        f"per chain: {per_chain or 'none'}); no fit was made from it. An interrupted or failed sampler "
+        "leaves chains unfinished: run the fit again")
+
+
+def ensure_pytensor_compiledir() -> None:
+    """Give PyTensor a private compile folder where its default (``~/.pytensor``) cannot be written.
+
+    A read-only install with no writable home (a system or container install) has
+    none, and PyTensor would stop at its first compilation.  PyTensor reads the
+    folder when it is imported, so the fallback (``PYTENSOR_FLAGS=base_compiledir=``
+    a private temporary folder, also seen by worker processes) is set only before
+    that; a folder the user chose in ``PYTENSOR_FLAGS`` is left alone.
+    """
+    flags = os.environ.get("PYTENSOR_FLAGS", "")
+    if "base_compiledir" in flags:
+        return
+    if "pytensor" in sys.modules:
+        import pytensor
+
+        folder = str(pytensor.config.base_compiledir)
+    else:
+        folder = os.path.join(os.path.expanduser("~"), ".pytensor")
+    if _writable_folder(folder):
+        return
+    private = private_cache_dir("pytensor")
+    if private is None or "pytensor" in sys.modules:
+        raise BayesLMMError(f"PyTensor cannot write its compile folder {folder}: start Python with "
+                            "PYTENSOR_FLAGS=base_compiledir=DIR set to a folder you can write")
+    os.environ["PYTENSOR_FLAGS"] = ",".join(filter(None, [flags, f"base_compiledir={private}"]))
+
+
+def _writable_folder(path: str) -> bool:
+    """Whether ``path`` is, or can be made, a folder this process can write."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+#: what a fit that does not fit in memory can give up
+REDUCE_MEMORY = ("Ask for fewer draws or chains, effects='summary' (keeps per-level summaries of the integrated-out "
+                 "effects, not their draws) or log_likelihood=False.")
+#: sample statistics a sampler keeps per draw (nutpie ~20, PyMC ~15)
+STATS_PER_DRAW = 15
+#: the sampler's trace grows by doubling its buffers, then is copied out: up to 3× its size at once
+#: (counted in full because an allocation that fails inside nutpie aborts the process)
+TRACE_GROWTH = 3
+
+
+def memory_needed(spec: ModelSpec, chains: int, draws: int, parameterization: str, effects: str,
+                  log_likelihood: bool | None) -> int:
+    """Bytes a fit's draws take at the least: the sampler's trace, the posterior and the log-likelihood.
+
+    Nearer a floor than a forecast: tuning draws and the libraries' other copies and
+    temporaries come on top.
+    """
+    first = spec.blocks[0]
+    mode = _effects_mode(effects, first.n_effects * chains * draws, log_likelihood)
+    integrated = parameterization == "collapsed" and mode == "summary"
+    sampled = spec.n_fixed + 1
+    for i, block in enumerate(spec.blocks):
+        sampled += block.q + (block.q * block.q if block.correlated and block.q > 1 else 0)
+        if i > 0 or parameterization != "collapsed":
+            sampled += block.n_effects
+    stored = sampled + (first.n_effects if parameterization == "collapsed" and not integrated else 0)
+    n_values = spec.n_obs * chains * draws
+    loglik = spec.rows_in_memory and not integrated and (
+        log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES))
+    # the pointwise log-likelihood is computed from the linear predictor, one more array as big
+    per_draw = TRACE_GROWTH * (sampled + STATS_PER_DRAW) + stored + (2 * spec.n_obs if loglik else 0)
+    return 8 * chains * draws * per_draw
+
+
+def memory_available() -> tuple[int, str] | None:
+    """Bytes this process may still allocate, and what limits it (``None`` where nothing can be read).
+
+    The least of: the address-space limit (``ulimit -v``, RLIMIT_AS) less the process's
+    size, the cgroup's ``memory.max`` less its use, and the system's available memory
+    and free swap.
+    """
+    room = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size = _proc_kib("/proc/self/status", "VmSize")
+    if soft != resource.RLIM_INFINITY and size is not None:
+        room.append((soft - size, f"the address-space limit (ulimit -v) of {soft / 2**30:.1f} GiB"))
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        room.append(cgroup)
+    free = [_proc_kib("/proc/meminfo", key) for key in ("MemAvailable", "SwapFree")]
+    if free[0] is not None:
+        room.append((free[0] + (free[1] or 0), "the memory available on this machine"))
+    return min(room) if room else None
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """A ``key:  N kB`` line of a /proc file, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_room() -> tuple[int, str] | None:
+    """The least ``memory.max − memory.current`` over this process's cgroup (v2) and its parents."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split("::", 1)[1].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    best = None
+    while True:
+        folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        try:
+            with open(os.path.join(folder, "memory.max")) as f:
+                limit = f.read().strip()
+            with open(os.path.join(folder, "memory.current")) as f:
+                used = int(f.read())
+            if limit != "max":
+                room = (int(limit) - used, f"the cgroup memory limit (memory.max) of {int(limit) / 2**30:.1f} GiB")
+                best = room if best is None else min(best, room)
+        except (OSError, ValueError):
+            pass
+        if path in ("", "/"):
+            return best
+        path = os.path.dirname(path.rstrip("/"))
+
+
+def check_memory(spec: ModelSpec, chains: int, draws: int, parameterization: str, effects: str,
+                 log_likelihood: bool | None) -> None:
+    """Refuse before sampling when the draws clearly cannot fit in what this process may allocate.
+
+    Past this check a MemoryError still surfaces as :class:`InsufficientMemoryError`, but
+    an allocation that fails inside nutpie's Rust code aborts the process (Rust's
+    allocator aborts by design): the check is what keeps that from happening.
+    """
+    needed = memory_needed(spec, chains, draws, parameterization, effects, log_likelihood)
+    room = memory_available()
+    if room is not None and needed > room[0]:
+        raise InsufficientMemoryError(
+            f"storing {chains} chains × {draws:,} draws needs at least {needed / 2**30:.2f} GiB, but this process "
+            f"may allocate only about {max(room[0], 0) / 2**30:.2f} GiB more ({room[1]}); nothing was sampled. "
+            f"{REDUCE_MEMORY}")
 
 
 EFFECTS = ("auto", "draws", "summary")

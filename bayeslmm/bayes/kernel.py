@@ -3,8 +3,10 @@
 For one grouping factor with one or two random-effect columns — ``y ~ x + (1 | g)``,
 ``y ~ x + (1 + x | g)``, ``(x || g)`` — the collapsed log-posterior and its gradient
 are written out by hand here and compiled once by numba with ``cache=True``: the
-machine code is written next to this file and loaded (in ~0.1 s) by every later
-process.  It releases the GIL, so nutpie's chains run it on several threads.  nutpie's NUTS calls it through :func:`nutpie.compiled_pyfunc.from_pyfunc`.
+machine code is written next to this file (or, where that and the user's cache folder
+are read-only, into a private temporary folder: :func:`_cached_njit`) and loaded (in
+~0.1 s) by every later process.  It releases the GIL, so nutpie's chains run it on
+several threads.  nutpie's NUTS calls it through :func:`nutpie.compiled_pyfunc.from_pyfunc`.
 The general path (PyMC's graph compiled by PyTensor, or by numba through
 ``nutpie.compile_pymc_model``) compiles a new function for every model, which cost
 about 10 s per fit on sleepstudy; that is what this module avoids.
@@ -29,10 +31,14 @@ the value against the PyTensor likelihood and the gradient against finite differ
 from __future__ import annotations
 
 import math
+import os
+import stat
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
+from numba.core import config as numba_config
 
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
@@ -43,6 +49,51 @@ SCALE_FAMILIES = {"HalfNormal": ("sigma",), "Exponential": ("lam",), "HalfStuden
                   "HalfCauchy": ("beta",)}
 _FAMILY_CODE = {name: i for i, name in enumerate(SCALE_FAMILIES)}
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def private_cache_dir(kind: str) -> str | None:
+    """A ``kind`` cache folder in the temporary directory that only this user can write, or ``None``.
+
+    Compiled caches (numba's, PyTensor's) are loaded as code: a folder another user
+    could write to would let them run code in this process, so one that is not ours
+    alone is not used.
+    """
+    path = os.path.join(tempfile.gettempdir(), f"bayeslmm-{kind}-cache-{os.getuid()}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return None
+    mine = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+    return path if mine and os.access(path, os.W_OK | os.X_OK) else None
+
+
+def _cached_njit(**options):
+    """``njit(cache=True)``, falling back where numba finds no writable place for its cache.
+
+    numba writes the machine code into ``__pycache__`` beside this file or into the
+    user's cache folder; a read-only install with no writable home has neither, and
+    numba then refuses at import ("no locator available").  The fallback is a
+    private folder in the temporary directory (set only while decorating, so other
+    numba code in the process keeps its own setting), else no cache: each process
+    then compiles the kernel again.
+    """
+    def wrap(func):
+        try:
+            return njit(cache=True, **options)(func)
+        except RuntimeError as exc:
+            if "no locator available" not in str(exc):
+                raise
+        folder = private_cache_dir("numba")
+        if folder is None:
+            return njit(**options)(func)
+        saved = numba_config.CACHE_DIR
+        numba_config.CACHE_DIR = folder
+        try:
+            return njit(cache=True, **options)(func)
+        finally:
+            numba_config.CACHE_DIR = saved
+    return wrap
 
 
 def unsupported_reason(spec: ModelSpec, priors: PriorSet, parameterization: str) -> str | None:
@@ -168,7 +219,7 @@ def _prior_centre(fam: int, par: np.ndarray) -> float:
     return par[0]           # HalfNormal(sigma), HalfCauchy(beta)
 
 
-@njit(cache=True, error_model="numpy")
+@_cached_njit(error_model="numpy")
 def _scale_logp(fam, a, b, s):
     """log density of a positive scale s and its derivative in s."""
     if fam == 0:    # HalfNormal(sigma=a)
@@ -186,14 +237,14 @@ def _scale_logp(fam, a, b, s):
     return math.log(2.0 / math.pi) - math.log(a) - math.log1p(t * t), -2.0 * t / (a * (1.0 + t * t))
 
 
-@njit(cache=True, error_model="numpy")
+@_cached_njit(error_model="numpy")
 def _log_sech2(z):
     """log(1 − tanh²z) = −2 log cosh z, without overflow."""
     az = abs(z)
     return -2.0 * (az + math.log1p(math.exp(-2.0 * az)) - math.log(2.0))
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_cached_njit(nogil=True, error_model="numpy")
 def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
                correlated, grad):
     p = XtX.shape[0]
@@ -370,7 +421,7 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
     return lp
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@_cached_njit(nogil=True, error_model="numpy")
 def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
     """Exact draws of the first block's effects for q ≤ 2, fused over (draws, levels).
 
@@ -425,7 +476,7 @@ def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
             out[s, j, 1] = b * v1 + c * v2
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+@_cached_njit(nogil=True, parallel=True, error_model="numpy")
 def summarise_columns(d, probs, out):
     """Mean, sd (ddof 1) and quantiles (numpy's linear method) of every column of d (S, K) → out (K, 2 + len(probs)).
 

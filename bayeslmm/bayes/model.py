@@ -10,6 +10,11 @@ block ``{g}_sd`` (dim ``{g}_effect``), ``{g}_corr`` for correlated blocks, and t
 effects ``{g}`` (dims ``{g}_level``, ``{g}_effect``; drawn after sampling in the
 collapsed parameterisation).  ``g`` is the grouping factor's name, with ``.1``,
 ``.2`` appended when several blocks share a factor (lme4's convention).
+
+:func:`pymc_model` is the public way in (``Model.pymc_model``): the explicit model
+with the linear predictor as a named Deterministic ``mu`` (dim ``obs``) beside the
+observed ``y``.  The fits themselves never name ``mu``: its draws (rows × draws)
+would be stored in every posterior.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..crossprod import CrossProducts
+from ..errors import BayesLMMError
 from ..spec import ModelSpec
-from .collapsed import CollapsedData, collapsed_loglik
+from .collapsed import CollapsedData, ResponseScale, collapsed_loglik
 from .priors import PriorSet
 
 PARAMETERIZATIONS = ("collapsed", "explicit")
@@ -85,11 +91,22 @@ def centring_matrix(spec: ModelSpec, priors: PriorSet) -> np.ndarray:
 
 
 def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
-                     parameterization: str = "collapsed") -> BuiltModel:
-    """The PyMC model of ``spec`` under ``priors``."""
+                     parameterization: str = "collapsed", named_mu: bool = False,
+                     scale: ResponseScale | None = None) -> BuiltModel:
+    """The PyMC model of ``spec`` under ``priors``.
+
+    With ``scale`` the same model of the standardised response (y − shift)/scale, the
+    priors mapped to it (:class:`.collapsed.ResponseScale`): what fits sample.
+
+    ``named_mu`` (explicit parameterisation only) adds the linear predictor as a
+    Deterministic ``mu`` with dim ``obs``; off for fits, whose posteriors would
+    otherwise hold rows × draws values of it.
+    """
     import pymc as pm
     import pytensor.tensor as pt
 
+    if scale is not None:
+        priors = scale.priors(priors)
     names = block_names(spec)
     coords = {"coef": list(spec.fixed_names)}
     for name, block in zip(names, spec.blocks):
@@ -127,7 +144,7 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
             internal.append(f"{name}_z")
             effects.append(pm.Deterministic(name, pt.dot(z, L.T), dims=dims))
         if parameterization == "collapsed":
-            data = CollapsedData.from_crossprods(cp)
+            data = CollapsedData.from_crossprods(cp, scale)
             # the response enters only through these three: shared, so that a compiled
             # model can be refitted to new y of the same design (simulation-based calibration)
             shared = data.with_response(pm.Data("Z1ty", data.g), pm.Data("Xty", data.Xty), pm.Data("yty", data.yty))
@@ -139,8 +156,38 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
             for block, b in zip(spec.blocks, effects):
                 mu = mu + pt.sum(block.Z * b[block.codes], axis=1)
             model.add_coord("obs", np.arange(spec.n_obs))
-            pm.Normal("y", mu=mu, sigma=sigma, observed=spec.y, dims="obs")
+            if named_mu:
+                mu = pm.Deterministic("mu", mu, dims="obs")
+            pm.Normal("y", mu=mu, sigma=sigma, observed=spec.y if scale is None else scale.standardise(spec.y),
+                      dims="obs")
         else:
             raise ValueError(parameterization)
     return BuiltModel(model=model, parameterization=parameterization, names=names, collapsed=data,
                       internal=internal)
+
+
+#: variable names the models use besides the blocks' own
+RESERVED_NAMES = ("beta", "beta_c", "sigma", "mu", "y", "marginal_loglik", "Z1ty", "Xty", "yty")
+
+
+def pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet, parameterization: str = "explicit"):
+    """The ``pm.Model`` of a NUTS fit, for users to sample, extend or inspect themselves.
+
+    It is on the response's own scale (a fit may sample a standardised copy of it,
+    whose draws it maps back: the same posterior).
+
+    ``explicit`` (default): every effect sampled non-centred (or centred, see
+    :func:`centred_block`), the linear predictor as the Deterministic ``mu`` (dim
+    ``obs``) and the Normal likelihood as the observed ``y`` (dim ``obs``).
+    ``collapsed``: the first block integrated out, its likelihood a Potential
+    ``marginal_loglik`` (no ``mu`` and no ``y``: the rows enter through cross-products).
+    """
+    if parameterization not in PARAMETERIZATIONS:
+        raise BayesLMMError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+    clash = sorted(set(block_names(spec)) & set(RESERVED_NAMES))
+    if clash:
+        raise BayesLMMError(f"the grouping factor(s) {clash} share a name with a variable of the PyMC model "
+                            f"({list(RESERVED_NAMES)}): rename the column(s) in the data")
+    if parameterization == "explicit":
+        spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
+    return build_pymc_model(spec, cp, priors, parameterization, named_mu=parameterization == "explicit").model

@@ -119,6 +119,14 @@ class PriorSet:
     centred: bool                      # predictors centred at their means (model has an intercept)
     x_means: np.ndarray                # means used for centring (0 for the intercept)
 
+    def standardised(self, shift: float, scale: float, intercept: int) -> "PriorSet":
+        """The same priors for the response (y − shift)/scale: for β' = (β − shift·e_intercept)/scale,
+        σ/scale and sd/scale (``bayes.collapsed.ResponseScale``), each a change of variables."""
+        beta = tuple(_moved(pr, shift if k == intercept else 0.0, scale) for k, pr in enumerate(self.beta))
+        blocks = tuple(BlockPriors(sd=_moved(bp.sd, 0.0, scale), eta=bp.eta) for bp in self.blocks)
+        return PriorSet(beta=beta, sigma=_moved(self.sigma, 0.0, scale), blocks=blocks, centred=self.centred,
+                        x_means=self.x_means)
+
     def table(self, spec: ModelSpec) -> pd.DataFrame:
         """One row per prior: parameter, distribution, and what it is on."""
         rows = []
@@ -133,6 +141,35 @@ class PriorSet:
             if block.correlated and block.q > 1:
                 rows.append(("correlation", block.group, f"LKJ(eta={bp.eta:g})", "pm.LKJCholeskyCov"))
         return pd.DataFrame(rows, columns=["class", "parameter", "prior", "note"])
+
+
+#: how each parameter of a family moves when the variable becomes (v − shift)/scale:
+#: "loc" (minus shift, over scale), "scale" (over scale), "rate" (times scale), "log" (minus log scale);
+#: shape parameters (nu, alpha of Gamma, InverseGamma, Weibull) do not move
+_PARAMETER_ROLES = {"mu": "loc", "sigma": "scale", "b": "scale", "s": "scale", "lam": "rate"}
+_FAMILY_ROLES = {"Cauchy": {"alpha": "loc", "beta": "scale"}, "HalfCauchy": {"beta": "scale"},
+                 "Gamma": {"beta": "rate"}, "InverseGamma": {"beta": "scale"}, "Weibull": {"beta": "scale"},
+                 "LogNormal": {"mu": "log", "sigma": None}}
+
+
+def _moved(prior: Prior, shift: float, scale: float) -> Prior:
+    """``prior`` of a variable v as the prior of (v − shift)/scale (a location-scale change of variables)."""
+    params = {}
+    for name, value in prior.params.items():
+        role = _FAMILY_ROLES.get(prior.family, {}).get(name, _PARAMETER_ROLES.get(name))
+        v = np.asarray(value, dtype=float)
+        if role == "loc":
+            v = (v - shift) / scale
+        elif role == "scale":
+            v = v / scale
+        elif role == "rate":
+            v = v * scale
+        elif role == "log":
+            v = v - np.log(scale)
+        params[name] = v if v.ndim else float(v)
+    if shift and prior.family not in LOCATION_FAMILIES:
+        raise BayesLMMError(f"a {prior.family} prior cannot be moved by {shift:g}: it is not a location family")
+    return Prior(prior.family, **params)
 
 
 def _scale(values: np.ndarray) -> float:

@@ -51,6 +51,40 @@ def _quantile_stat(p: float) -> str:
                         "effect_draws(levels=...) for the draws")
 
 
+def _check_pymc_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> None:
+    """Refuse draws that are not from this model's ``pymc_model()``: every variable, with its labels."""
+    wanted = {"beta": ("coef", list(spec.fixed_names)), "sigma": None}
+    for name, block in zip(names, spec.blocks):
+        wanted[f"{name}_sd"] = (f"{name}_effect", list(block.columns))
+        wanted[name] = (f"{name}_level", list(block.levels))
+        if block.correlated and block.q > 1:
+            wanted[f"{name}_corr"] = None
+    missing = [v for v in wanted if v not in post]
+    if missing:
+        hint = (" (draws from the collapsed parameterisation lack the first block's effects: sample "
+                "pymc_model(parameterization='explicit'), or use fit(method='nuts'))"
+                if missing == [names[0]] else "")
+        raise BayesLMMError(f"these draws are not from this model's pymc_model(): the posterior lacks {missing}"
+                            f"{hint}; it has {sorted(map(str, post.data_vars))}")
+    for var, want in wanted.items():
+        if want is None:
+            continue
+        dim, labels = want
+        got = [str(v) for v in post[var].coords[dim].to_numpy()] if dim in post[var].coords else None
+        if got != labels:
+            raise BayesLMMError(f"the draws' {var!r} has {dim} {got}, but this model's are {labels}: "
+                                "sample the PyMC model of this very Model (same formula and data)")
+
+
+def _reported_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> xr.Dataset:
+    """The posterior of ``pymc_model()``'s draws, checked, without the model's internal variables."""
+    _check_pymc_draws(spec, names, post)
+    internal = {"beta_c"} | {f"{n}{suffix}" for n in names
+                             for suffix in ("_z", "_chol_cov", "_chol_cov_corr", "_chol_cov_stds")}
+    drop = [v for v in post.data_vars if str(v) in internal or str(v).startswith("beta_c[")]
+    return post.drop_vars(drop)
+
+
 @dataclass(frozen=True, eq=False)
 class BayesFit:
     """A posterior sample of a linear mixed model.
@@ -77,6 +111,62 @@ class BayesFit:
     seed: int
     data_name: str | None = None
     timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_pymc(cls, model, idata, priors: dict | None = None, random_seed: int = 0,
+                  warn: bool = True) -> "BayesFit":
+        """Wrap draws made from ``Model.pymc_model()`` into a fit (``summary()``, ``fixef()``, ``ranef()`` ...).
+
+        Parameters
+        ----------
+        model : bayeslmm.Model or ModelSpec
+            The model whose ``pymc_model(priors=...)`` was sampled (explicit
+            parameterisation: the collapsed model's draws lack the first block's effects).
+        idata : xarray.DataTree
+            What ``pm.sample()`` returned (any sampler): a ``posterior`` with ``beta``,
+            ``sigma``, each block's ``{g}_sd`` (and ``{g}_corr``) and effects ``{g}``.
+        priors : dict, optional
+            The ``priors`` the PyMC model was built with; they are what
+            ``prior_summary()`` reports (draws do not record their priors).
+        random_seed : int
+            The fit's seed for later draws (posterior predictive noise, new groups):
+            ``pm.sample``'s own seed is not recorded in the DataTree.
+        warn : bool
+            Warn about failed convergence diagnostics, as ``fit()`` does.
+
+        The returned fit's ``idata`` is a shallow copy of ``idata`` whose posterior
+        leaves out the model's internal variables (``beta_c``, ``*_z``, ``*_chol_cov``)
+        and keeps the rest (``mu`` included); a pointwise ``log_likelihood`` is added
+        when absent, under the same size limit as ``fit()``.
+        """
+        from .fit import MAX_LOGLIK_VALUES, pointwise_loglik
+        from .model import block_names
+        from .priors import resolve_priors
+
+        spec = getattr(model, "spec", model)
+        if not isinstance(spec, ModelSpec):
+            raise BayesLMMError(f"model must be a bayeslmm Model (or its ModelSpec), got {type(model).__name__}")
+        if isinstance(random_seed, bool) or not isinstance(random_seed, (int, np.integer)) or random_seed < 0:
+            raise BayesLMMError(f"random_seed must be a non-negative integer, got {random_seed!r}")
+        children = getattr(idata, "children", None)
+        if children is None or "posterior" not in children or "sample_stats" not in children:
+            raise BayesLMMError("idata must be the DataTree pm.sample() returns, with 'posterior' and "
+                                f"'sample_stats' groups; got {type(idata).__name__}")
+        names = block_names(spec)
+        post = _reported_draws(spec, names, idata["posterior"].to_dataset())
+        dt = idata.copy()
+        dt["posterior"] = xr.DataTree(post)
+        n_values = spec.n_obs * post.sizes["chain"] * post.sizes["draw"]
+        if "log_likelihood" not in dt.children and spec.rows_in_memory and n_values <= MAX_LOGLIK_VALUES:
+            dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, names))
+        sampler = str(post.attrs.get("inference_library", "pymc"))
+        timings = {"sample": post.attrs["sampling_time"]} if "sampling_time" in post.attrs else {}
+        fit = cls(spec=spec, idata=dt, priors=resolve_priors(spec, priors), names=names,
+                  parameterization="explicit", sampler=sampler, seed=int(random_seed),
+                  data_name=getattr(model, "data_name", None), timings=timings)
+        if warn:
+            diag_mod.warn(fit.diagnostics(), stacklevel=3)
+        return fit
 
     @property
     def method(self) -> str:
@@ -238,8 +328,11 @@ class BayesFit:
         """Replicated responses y_rep = Xβ + Zb + σε, one per posterior draw.
 
         For the training rows by default: the draws ArviZ's posterior predictive
-        checks compare with the observed ``y`` (see :meth:`add_posterior_predictive`).
-        Each draw uses that draw's β, effects b and σ.
+        checks compare with the observed ``y``.  Those draws (``newdata`` omitted)
+        are also stored as ``fit.idata["posterior_predictive"]`` (replacing any
+        earlier ones), so ``arviz.plot_ppc_dist(fit.idata)`` works right after this
+        call.  Draws for ``newdata`` are returned only: their rows are not the
+        observed ones.  Each draw uses that draw's β, effects b and σ.
 
         Parameters
         ----------
@@ -256,7 +349,14 @@ class BayesFit:
         """
         from ..predict import bayes_draws
 
-        return bayes_draws(self, newdata, kind, new_groups, True, random_seed)[0]
+        yrep = bayes_draws(self, newdata, kind, new_groups, True, random_seed)[0]
+        if newdata is None:
+            self._attach_predictive(yrep)
+        return yrep
+
+    def _attach_predictive(self, yrep: xr.DataArray) -> None:
+        """Store training-row draws as the ``posterior_predictive`` group ArviZ's checks read."""
+        self.idata["posterior_predictive"] = xr.DataTree(xr.Dataset({"y": yrep.drop_vars("row")}))
 
     def predict_draws(self, newdata=None, kind: str = "conditional", new_groups: str = "population",
                       predictive: bool = False, random_seed: int | None = None) -> xr.DataArray:
@@ -304,12 +404,12 @@ class BayesFit:
     def add_posterior_predictive(self, random_seed: int | None = None):
         """Store :meth:`posterior_predictive` draws as ``idata["posterior_predictive"]`` and return ``idata``.
 
-        With the ``observed_data`` group already there, ArviZ's checks work on it:
-        ``arviz.plot_ppc_dist(fit.add_posterior_predictive())``.  Calling it again
-        replaces the group.
+        The same as calling ``fit.posterior_predictive(random_seed)`` (which stores
+        them too); with the ``observed_data`` group already there, ArviZ's checks
+        work on it: ``arviz.plot_ppc_dist(fit.add_posterior_predictive())``.
+        Calling it again replaces the group.
         """
-        yrep = self.posterior_predictive(random_seed).drop_vars("row")
-        self.idata["posterior_predictive"] = xr.DataTree(xr.Dataset({"y": yrep}))
+        self.posterior_predictive(random_seed)
         return self.idata
 
     def loo(self, pointwise: bool | None = None, **kwargs):

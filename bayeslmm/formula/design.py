@@ -54,6 +54,23 @@ def formula_with_groups(formula: str, groups: Mapping[str, str] | Sequence[str] 
     return f"{formula} + " + " + ".join(extra)
 
 
+def as_pandas(data, argument: str = "data", alternatives: str = "") -> pd.DataFrame:
+    """``data`` as a pandas DataFrame: a polars DataFrame is converted (``.to_pandas()``), others refused."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    kind = f"{type(data).__module__.split('.')[0]}.{type(data).__name__}"
+    if kind == "polars.DataFrame":
+        try:
+            return data.to_pandas()
+        except ImportError as exc:  # polars converts through pyarrow
+            raise DataError(f"converting the polars DataFrame {argument} to pandas needs pyarrow: "
+                            "pip install pyarrow (or pass data.to_pandas() yourself)") from exc
+    hint = " (a LazyFrame: call .collect() first)" if kind == "polars.LazyFrame" else ""
+    alt = f" {alternatives}" if alternatives else ""
+    raise DataError(f"{argument} must be a pandas DataFrame, got {kind}{hint}; a polars DataFrame{alt} "
+                    "is accepted too")
+
+
 def _check_columns(parsed: ParsedFormula, data: pd.DataFrame) -> list[str]:
     """All data columns the formula uses; unknown names raise a DataError."""
     cols = set(map(str, data.columns))
@@ -88,6 +105,27 @@ def _check_columns(parsed: ParsedFormula, data: pd.DataFrame) -> list[str]:
             for name in factor:
                 need(name, f"the grouping factor of {bar.text}", known_functions=False)
     return used
+
+
+def _check_no_datetimes(parsed: ParsedFormula, data: pd.DataFrame) -> None:
+    """Refuse dates and durations as values (formulae cannot use them); as grouping factors they are fine."""
+    parts = [(parsed.response, "the response"), (parsed.fixed, "the fixed effects")]
+    parts += [(bar.lhs, f"the term {bar.text}") for bar in parsed.bars]
+    for expr, where in parts:
+        for name, _ in referenced_names(expr):
+            if name not in data.columns:
+                continue
+            s = data[name]
+            kind = pd.api.types.infer_dtype(s, skipna=True) if pd.api.types.is_object_dtype(s) else ""
+            if pd.api.types.is_timedelta64_dtype(s) or kind == "timedelta":
+                raise DataError(
+                    f"the column {name!r} (used in {where}) holds durations (dtype {s.dtype}); a model needs "
+                    f"numbers: convert it, e.g. to days: data[{name!r}] = data[{name!r}].dt.total_seconds() / 86400")
+            if pd.api.types.is_datetime64_any_dtype(s) or kind in ("datetime", "datetime64", "date"):
+                raise DataError(
+                    f"the column {name!r} (used in {where}) holds dates or times (dtype {s.dtype}); a model "
+                    "needs numbers: convert it, e.g. to days since the first date: "
+                    f"data[{name!r}] = (pd.to_datetime(data[{name!r}]) - pd.to_datetime(data[{name!r}]).min()).dt.days")
 
 
 # names formulae understands that are not columns (modules, constants, contrasts)
@@ -236,6 +274,26 @@ def _check_scale(values: np.ndarray, what: str, spread: bool = False) -> None:
         )
 
 
+def _check_mixed_labels(name: str, s: pd.Series) -> None:
+    """Refuse a grouping column in which values of different types print alike (``1`` and ``"1"``).
+
+    Levels are named by their text, so such values would silently become one group;
+    R's ``factor(c(1, "1"))`` merges them, but in Python ``1 != "1"``, so say so instead.
+    """
+    pairs = pd.DataFrame({"label": s.astype(str).to_numpy(),
+                          "type": [type(v).__name__ for v in s.to_numpy()]}).drop_duplicates()
+    clash = pairs[pairs["label"].duplicated(keep=False)]
+    if len(clash):
+        label = clash["label"].iloc[0]
+        types = sorted(clash.loc[clash["label"] == label, "type"])
+        raise DataError(
+            f"grouping column {name!r} mixes types whose values print alike: {label!r} is there as "
+            f"{' and as '.join(types)} ({clash['label'].nunique()} such label(s)), which would merge into one "
+            f"group. Make the column one type, e.g. data[{name!r}] = data[{name!r}].astype(str), or fix the "
+            "values that should differ"
+        )
+
+
 def _group_codes(factor: tuple[str, ...], data: pd.DataFrame) -> tuple[np.ndarray, tuple[str, ...]]:
     """Integer codes and level labels of a grouping factor (an interaction for ``a:b``)."""
     codes = None
@@ -257,7 +315,8 @@ def _group_codes(factor: tuple[str, ...], data: pd.DataFrame) -> tuple[np.ndarra
                 s = pd.Series(v.astype(np.int64), index=s.index)
             try:
                 uniq, c = np.unique(s.to_numpy(), return_inverse=True)
-            except TypeError:  # mixed types (strings and numbers): compare as strings
+            except TypeError:  # mixed types (strings and numbers): compare as strings, if no two merge
+                _check_mixed_labels(name, s)
                 uniq, c = np.unique(s.astype(str).to_numpy(), return_inverse=True)
             lab = np.array([str(v) for v in uniq], dtype=object)
         if codes is None:
@@ -342,14 +401,14 @@ def build_spec(
         raise DataError(f"missing must be 'raise' or 'drop', got {missing!r}")
     if rank_deficient not in ("drop", "error"):
         raise DataError(f"rank_deficient must be 'drop' or 'error', got {rank_deficient!r}")
-    if not isinstance(data, pd.DataFrame):
-        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    data = as_pandas(data, "data")
     if len(data) == 0:
         raise DataError("data is empty: it has no rows to fit")
     if not all(isinstance(c, str) for c in data.columns):
         data = data.rename(columns=str)  # formulas name columns by strings
     formula_full, parsed = parse_mixed_formula(formula, groups)
     used = _check_columns(parsed, data)
+    _check_no_datetimes(parsed, data)
     data, notes = _check_missing(data, used, missing)
     if len(data) == 0:
         raise DataError("no rows left after dropping rows with missing values")
@@ -729,9 +788,7 @@ def new_data_design(spec: ModelSpec, newdata, *, fixed: bool = True, random: boo
             newdata = pd.DataFrame(dict(newdata))
         except ValueError:  # all scalars
             newdata = pd.DataFrame({k: [v] for k, v in newdata.items()})
-    if not isinstance(newdata, pd.DataFrame):
-        raise DataError(f"{argument} must be a pandas DataFrame (or a dict of columns), got "
-                        f"{type(newdata).__name__}")
+    newdata = as_pandas(newdata, argument, "(or a dict of columns)")
     if len(newdata) == 0:
         raise DataError(f"{argument} has no rows")
     if not all(isinstance(c, str) for c in newdata.columns):

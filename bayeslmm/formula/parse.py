@@ -15,7 +15,8 @@ from formulae.scanner import ScanError, Scanner
 
 from ..errors import FormulaError
 
-_IDENT = re.compile(r"`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*")
+# a letter or "_" (any script: formulae reads Größe as a name too), then letters, digits, "_" and "."
+_IDENT = re.compile(r"`[^`]+`|[^\W\d][\w.]*")
 
 
 @dataclass(frozen=True)

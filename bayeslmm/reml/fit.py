@@ -12,7 +12,8 @@ from ..errors import ModelError
 from ..spec import ModelSpec
 from .deviance import ProfiledDeviance
 from .estimates import compute_estimates
-from .optimize import minimize_bobyqa
+from .optimize import blas_thread_count, minimize_bobyqa
+from .optimize import blas_threads as blas_limit  # the argument is called blas_threads
 from .results import FreqFit
 
 
@@ -22,6 +23,7 @@ def fit_frequentist(
     crossprods: CrossProducts | None = None,
     start: np.ndarray | None = None,
     data_name: str | None = None,
+    blas_threads: int | None = None,
     **optimizer_options,
 ) -> FreqFit:
     """Minimise the profiled deviance and assemble the fit.
@@ -35,9 +37,19 @@ def fit_frequentist(
         Reuse cross-products already computed for ``spec``.
     start : array, optional
         Starting θ; lme4's (T = I) by default.
+    blas_threads : int, optional
+        BLAS threads while fitting; ``$BAYESLMM_BLAS_THREADS``, else 1, when omitted
+        (see :func:`~bayeslmm.reml.optimize.blas_threads`: more threads stall when the
+        cores are shared, and gain little on these small factorisations).
     **optimizer_options
         Passed to :func:`~bayeslmm.reml.optimize.minimize_bobyqa` (``ftol_rel``, ``maxeval``, ...).
     """
+    blas_thread_count(blas_threads)  # a bad setting fails before any work
+    with blas_limit(blas_threads):
+        return _fit(spec, reml, crossprods, start, data_name, **optimizer_options)
+
+
+def _fit(spec, reml, crossprods, start, data_name, **optimizer_options) -> FreqFit:
     dev = ProfiledDeviance(spec, crossprods, reml=reml)
     theta0 = spec.theta_start if start is None else np.asarray(start, dtype=float)
     if theta0.shape != (spec.n_theta,):
@@ -53,7 +65,7 @@ def fit_frequentist(
             "degenerate (a response that the fixed effects fit exactly?)"
         )
     for w in record.warnings:
-        warnings.warn(w, stacklevel=3)
+        warnings.warn(w, stacklevel=4)  # the caller of Model.fit
     theta = record.end
     objective, est = estimates_at(spec, theta, reml, dev=dev if shifts is None else None, shifts=shifts,
                                   theta_centred=None if shifts is None else theta_c)

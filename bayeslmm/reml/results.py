@@ -247,7 +247,10 @@ class FreqFit:
         -------
         DataFrame with columns ``estimate, lower, upper``: the variance parameters
         (``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``, ``sigma``, in the
-        order of :attr:`varcorr`), then the fixed effects.
+        order of :attr:`varcorr`), then the fixed effects.  ``attrs["notes"]`` names the
+        profile ends that are a boundary (an sd at 0, a correlation at ±1) or ``inf``
+        because the profile never reaches the cutoff, and any parameter whose profile
+        failed (NaN, with a warning).
         """
         from scipy import stats
 
@@ -268,7 +271,7 @@ class FreqFit:
         fixed = pd.DataFrame({"estimate": est, "lower": est - z * se, "upper": est + z * se})
         out = pd.concat([var, fixed])
         out.index.name = "parameter"
-        out.attrs.update(level=level, method=method)
+        out.attrs.update(level=level, method=method, notes=list(var.attrs.get("notes", [])))
         return out
 
     # -- predictions -----------------------------------------------------------

@@ -106,5 +106,5 @@ class FreqSummary:
         fe = fit.fixef_table().to_html(float_format=lambda v: f"{v:.4f}")
         flag = "<p><b>boundary (singular) fit</b></p>" if fit.singular else ""
         return (f"<div><p>{head}</p><h4>Random effects</h4>{re}"
-                f"<p>Number of obs: {fit.nobs}</p><h4>Fixed effects</h4>{fe}{flag}</div>")
+                f"<p>{html.escape(fit.spec.counts_line())}</p><h4>Fixed effects</h4>{fe}{flag}</div>")
 
