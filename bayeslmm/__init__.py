@@ -1,19 +1,44 @@
-"""bayeslmm: linear mixed models with lme4 formulas, fitted by REML/ML and by NUTS."""
+"""bayeslmm: linear mixed models with lme4 formulas, fitted by REML/ML and by NUTS.
 
-from .bayes.priors import Prior
-from .bayes.results import BayesFit
-from .compare import compare
+The names below are imported when first used (PEP 562), so that ``import bayeslmm`` —
+and the command line's start — does not pay for formulae, scipy.stats, PyMC and
+xarray before a call needs them.
+"""
+
+from importlib import import_module
+
+from .compare import compare  # eager: the function shares its module's name, which a later import would rebind
 from .errors import BayesLMMError, DataError, FormulaError, ModelError
-from .io import load
-from .model import Model
-from .plots import caterpillar_plot, ppc_plot, shrinkage_plot, variance_plot
-from .pooling import pooling_table
-from .reml import FreqFit
-from .reml.anova import anova
-from .spec import ModelSpec, RandomBlock
 
 __version__ = "0.1.0"
 
-__all__ = ["BayesLMMError", "Prior", "DataError", "FormulaError", "FreqFit", "load", "Model", "ModelError",
-           "ModelSpec", "RandomBlock", "__version__", "caterpillar_plot", "pooling_table", "ppc_plot", "shrinkage_plot",
-           "variance_plot", "BayesFit", "anova", "compare"]
+#: public name → the module that defines it
+_LAZY = {
+    "Prior": "bayeslmm.bayes.priors",
+    "BayesFit": "bayeslmm.bayes.results",
+    "load": "bayeslmm.io",
+    "Model": "bayeslmm.model",
+    "caterpillar_plot": "bayeslmm.plots",
+    "ppc_plot": "bayeslmm.plots",
+    "shrinkage_plot": "bayeslmm.plots",
+    "variance_plot": "bayeslmm.plots",
+    "pooling_table": "bayeslmm.pooling",
+    "FreqFit": "bayeslmm.reml.results",
+    "anova": "bayeslmm.reml.anova",
+    "ModelSpec": "bayeslmm.spec",
+    "RandomBlock": "bayeslmm.spec",
+}
+
+__all__ = ["BayesLMMError", "DataError", "FormulaError", "ModelError", "__version__", "compare", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bayeslmm' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import BayesLMMError, DataError
+from .errors import BayesLMMError, DataError, IncompleteTraceError
 from .io import SaveError, write_atomically
 
 
@@ -209,6 +209,9 @@ def _failure(exc: BaseException, run: "_Run") -> tuple[int, str]:
     if isinstance(exc, RecursionError):
         return 1, (f"bayeslmm: error: recursion too deep while {run.stage} (an extremely nested formula or "
                    f"file?); please report it with the command line{run.kept()}")
+    if isinstance(exc, IncompleteTraceError):
+        return 1, (f"bayeslmm: error: while {run.stage}: {exc}; nothing of that step was written: run it again"
+                   f"{run.kept()}")
     return 1, (f"bayeslmm: error: internal error while {run.stage}: {type(exc).__name__}: {exc}; please report "
                f"it with the command line{run.kept()}")
 

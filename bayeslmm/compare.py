@@ -23,7 +23,6 @@ import html
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .errors import BayesLMMError, ModelError
 
@@ -163,6 +162,8 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
         raise BayesLMMError(f"intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}")
     _same_model(bayes_fit, freq_fit)
     prob = interval_prob(ci_prob)
+    from scipy import stats  # here, not at import: scipy.stats alone takes ~1 s to import
+
     z = stats.norm.ppf((1 + prob) / 2)
     notes: list[str] = []
 

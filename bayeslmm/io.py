@@ -756,7 +756,11 @@ def _load_bayes(record: dict, spec, groups: dict, path: Path):
     missing = [g for g in record["groups"] if g not in groups]
     if missing:
         raise DataError(f"{path}: the groups {missing} of the saved posterior are missing from the file")
+    from .bayes.naming import upgrade
+
     idata = xr.DataTree.from_dict({f"/{g}": groups[g] for g in record["groups"]})
+    # files saved before the distinct-correlation layout hold whole matrices: read them as today's
+    idata["posterior"] = xr.DataTree(upgrade(idata["posterior"].to_dataset(), record["names"], spec.blocks))
     _check_draws_match_spec(idata, spec, path)
     return BayesFit(spec=spec, idata=idata, priors=_priors_from_record(record["priors"], spec, path),
                     names=list(record["names"]), parameterization=record["parameterization"],

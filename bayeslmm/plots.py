@@ -18,6 +18,7 @@ from numbers import Integral
 
 import numpy as np
 
+from .bayes.naming import cholesky_factors, correlation_matrices, pair_index, sd_var
 from .errors import BayesLMMError, ModelError
 from .pooling import group_design, is_bayes, pooling_table, resolve_fit
 
@@ -218,12 +219,8 @@ def group_covariance(fit, gd) -> np.ndarray:
         post = fit.posterior
         for k, pos in gd.blocks:
             name, block = fit.names[k], fit.spec.blocks[k]
-            sd = post[f"{name}_sd"].to_numpy()
-            if block.correlated and block.q > 1:
-                corr = post[f"{name}_corr"].to_numpy()
-            else:
-                corr = np.broadcast_to(np.eye(block.q), sd.shape + (block.q,))
-            cov = (sd[..., :, None] * corr * sd[..., None, :]).mean(axis=(0, 1))
+            L = cholesky_factors(post, name, block)
+            cov = (L @ np.swapaxes(L, -1, -2)).mean(axis=(0, 1))
             G[np.ix_(pos, pos)] += cov
     else:
         covs = fit.block_covariances()
@@ -405,16 +402,15 @@ def variance_draws(fit) -> tuple[list[str], list[np.ndarray]]:
     post = fit.posterior
     labels, draws = [], []
     for name, block in zip(fit.names, fit.spec.blocks):
-        sd = post[f"{name}_sd"].to_numpy()
+        sd = post[sd_var(name)].to_numpy()
         for i, col in enumerate(block.columns):
             labels.append(_vc_label(block.group, col, None))
             draws.append(sd[..., i])
         if block.correlated and block.q > 1:
-            corr = post[f"{name}_corr"].to_numpy()
-            for i in range(block.q):
-                for j in range(i + 1, block.q):
-                    labels.append(_vc_label(block.group, block.columns[i], block.columns[j]))
-                    draws.append(corr[..., j, i])
+            corr = correlation_matrices(post, name, block.q)
+            for i, j in zip(*pair_index(block.q)):
+                labels.append(_vc_label(block.group, block.columns[i], block.columns[j]))
+                draws.append(corr[..., j, i])
     labels.append("sigma")
     draws.append(post["sigma"].to_numpy())
     return labels, draws

@@ -97,17 +97,10 @@ def freq_predict(fit, newdata=None, kind: str = "conditional", new_groups: str =
 
 # -- Bayesian ---------------------------------------------------------------------------
 
-def block_factor_draws(post, name: str, block) -> np.ndarray:
-    """Per-draw Cholesky factor L (chain, draw, q, q) of a block's covariance Σ = L Lᵀ."""
-    sd = post[f"{name}_sd"].to_numpy()
-    if block.correlated and block.q > 1:
-        corr = post[f"{name}_corr"].to_numpy()
-        return sd[..., :, None] * np.linalg.cholesky(corr)
-    return sd[..., :, None] * np.eye(block.q)
-
-
 def bayes_mean_draws(fit, d: NewDesign, kind: str, new_groups: str, rng: np.random.Generator) -> np.ndarray:
     """The mean of every row to predict for every posterior draw: (chain, draw, rows)."""
+    from .bayes.naming import cholesky_factors
+
     post = fit.posterior
     beta = post["beta"].to_numpy()
     mu = np.einsum("cdp,np->cdn", beta, d.X)
@@ -122,7 +115,7 @@ def bayes_mean_draws(fit, d: NewDesign, kind: str, new_groups: str, rng: np.rand
         if new_groups == "sample" and not seen.all():
             # one draw of each unseen level's effects per posterior draw, from N(0, Σ_draw)
             k = -1 - codes[~seen]  # index of the unseen level
-            L = block_factor_draws(post, name, block)
+            L = cholesky_factors(post, name, block)
             z = rng.standard_normal(L.shape[:2] + (int(k.max()) + 1, block.q))
             b_new = np.einsum("cdab,cdkb->cdka", L, z)
             mu[:, :, ~seen] += np.einsum("cdnq,nq->cdn", b_new[:, :, k, :], Z[~seen])

@@ -134,7 +134,7 @@ def test_three_by_three_block_and_uncorrelated_block():
     data = load_dataset("sleepstudy").assign(Days2=lambda d: (d.Days - 4.5) ** 2 / 10)
     model = Model("Reaction ~ Days + (Days + Days2 | Subject)", data)
     fit = model.fit(method="nuts", random_seed=2, draws=300, tune=300, chains=2, warn=False, **FAST)
-    assert fit.posterior["Subject_corr"].shape[-2:] == (3, 3)
+    assert fit.posterior["Subject_corr"].shape[-1] == 3  # the three distinct correlations of a 3×3 block
     assert np.isfinite(fit.summary_table()["mean"]).all()
     unc = Model("Reaction ~ Days + (Days || Subject)", load_dataset("sleepstudy")).fit(
         method="nuts", random_seed=2, draws=300, tune=300, chains=2, warn=False, **FAST)

@@ -202,7 +202,8 @@ def test_shrinkage_plot_of_a_bayes_fit(nuts):
     post = nuts.posterior
     np.testing.assert_allclose(offsets(ax, "population"), [post["beta"].mean(("chain", "draw")).to_numpy()])
     # the ellipse is the posterior mean of G = D R D
-    sd, corr = post["Subject_sd"].to_numpy(), post["Subject_corr"].to_numpy()
+    sd, r = post["Subject_sd"].to_numpy(), post["Subject_corr"].to_numpy()[..., 0]
+    corr = np.stack([np.stack([np.ones_like(r), r], -1), np.stack([r, np.ones_like(r)], -1)], -2)
     G = (sd[..., :, None] * corr * sd[..., None, :]).mean(axis=(0, 1))
     pts = np.column_stack(by_gid(ax, "ellipse")[1].get_data()) - offsets(ax, "population")[0]
     np.testing.assert_allclose(np.einsum("ni,ij,nj->n", pts, np.linalg.inv(G), pts), stats.chi2.ppf(0.95, 2),

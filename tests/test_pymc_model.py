@@ -78,7 +78,7 @@ def test_from_pymc_reads_each_variable_where_the_fit_reports_it(slopes):
     fit = slopes.fit_from_draws(dt, warn=False)
     vc = fit.varcorr()
     np.testing.assert_allclose(vc["mean"].iloc[0], post["Subject_sd"].sel(Subject_effect="(Intercept)").mean())
-    np.testing.assert_allclose(vc["mean"].iloc[2], post["Subject_corr"][..., 1, 0].mean())
+    np.testing.assert_allclose(vc["mean"].iloc[2], post["Subject_corr"].sel(Subject_pair="(Intercept),Days").mean())
     np.testing.assert_allclose(vc["mean"].iloc[3], post["sigma"].mean())
     np.testing.assert_allclose(fit.fixef()["mean"], post["beta"].mean(("chain", "draw")))
     re = fit.ranef()["Subject"]

@@ -114,7 +114,7 @@ def test_icc_needs_a_point_for_random_slopes(sleep_reml, sleep_bayes):
 def test_bayes_icc_per_draw(sleep_bayes, sleep_reml):
     post = sleep_bayes.posterior
     sd = post["Subject_sd"].to_numpy().reshape(-1, 2)
-    corr = post["Subject_corr"].to_numpy().reshape(-1, 2, 2)[:, 1, 0]
+    corr = post["Subject_corr"].to_numpy().reshape(-1)  # the one distinct correlation
     sigma = post["sigma"].to_numpy().ravel()
     x = 5.0
     v = sd[:, 0] ** 2 + 2 * corr * sd[:, 0] * sd[:, 1] * x + sd[:, 1] ** 2 * x**2
@@ -161,7 +161,7 @@ def test_bayes_r2_per_draw(sleep_bayes, sleep_reml, sleep_model):
     post = sleep_bayes.posterior
     beta = post["beta"].to_numpy().reshape(-1, 2)
     sd = post["Subject_sd"].to_numpy().reshape(-1, 2)
-    corr = post["Subject_corr"].to_numpy().reshape(-1, 2, 2)[:, 1, 0]
+    corr = post["Subject_corr"].to_numpy().reshape(-1)
     s2 = post["sigma"].to_numpy().ravel() ** 2
     vf = np.var(beta @ spec.X.T, axis=1, ddof=1)
     x = spec.blocks[0].Z[:, 1]

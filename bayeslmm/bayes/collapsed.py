@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..crossprod import CrossProducts
+from . import naming
 from .priors import PriorSet
 
 
@@ -110,7 +111,8 @@ class ResponseScale:
 
         β, σ, every block's sds and sampled effects; correlations have no units.
         """
-        known = {"beta", "sigma"} | {f"{n}_sd" for n in names} | {f"{n}_corr" for n in names} | set(names)
+        known = ({"beta", "sigma"} | {naming.sd_var(n) for n in names} | {naming.corr_var(n) for n in names}
+                 | set(names))
         unknown = sorted(set(post.data_vars) - known)
         if unknown:  # a variable whose units are not known here must not be returned half-mapped
             raise RuntimeError(f"ResponseScale.to_data_units: no rule for the variables {unknown}")
@@ -119,7 +121,7 @@ class ResponseScale:
         if self.shift:
             beta[..., self.intercept] += self.shift
         out["beta"] = post["beta"].copy(data=beta)
-        for var in ["sigma"] + [f"{n}_sd" for n in names] + list(names):
+        for var in ["sigma"] + [naming.sd_var(n) for n in names] + list(names):
             if var in post:
                 out[var] = post[var] * self.scale
         return out

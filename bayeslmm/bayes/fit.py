@@ -19,10 +19,11 @@ import xarray as xr
 from ..crossprod import CrossProducts
 from ..errors import BayesLMMError, IncompleteTraceError, InsufficientMemoryError
 from ..spec import ModelSpec
-from . import diagnostics
+from . import diagnostics, naming
 from .collapsed import CollapsedData, ResponseScale, draw_first_block
 from .kernel import KernelData, private_cache_dir, unsupported_reason
-from .model import PARAMETERIZATIONS, BuiltModel, block_names, build_pymc_model, centring_matrix
+from .model import PARAMETERIZATIONS, BuiltModel, build_pymc_model, centring_matrix
+from .naming import block_names
 from .priors import resolve_priors
 from .progress import pymc_progress_options
 from .results import BayesFit
@@ -237,14 +238,15 @@ def _kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:
     """The kernel's unconstrained draws as the posterior variables the PyMC model reports."""
     vals = kd.constrain(raw["x"].to_numpy())
     name, block = names[0], spec.blocks[0]
-    e = f"{name}_effect"
+    e = naming.effect_dim(name)
     data = {"beta": (("chain", "draw", "coef"), vals["beta"]), "sigma": (("chain", "draw"), vals["sigma"]),
-            f"{name}_sd": (("chain", "draw", e), vals["sd"])}
+            naming.sd_var(name): (("chain", "draw", e), vals["sd"])}
     coords = {"chain": raw["chain"].to_numpy(), "draw": raw["draw"].to_numpy(), "coef": list(spec.fixed_names),
               e: list(block.columns)}
     if "corr" in vals:
-        data[f"{name}_corr"] = (("chain", "draw", e, f"{e}_"), vals["corr"])
-        coords[f"{e}_"] = list(block.columns)
+        corr_vars, corr_coords = naming.corr_data(name, block.columns, naming.pairs_of(vals["corr"]))
+        data.update(corr_vars)
+        coords.update(corr_coords)
     return xr.Dataset(data, coords=coords)
 
 
@@ -591,22 +593,13 @@ def _effects_mode(effects, n_values, log_likelihood) -> str:
     return mode
 
 
-def _cov_factor(post: xr.Dataset, name: str, block) -> np.ndarray:
-    """Per-draw absolute Cholesky factor L (chain, draw, q, q) from the sd and correlation draws."""
-    sd = post[f"{name}_sd"].to_numpy()
-    if block.correlated and block.q > 1:
-        corr = post[f"{name}_corr"].to_numpy()
-        return sd[..., :, None] * np.linalg.cholesky(corr)
-    return sd[..., :, None] * np.eye(block.q)
-
-
 def _first_block_inputs(post: xr.Dataset, names: list[str], block):
     """γ = [other blocks' effects, β], L and σ of every draw, flattened to (S, ·)."""
     C, D = post.sizes["chain"], post.sizes["draw"]
     beta = post["beta"].to_numpy().reshape(C * D, -1)
     rest = [post[n].to_numpy().reshape(C * D, -1) for n in names[1:]]
     gamma = np.concatenate(rest + [beta], axis=1)
-    L = _cov_factor(post, names[0], block).reshape(C * D, block.q, block.q)
+    L = naming.cholesky_factors(post, names[0], block).reshape(C * D, block.q, block.q)
     sigma = post["sigma"].to_numpy().reshape(C * D)
     return gamma, L, sigma
 
@@ -634,8 +627,8 @@ def _add_first_block(spec, built, post, seed: int):
     for k, d in _draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
         b[:, k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = d
     b = b.reshape(C, D, first.n_levels, first.q)
-    post[name] = xr.DataArray(b, dims=("chain", "draw", f"{name}_level", f"{name}_effect"),
-                              coords={f"{name}_level": list(first.levels), f"{name}_effect": list(first.columns)})
+    post[name] = xr.DataArray(b, dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
+                              coords={naming.level_dim(name): list(first.levels), naming.effect_dim(name): list(first.columns)})
     return post[[name] + [v for v in post.data_vars if v != name]]
 
 
@@ -657,8 +650,8 @@ def _first_block_summary(built, post, seed: int, first) -> xr.Dataset:
     out = np.empty((first.n_levels, first.q, len(SUMMARY_STATS)))
     for k, d in _draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
         out[k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = _summarise_effects(d)
-    return xr.Dataset({name: ((f"{name}_level", f"{name}_effect", "stat"), out)},
-                      coords={f"{name}_level": list(first.levels), f"{name}_effect": list(first.columns),
+    return xr.Dataset({name: ((naming.level_dim(name), naming.effect_dim(name), "stat"), out)},
+                      coords={naming.level_dim(name): list(first.levels), naming.effect_dim(name): list(first.columns),
                               "stat": list(SUMMARY_STATS)},
                       attrs={"seed": seed, "level_chunk": LEVEL_CHUNK, "n_draws": int(gamma.shape[0])})
 
@@ -679,7 +672,7 @@ def effect_draws(fit, levels=None) -> xr.DataArray:
     first, name = spec.blocks[0], fit.names[0]
     if name in post:
         da = post[name]
-        return da if levels is None else da.sel({f"{name}_level": list(map(str, levels))})
+        return da if levels is None else da.sel({naming.level_dim(name): list(map(str, levels))})
     if CONDITIONAL_GROUP not in fit.idata.children:
         raise BayesLMMError(f"this fit has neither the draws of {name!r} nor what is needed to redraw them")
     cond = fit.idata[CONDITIONAL_GROUP].to_dataset()
@@ -700,9 +693,9 @@ def effect_draws(fit, levels=None) -> xr.DataArray:
     b = np.stack([got[i // LEVEL_CHUNK][:, i % LEVEL_CHUNK] for i in idx], axis=1)
     C, D = post.sizes["chain"], post.sizes["draw"]
     return xr.DataArray(b.reshape(C, D, len(idx), first.q),
-                        dims=("chain", "draw", f"{name}_level", f"{name}_effect"),
+                        dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
                         coords={"chain": post["chain"].to_numpy(), "draw": post["draw"].to_numpy(),
-                                f"{name}_level": [labels[i] for i in idx], f"{name}_effect": list(first.columns)},
+                                naming.level_dim(name): [labels[i] for i in idx], naming.effect_dim(name): list(first.columns)},
                         name=name)
 
 

@@ -6,10 +6,11 @@
   Normal likelihood over the rows — the general fallback and the cross-check.
 
 Variables (named dims throughout): ``beta`` (dim ``coef``), ``sigma``, and per
-block ``{g}_sd`` (dim ``{g}_effect``), ``{g}_corr`` for correlated blocks, and the
-effects ``{g}`` (dims ``{g}_level``, ``{g}_effect``; drawn after sampling in the
+block ``{g}_sd`` (dim ``{g}_effect``), ``{g}_corr`` (dim ``{g}_pair``: the distinct
+correlations) for correlated blocks, and the effects ``{g}`` (dims ``{g}_level``, ``{g}_effect``; drawn after sampling in the
 collapsed parameterisation).  ``g`` is the grouping factor's name, with ``.1``,
-``.2`` appended when several blocks share a factor (lme4's convention).
+``.2`` appended when several blocks share a factor (lme4's convention); the layout
+is :mod:`.naming`'s.
 
 :func:`pymc_model` is the public way in (``Model.pymc_model``): the explicit model
 with the linear predictor as a named Deterministic ``mu`` (dim ``obs``) beside the
@@ -26,20 +27,12 @@ import numpy as np
 from ..crossprod import CrossProducts
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
+from . import naming
 from .collapsed import CollapsedData, ResponseScale, collapsed_loglik
+from .naming import block_names
 from .priors import PriorSet
 
 PARAMETERIZATIONS = ("collapsed", "explicit")
-
-
-def block_names(spec: ModelSpec) -> list[str]:
-    """Unique variable names for the blocks: the group, then group.1, group.2 ..."""
-    names, seen = [], {}
-    for b in spec.blocks:
-        k = seen.get(b.group, 0)
-        names.append(b.group if k == 0 else f"{b.group}.{k}")
-        seen[b.group] = k + 1
-    return names
 
 
 @dataclass
@@ -55,14 +48,15 @@ class BuiltModel:
 
 def _block_cov(name: str, block, bp, pm, pt):
     """The block's absolute Cholesky factor L (q×q), its sds and, if correlated, its correlation."""
-    dims_e = f"{name}_effect"
+    dims_e = naming.effect_dim(name)
     if block.correlated and block.q > 1:
         chol, corr, sds = pm.LKJCholeskyCov(f"{name}_chol_cov", n=block.q, eta=bp.eta,
                                             sd_dist=bp.sd.dist(shape=block.q), compute_corr=True)
-        pm.Deterministic(f"{name}_sd", sds, dims=dims_e)
-        pm.Deterministic(f"{name}_corr", corr, dims=(dims_e, f"{name}_effect_"))
+        pm.Deterministic(naming.sd_var(name), sds, dims=dims_e)
+        i, j = naming.pair_index(block.q)
+        pm.Deterministic(naming.corr_var(name), corr[i, j], dims=naming.pair_dim(name))
         return chol
-    sds = bp.sd.variable(f"{name}_sd", dims=dims_e)
+    sds = bp.sd.variable(naming.sd_var(name), dims=dims_e)
     return pt.diag(sds)
 
 
@@ -110,9 +104,10 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
     names = block_names(spec)
     coords = {"coef": list(spec.fixed_names)}
     for name, block in zip(names, spec.blocks):
-        coords[f"{name}_level"] = list(block.levels)
-        coords[f"{name}_effect"] = list(block.columns)
-        coords[f"{name}_effect_"] = list(block.columns)
+        coords[naming.level_dim(name)] = list(block.levels)
+        coords[naming.effect_dim(name)] = list(block.columns)
+        if block.correlated and block.q > 1:
+            coords[naming.pair_dim(name)] = naming.pair_labels(list(block.columns))
     Cm = centring_matrix(spec, priors)
     internal = ["beta_c"]
     with pm.Model(coords=coords) as model:
@@ -134,7 +129,7 @@ def build_pymc_model(spec: ModelSpec, cp: CrossProducts, priors: PriorSet,
         first = 1 if parameterization == "collapsed" else 0
         effects = []
         for name, block, L in zip(names[first:], spec.blocks[first:], chols[first:]):
-            dims = (f"{name}_level", f"{name}_effect")
+            dims = (naming.level_dim(name), naming.effect_dim(name))
             if centred_block(spec, block):
                 # data-rich levels: the centred form b ~ N(0, sd²) has the better geometry
                 # (the non-centred one turns into a ridge between z and the sd)

@@ -12,6 +12,7 @@ import xarray as xr
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from . import diagnostics as diag_mod
+from . import naming
 from .priors import PriorSet
 
 SUMMARY_COLUMNS = ["mean", "sd", "median", "lower", "upper", "r_hat", "ess_bulk", "ess_tail"]
@@ -55,10 +56,10 @@ def _check_pymc_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> No
     """Refuse draws that are not from this model's ``pymc_model()``: every variable, with its labels."""
     wanted = {"beta": ("coef", list(spec.fixed_names)), "sigma": None}
     for name, block in zip(names, spec.blocks):
-        wanted[f"{name}_sd"] = (f"{name}_effect", list(block.columns))
-        wanted[name] = (f"{name}_level", list(block.levels))
+        wanted[naming.sd_var(name)] = (naming.effect_dim(name), list(block.columns))
+        wanted[name] = (naming.level_dim(name), list(block.levels))
         if block.correlated and block.q > 1:
-            wanted[f"{name}_corr"] = None
+            wanted[naming.corr_var(name)] = (naming.pair_dim(name), naming.pair_labels(list(block.columns)))
     missing = [v for v in wanted if v not in post]
     if missing:
         hint = (" (draws from the collapsed parameterisation lack the first block's effects: sample "
@@ -140,7 +141,6 @@ class BayesFit:
         when absent, under the same size limit as ``fit()``.
         """
         from .fit import MAX_LOGLIK_VALUES, pointwise_loglik
-        from .model import block_names
         from .priors import resolve_priors
 
         spec = getattr(model, "spec", model)
@@ -152,7 +152,7 @@ class BayesFit:
         if children is None or "posterior" not in children or "sample_stats" not in children:
             raise BayesLMMError("idata must be the DataTree pm.sample() returns, with 'posterior' and "
                                 f"'sample_stats' groups; got {type(idata).__name__}")
-        names = block_names(spec)
+        names = naming.block_names(spec)
         post = _reported_draws(spec, names, idata["posterior"].to_dataset())
         dt = idata.copy()
         dt["posterior"] = xr.DataTree(post)
@@ -192,18 +192,17 @@ class BayesFit:
         post = self.posterior
         rows, draws = [], {}
         for name, block in zip(self.names, self.spec.blocks):
-            sd = post[f"{name}_sd"].to_numpy()
+            sd = post[naming.sd_var(name)].to_numpy()
             for i, col in enumerate(block.columns):
                 key = f"{name}|{col}"
                 rows.append((key, block.group, col, None))
                 draws[key] = sd[..., i]
             if block.correlated and block.q > 1:
-                corr = post[f"{name}_corr"].to_numpy()
-                for i in range(block.q):
-                    for j in range(i + 1, block.q):
-                        key = f"{name}|{block.columns[i]}|{block.columns[j]}"
-                        rows.append((key, block.group, block.columns[i], block.columns[j]))
-                        draws[key] = corr[..., j, i]
+                corr = naming.correlation_matrices(post, name, block.q)
+                for i, j in zip(*naming.pair_index(block.q)):
+                    key = f"{name}|{block.columns[i]}|{block.columns[j]}"
+                    rows.append((key, block.group, block.columns[i], block.columns[j]))
+                    draws[key] = corr[..., j, i]
         rows.append(("sigma", "Residual", None, None))
         draws["sigma"] = post["sigma"].to_numpy()
         return rows, draws
@@ -253,7 +252,7 @@ class BayesFit:
         if k == 0:
             return effect_draws(self, levels)
         da = self.posterior[name]
-        return da if levels is None else da.sel({f"{name}_level": [str(v) for v in levels]})
+        return da if levels is None else da.sel({naming.level_dim(name): [str(v) for v in levels]})
 
     def _effect_summary(self, k: int) -> xr.DataArray | None:
         from .fit import EFFECTS_GROUP
@@ -432,12 +431,12 @@ class BayesFit:
     # -- variance decomposition and R² -----------------------------------------------
     def block_covariance_draws(self) -> list[np.ndarray]:
         """Σ = L Lᵀ of each block per posterior draw: arrays (chain, draw, q, q), in ``spec.blocks`` order."""
-        from ..predict import block_factor_draws
+        from .naming import cholesky_factors
 
         post = self.posterior
         out = []
         for name, block in zip(self.names, self.spec.blocks):
-            L = block_factor_draws(post, name, block)
+            L = cholesky_factors(post, name, block)
             out.append(np.einsum("cdab,cdeb->cdae", L, L))
         return out
 

@@ -55,8 +55,10 @@ from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
 from .fit import _kernel_model, _kernel_posterior, _sample_kernel
+from . import naming
 from .kernel import unsupported_reason
-from .model import block_names, build_pymc_model, centring_matrix
+from .model import build_pymc_model, centring_matrix
+from .naming import block_names
 from .priors import Prior, PriorSet, resolve_priors
 
 SBC_SAMPLERS = ("kernel", "nutpie")
@@ -165,14 +167,13 @@ def _scalar_parameters(ds, names, spec: ModelSpec) -> dict[str, np.ndarray]:
         out[f"beta[{coef}]"] = beta[..., k]
     out["sigma"] = np.asarray(ds["sigma"])
     for name, block in zip(names, spec.blocks):
-        sd = np.asarray(ds[f"{name}_sd"])
+        sd = np.asarray(ds[naming.sd_var(name)])
         for i, col in enumerate(block.columns):
             out[f"sd[{name}|{col}]"] = sd[..., i]
         if block.correlated and block.q > 1:
-            corr = np.asarray(ds[f"{name}_corr"])
-            for i in range(block.q):
-                for j in range(i + 1, block.q):
-                    out[f"corr[{name}|{block.columns[i]},{block.columns[j]}]"] = corr[..., j, i]
+            pairs = np.asarray(ds[naming.corr_var(name)])  # the distinct correlations, in naming's order
+            for p, label in enumerate(naming.pair_labels(list(block.columns))):
+                out[f"corr[{name}|{label}]"] = pairs[..., p]
     return out
 
 
@@ -282,9 +283,9 @@ class SBCRunner:
     def _truth_as_posterior(self, i: int) -> dict:
         ds = {"beta": self.params["beta"][i], "sigma": self.params["sigma"][i]}
         for name, block in zip(self.names, self.spec.blocks):
-            ds[f"{name}_sd"] = self.params[f"{name}_sd"][i]
+            ds[naming.sd_var(name)] = self.params[f"{name}_sd"][i]
             R = self.params[f"{name}_corr_chol"][i]
-            ds[f"{name}_corr"] = R @ R.T
+            ds[naming.corr_var(name)] = naming.pairs_of(R @ R.T)
         return ds
 
     def simulate(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -365,12 +366,7 @@ class SBCRunner:
         draws = _scalar_parameters(post, self.names, self.spec)
         C, D = post.sizes["chain"], post.sizes["draw"]
         first = self.spec.blocks[0]
-        sd = post[f"{self.names[0]}_sd"].to_numpy().reshape(C * D, first.q)
-        if first.correlated and first.q > 1:
-            R = post[f"{self.names[0]}_corr"].to_numpy().reshape(C * D, first.q, first.q)
-            L = sd[:, :, None] * np.linalg.cholesky(R)
-        else:
-            L = sd[:, :, None] * np.eye(first.q)
+        L = naming.cholesky_factors(post, self.names[0], first).reshape(C * D, first.q, first.q)
         rest = [post[n].to_numpy().reshape(C * D, -1) for n in self.names[1:]]
         gamma = np.concatenate(rest + [post["beta"].to_numpy().reshape(C * D, -1)], axis=1)
         draws[LOGLIK] = marginal_loglik(data, gamma, L, post["sigma"].to_numpy().reshape(C * D)).reshape(C, D)
