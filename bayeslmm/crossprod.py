@@ -43,7 +43,7 @@ def block_Z(block: RandomBlock) -> sp.csc_matrix:
     return sp.csc_matrix((block.Z.ravel(), (rows, cols)), shape=(n, block.n_effects))
 
 
-def _per_level_products(codes: np.ndarray, left: np.ndarray, right: np.ndarray, n_levels: int) -> np.ndarray:
+def per_level_products(codes: np.ndarray, left: np.ndarray, right: np.ndarray, n_levels: int) -> np.ndarray:
     """``out[j] = Σ_{i in level j} left[i]ᵀ right[i]`` as an (n_levels, a, b) array."""
     a, b = left.shape[1], right.shape[1]
     out = np.empty((n_levels, a, b))
@@ -119,9 +119,9 @@ class CrossProducts:
                 f"handles up to {MAX_REST_COLUMNS}. Reduce the levels or slopes of the smaller "
                 "grouping factors"
             )
-        A11 = _per_level_products(first.codes, first.Z, first.Z, n1)
+        A11 = per_level_products(first.codes, first.Z, first.Z, n1)
         XyXy = Xy.T @ Xy
-        B_xy = _per_level_products(first.codes, Xy, first.Z, n1)  # (n1, p+1, q1)
+        B_xy = per_level_products(first.codes, Xy, first.Z, n1)  # (n1, p+1, q1)
         B_xy = B_xy.transpose(1, 0, 2).reshape(Xy.shape[1], n1 * q1)
         if rest:
             Zr = sp.hstack([block_Z(b) for b in rest], format="csc")

@@ -118,7 +118,7 @@ def _fit_tree(fit):
         record, groups = _bayes_record(fit), _idata_groups(fit.idata)
     else:
         record, groups = _freq_record(fit), {}
-    data_ds, record["data"] = _encode_frame(fit.spec)
+    data_ds, record["data"] = encode_frame(fit.spec)
     groups[DATA_GROUP] = data_ds
     return _make_tree(groups, record)
 
@@ -142,7 +142,7 @@ def load(path):
         groups = {name: _decode_dataset(tree[name].to_dataset()) for name in tree.children}
         if DATA_GROUP not in groups:
             raise DataError(f"{path}: the file has no {DATA_GROUP!r} group; it is not a complete bayeslmm save")
-        data = _decode_frame(groups.pop(DATA_GROUP), record["data"], path)
+        data = decode_frame(groups.pop(DATA_GROUP), record["data"], path)
         spec = _rebuild_spec(record, data, path)
         if record["kind"] == "BayesFit":
             return _load_bayes(record, spec, groups, path)
@@ -502,7 +502,7 @@ def _idata_groups(idata) -> dict:
 
 
 # -- the model's data --------------------------------------------------------------------------
-def _encode_frame(spec) -> tuple:
+def encode_frame(spec) -> tuple:
     """``spec.data`` as an xarray Dataset plus a JSON description of each column and the index."""
     import xarray as xr
 
@@ -621,7 +621,7 @@ def _decode_column(ds, var: str, meta: dict, path: Path):
     return _restore_values(ds[var].values, meta)
 
 
-def _decode_frame(ds, meta: dict, path: Path) -> pd.DataFrame:
+def decode_frame(ds, meta: dict, path: Path) -> pd.DataFrame:
     imeta = meta["index"]
     if "range" in imeta:
         index = pd.RangeIndex(*imeta["range"], name=imeta["names"][0])

@@ -158,7 +158,7 @@ class Model:
 
     def _check_response(self) -> None:
         """Refuse a response whose squares overflow or that the effects reproduce exactly (every method)."""
-        _check_magnitude(self.spec, self.crossprods)
+        check_magnitude(self.spec, self.crossprods)
         if self._exact_fit.verdict in ("exact", "near", "unresolved"):
             _exact_fit_message(self._exact_fit)
 
@@ -259,7 +259,7 @@ def _known(options: dict, allowed: set[str]) -> dict:
     return options
 
 
-def _check_magnitude(spec, cp) -> None:
+def check_magnitude(spec, cp) -> None:
     """Refuse cross-products that overflowed (each value's square fits, as the spec checks, but not their sums)."""
     if np.all(np.isfinite(cp.Arr)) and np.all(np.isfinite(cp.B.data)) and np.all(np.isfinite(cp.A11)):
         return

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .crossprod import MAX_REST_COLUMNS, CrossProducts, _per_level_products, block_Z
+from .crossprod import MAX_REST_COLUMNS, CrossProducts, per_level_products, block_Z
 from .errors import DataError, FormulaError, ModelError
 from .formula.design import (
     _check_columns,
@@ -370,8 +370,8 @@ def _partition_sums(part: pd.DataFrame, plan: _Plan) -> _Sums | None:
 
     Xy = np.column_stack([X, y])
     n1 = plan.n_levels[0]
-    A11 = _per_level_products(cs[0], Zs[0], Zs[0], n1)
-    Bxy = _per_level_products(cs[0], Xy, Zs[0], n1)
+    A11 = per_level_products(cs[0], Zs[0], Zs[0], n1)
+    Bxy = per_level_products(cs[0], Xy, Zs[0], n1)
     ZrZr = ZrXy = ZrZ1 = None
     if len(plan.blocks) > 1:
         mats = []

@@ -140,7 +140,7 @@ def bayes_draws(fit, newdata=None, kind: str = "conditional", new_groups: str = 
 
     check_options(kind, new_groups, bayesian=True)
     d = design(fit.spec, newdata, kind, new_groups)
-    rng = fit._rng(random_seed, 2)
+    rng = fit.random_stream(random_seed, 2)
     mu = bayes_mean_draws(fit, d, kind, new_groups, rng)
     if predictive:
         sigma = fit.posterior["sigma"].to_numpy()[..., None]

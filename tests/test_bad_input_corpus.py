@@ -178,7 +178,7 @@ def no_sampling(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("a model was built or sampled before the bad input was reported")
 
-    names = ["build_pymc_model", "_kernel_model", "_sample", "_sample_kernel", "_run_sampler"]
+    names = ["build_pymc_model", "kernel_model", "_sample", "sample_kernel", "_run_sampler"]
     patched = [n for n in names if hasattr(bayes_fit, n)]
     assert "build_pymc_model" in patched
     for n in patched:

@@ -214,7 +214,7 @@ def test_check_memory_refuses_before_sampling(monkeypatch):
 def test_memory_error_while_sampling_becomes_a_clear_error(monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError("Unable to allocate 3.05 MiB")
-    monkeypatch.setattr(bayes_fit, "_sample_kernel", exhausted)
+    monkeypatch.setattr(bayes_fit, "sample_kernel", exhausted)
     with pytest.raises(InsufficientMemoryError, match="ran out of memory.*3.05 MiB.*nothing was returned"):
         Model(SLEEP, "sleepstudy").fit(method="nuts", chains=1, draws=10, tune=10, progressbar=False)
 

@@ -18,7 +18,7 @@ import bayeslmm
 from bayeslmm import DataError, Model, Prior, load
 from bayeslmm.bayes.results import BayesFit
 from bayeslmm.errors import BayesLMMError
-from bayeslmm.io import FORMAT_VERSION, _decode_frame, _encode_frame, save_fit
+from bayeslmm.io import FORMAT_VERSION, decode_frame, encode_frame, save_fit
 from bayeslmm.reml.results import FreqFit
 
 HAVE_H5PY = importlib.util.find_spec("h5py") is not None   # h5netcdf writes netCDF through it
@@ -338,14 +338,14 @@ def test_data_encoding_round_trips_every_supported_dtype():
         "cat_str": pd.Categorical(["b", "a", "b", "c", "a"], categories=["c", "b", "a", "unused"]),
         "empty_str": pd.array(["", "x", "", "y", ""], dtype="str"),
     }, index=pd.MultiIndex.from_arrays([[1, 1, 2, 2, 3], list("pqrst")], names=["wave", "id"]))
-    ds, meta = _encode_frame(types.SimpleNamespace(data=df))
-    back = _decode_frame(ds, json.loads(json.dumps(meta)), "memory")
+    ds, meta = encode_frame(types.SimpleNamespace(data=df))
+    back = decode_frame(ds, json.loads(json.dumps(meta)), "memory")
     pd.testing.assert_frame_equal(df, back, check_exact=True)
     assert [str(t) for t in back.dtypes] == [str(t) for t in df.dtypes]
 
     ranged = pd.DataFrame({"a": [1.0, 2.0]}, index=pd.RangeIndex(10, 14, 2, name="r"))
-    ds, meta = _encode_frame(types.SimpleNamespace(data=ranged))
-    out = _decode_frame(ds, meta, "memory")
+    ds, meta = encode_frame(types.SimpleNamespace(data=ranged))
+    out = decode_frame(ds, meta, "memory")
     assert isinstance(out.index, pd.RangeIndex)
     pd.testing.assert_frame_equal(ranged, out, check_exact=True)
 

@@ -6,7 +6,7 @@ import scipy.stats as st
 
 from bayeslmm import Model, Prior
 from bayeslmm.bayes.collapsed import CollapsedData, collapsed_loglik
-from bayeslmm.bayes.fit import _kernel_model
+from bayeslmm.bayes.fit import kernel_model
 from bayeslmm.bayes.kernel import KernelData, unsupported_reason
 from bayeslmm.bayes.priors import resolve_priors
 from bayeslmm.errors import BayesLMMError
@@ -22,7 +22,7 @@ PRIORS = [None,
 def _kernel(formula, priors):
     m = Model(formula, "sleepstudy")
     prior_set = resolve_priors(m.spec, priors)
-    built, kd = _kernel_model(m.spec, m.crossprods, prior_set)
+    built, kd = kernel_model(m.spec, m.crossprods, prior_set)
     return m, prior_set, built.collapsed, kd
 
 

@@ -109,13 +109,13 @@ def test_real_data_pass_the_screen(name, formula):
 
 
 def test_overflowing_cross_products_are_refused_before_fitting():
-    from bayeslmm.model import _check_magnitude
+    from bayeslmm.model import check_magnitude
 
     m = Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
     Arr = np.array(m.crossprods.Arr)
     Arr[-1, -1] = np.inf
     with pytest.raises(ModelError, match="overflow double precision"):
-        _check_magnitude(m.spec, dataclasses.replace(m.crossprods, Arr=Arr))
+        check_magnitude(m.spec, dataclasses.replace(m.crossprods, Arr=Arr))
 
 
 def test_response_too_large_is_refused_before_sampling():

@@ -1,4 +1,12 @@
-"""Sample the posterior with NUTS (PyMC's or nutpie's) and assemble a :class:`BayesFit`."""
+"""Sample the posterior with NUTS (PyMC's or nutpie's) and assemble a :class:`BayesFit`.
+
+:func:`fit_bayes` is what ``Model.fit(method="nuts")`` calls.  The compiled kernel's
+route is also open in three public steps, which the simulation-based calibration
+(:mod:`.sbc`) and the tests use to sample many data sets with one compilation:
+:func:`kernel_model` (build: the kernel's arrays from the cross-products),
+:func:`sample_kernel` (sample: nutpie's NUTS, unconstrained draws ``x``) and
+:func:`kernel_posterior` (posterior: those draws as the variables of :mod:`.naming`).
+"""
 
 from __future__ import annotations
 
@@ -112,11 +120,11 @@ def fit_bayes(
     # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
     scale = ResponseScale.of(spec, crossprods)
     if use_kernel:
-        built, kd = _kernel_model(spec, crossprods, prior_set, scale)
+        built, kd = kernel_model(spec, crossprods, prior_set, scale)
         t1 = time.perf_counter()
-        dt = _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
+        dt = sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
         t2 = time.perf_counter()
-        post = _kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
+        post = kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
     else:
         ensure_pytensor_compiledir()  # before PyTensor is first imported
         built = build_pymc_model(spec, crossprods, prior_set, parameterization, scale=scale)
@@ -193,7 +201,7 @@ def _use_kernel(spec, prior_set, parameterization, sampler, backend) -> bool:
     return reason is None
 
 
-def _kernel_model(spec, crossprods, prior_set, scale: ResponseScale | None = None):
+def kernel_model(spec, crossprods, prior_set, scale: ResponseScale | None = None):
     """The kernel's arrays (in ``scale``'s standardised units when given), and the model in y's own units."""
     data = CollapsedData.from_crossprods(crossprods)
     if scale is not None:
@@ -205,7 +213,7 @@ def _kernel_model(spec, crossprods, prior_set, scale: ResponseScale | None = Non
     return built, kd
 
 
-def _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar):
+def sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar):
     """nutpie's NUTS on the compiled collapsed log-posterior; the draws stay unconstrained (``x``)."""
     import nutpie
     from nutpie.compiled_pyfunc import from_pyfunc
@@ -234,7 +242,7 @@ def _sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_tree
                               target_accept=target_accept, maxdepth=max_treedepth)
 
 
-def _kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:
+def kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:
     """The kernel's unconstrained draws as the posterior variables the PyMC model reports."""
     vals = kd.constrain(raw["x"].to_numpy())
     name, block = names[0], spec.blocks[0]

@@ -500,7 +500,8 @@ class BayesFit:
         table.attrs["method"] = method
         return table
 
-    def _rng(self, random_seed, stream: int) -> np.random.Generator:
+    def random_stream(self, random_seed, stream: int) -> np.random.Generator:
+        """A generator: ``random_seed`` when given, else stream ``stream`` of the fit's own seed (repeatable)."""
         if random_seed is None:
             return np.random.default_rng([self.seed, stream])
         if isinstance(random_seed, bool) or not isinstance(random_seed, (int, np.integer)) or random_seed < 0:

@@ -54,7 +54,7 @@ from ..crossprod import CrossProducts
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
-from .fit import _kernel_model, _kernel_posterior, _sample_kernel
+from .fit import kernel_model, kernel_posterior, sample_kernel
 from . import naming
 from .kernel import unsupported_reason
 from .model import build_pymc_model, centring_matrix
@@ -326,7 +326,7 @@ class SBCRunner:
         t0 = time.perf_counter()
         if self.sampler == "kernel":
             if self._compiled is None:
-                self._compiled = _kernel_model(self.spec, self.cp, self.fit_priors)[1]
+                self._compiled = kernel_model(self.spec, self.cp, self.fit_priors)[1]
             return time.perf_counter() - t0
         built = self._build()
         if self._compiled is None:
@@ -344,8 +344,8 @@ class SBCRunner:
         if self.sampler == "kernel":
             kd = dataclasses.replace(self._compiled, g=np.ascontiguousarray(data.g), Xty=data.Xty,
                                      yty=float(data.yty))
-            dt = _sample_kernel(kd, self.draws, self.tune, self.chains, 1, seed, self.target_accept, 10, False)
-            dt["posterior"] = xr.DataTree(_kernel_posterior(self.spec, kd, self.names,
+            dt = sample_kernel(kd, self.draws, self.tune, self.chains, 1, seed, self.target_accept, 10, False)
+            dt["posterior"] = xr.DataTree(kernel_posterior(self.spec, kd, self.names,
                                                             dt["posterior"].to_dataset()))
             return dt
         compiled = self._compiled.with_data(Z1ty=data.g, Xty=data.Xty, yty=data.yty)
