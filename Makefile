@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 # the whole workflow on sleepstudy: REML, NUTS (4 chains x 1000 draws), the side-by-side table,
 # and everything written to demo-output/ (summary, JSON, saved fits, CSV tables, PNG plots)
 demo: $(STAMP)
-	$(VENV)/bin/bayeslmm fit sleepstudy "Reaction ~ Days + (Days | Subject)" --method both --seed 1 --out demo-output
+	$(VENV)/bin/bayeslmm fit sleepstudy "Reaction ~ Days + (Days | Subject)" --method both --random-seed 1 --out demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--draws", type=int, default=1000, help="nuts: draws per chain (default 1000)")
     f.add_argument("--tune", type=int, default=1000, help="nuts: tuning steps per chain (default 1000)")
     f.add_argument("--chains", type=int, default=4, help="nuts: number of chains (default 4)")
-    f.add_argument("--seed", type=int, default=None, help="nuts: random seed")
+    f.add_argument("--random-seed", "--seed", dest="seed", type=int, default=None,
+                   help="nuts: random seed (--seed is its older name, still accepted)")
     f.add_argument("--sampler", default="auto", choices=["auto", "pymc", "nutpie"], help=SAMPLER_HELP)
     f.add_argument("--target-accept", type=float, default=0.8, metavar="P",
                    help="nuts: target acceptance probability of the step-size adaptation, strictly between 0 "

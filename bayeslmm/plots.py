@@ -19,6 +19,7 @@ from numbers import Integral
 import numpy as np
 
 from .bayes.naming import cholesky_factors, correlation_matrices, pair_index, sd_var
+from .deprecation import renamed_kwargs
 from .errors import BayesLMMError, ModelError
 from .pooling import group_design, is_bayes, pooling_table, resolve_fit
 
@@ -292,13 +293,15 @@ def _check_prob(prob, name="prob"):
     return float(prob)
 
 
-def effect_intervals(fit, group: str | None = None, prob: float | None = None):
+@renamed_kwargs(prob="ci_prob")
+def effect_intervals(fit, group: str | None = None, ci_prob: float | None = None):
     """Per level and column: estimate, lower and upper bound of the random effect b_j.
 
-    REML/ML: conditional mode ± z·conditional sd (z = 1.96 for ``prob=0.95``, the
+    REML/ML: conditional mode ± z·conditional sd (z = 1.96 for ``ci_prob=0.95``, the
     default).  NUTS: posterior mean and the equal-tailed posterior interval (default
     ArviZ's ``stats.ci_prob``).  Returns ``(design, est, lower, upper, prob)`` with the
-    arrays shaped (levels, columns).
+    arrays shaped (levels, columns).  (``ci_prob`` was ``prob``, still accepted with a
+    ``FutureWarning``.)
     """
     fit = resolve_fit(fit)
     gd = group_design(fit.spec, group)
@@ -307,7 +310,7 @@ def effect_intervals(fit, group: str | None = None, prob: float | None = None):
     if is_bayes(fit):
         import arviz as az
 
-        prob = _check_prob(az.rcParams["stats.ci_prob"] if prob is None else prob)
+        prob = _check_prob(az.rcParams["stats.ci_prob"] if ci_prob is None else ci_prob, "ci_prob")
         post = fit.posterior
         draws = np.zeros((post.sizes["chain"] * post.sizes["draw"], J, gd.q))
         for k, pos in gd.blocks:
@@ -318,7 +321,7 @@ def effect_intervals(fit, group: str | None = None, prob: float | None = None):
     else:
         from scipy import stats
 
-        prob = _check_prob(0.95 if prob is None else prob)
+        prob = _check_prob(0.95 if ci_prob is None else ci_prob, "ci_prob")
         if not fit.estimates.b_condvar:
             raise ModelError("this fit has no conditional variances of its random effects, so no intervals; "
                              "refit it with Model.fit(method='reml' or 'ml')")
@@ -332,7 +335,8 @@ def effect_intervals(fit, group: str | None = None, prob: float | None = None):
     return gd, est, lo, hi, prob
 
 
-def caterpillar_plot(fit, group: str | None = None, prob: float | None = None, *, max_labels: int = 60, ax=None):
+@renamed_kwargs(prob="ci_prob")
+def caterpillar_plot(fit, group: str | None = None, ci_prob: float | None = None, *, max_labels: int = 60, ax=None):
     """The random effects of one grouping factor, sorted, with intervals.
 
     One panel per column of the factor's effects (``(Intercept)``, ``Days``, ...); the
@@ -344,8 +348,9 @@ def caterpillar_plot(fit, group: str | None = None, prob: float | None = None, *
     fit : FreqFit, BayesFit or Model
     group : str, optional
         The grouping factor (default: the first block's).
-    prob : float, optional
-        Interval probability.  REML/ML: conditional mode ± z·conditional sd, default
+    ci_prob : float, optional
+        Interval probability (was ``prob``, still accepted with a ``FutureWarning``).
+        REML/ML: conditional mode ± z·conditional sd, default
         0.95 (z = 1.96, from the fit's ``ranef_table``); NUTS: equal-tailed posterior
         interval, default ArviZ's ``stats.ci_prob`` (0.89).
     max_labels : int
@@ -360,7 +365,7 @@ def caterpillar_plot(fit, group: str | None = None, prob: float | None = None, *
         the sorted order; ``fig.levels_order`` lists the levels bottom to top.
     """
     fit = resolve_fit(fit)
-    gd, est, lo, hi, prob = effect_intervals(fit, group, prob)
+    gd, est, lo, hi, prob = effect_intervals(fit, group, ci_prob)
     J = len(gd.levels)
     order = np.argsort(est[:, 0], kind="stable")
     fig, axes = _new_axes(ax, gd.q, panel_size=(4.0, min(2.0 + 0.16 * J, 12.0)), sharey=True)

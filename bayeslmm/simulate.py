@@ -7,7 +7,7 @@
   and slopes, vectorised for benchmark sizes (1e6 rows x 1e4 groups in a fraction of
   a second).
 
-Both are reproducible through ``seed`` (passed to :func:`numpy.random.default_rng`) and
+Both are reproducible through ``random_seed`` (passed to :func:`numpy.random.default_rng`) and
 put the true parameters in ``df.attrs["truth"]``.
 """
 
@@ -20,6 +20,7 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 
+from bayeslmm.deprecation import renamed_kwargs
 from bayeslmm.errors import BayesLMMError
 
 __all__ = [
@@ -71,7 +72,7 @@ def _rng(seed) -> np.random.Generator:
         return np.random.default_rng(seed)
     except (TypeError, ValueError) as err:
         raise BayesLMMError(
-            f"`seed` must be None, a non-negative integer, a SeedSequence or a "
+            f"`random_seed` must be None, a non-negative integer, a SeedSequence or a "
             f"numpy Generator, got {seed!r} ({err})."
         ) from None
 
@@ -97,12 +98,13 @@ def _patient_counts(rng, n_doctors, low, high, target) -> np.ndarray:
     return counts
 
 
+@renamed_kwargs(seed="random_seed")
 def simulate_doctors(
     n_doctors: int = 407,
     min_patients: int = 2,
     max_patients: int = 40,
     target_patients: int | None = 8525,
-    seed=None,
+    random_seed=None,
     *,
     beta: Mapping[str, float] | None = None,
     sd_intercept: float = DOCTORS_SD_INTERCEPT,
@@ -133,8 +135,9 @@ def simulate_doctors(
         Total number of patients; must lie in
         ``[n_doctors * min_patients, n_doctors * max_patients]``.  ``None`` keeps the
         uniform draws as they are.
-    seed : None, int, numpy.random.SeedSequence or numpy.random.Generator
-        Passed to :func:`numpy.random.default_rng`; the same seed gives the same frame.
+    random_seed : None, int, numpy.random.SeedSequence or numpy.random.Generator
+        Passed to :func:`numpy.random.default_rng`; the same seed gives the same frame
+        (was ``seed``, still accepted with a ``FutureWarning``).
     beta : mapping, optional
         Fixed effects overriding :data:`DOCTORS_BETA`, keyed by its names
         (``"(Intercept)"``, ``"age"``, ``"married"``, ``"sex"``, ``"rbc"``, ``"wbc"``);
@@ -166,7 +169,7 @@ def simulate_doctors(
 
     Examples
     --------
-    >>> df = simulate_doctors(seed=1)
+    >>> df = simulate_doctors(random_seed=1)
     >>> len(df), df["doctor"].nunique()
     (8525, 407)
     """
@@ -198,7 +201,7 @@ def simulate_doctors(
         coef.update({k: _float_arg(f"beta[{k!r}]", v) for k, v in beta.items()})
     sd_intercept = _float_arg("sd_intercept", sd_intercept, nonneg=True)
     sigma = _float_arg("sigma", sigma, positive=True)
-    rng = _rng(seed)
+    rng = _rng(random_seed)
 
     counts = _patient_counts(rng, n_doctors, low, high, target_patients)
     codes = np.repeat(np.arange(n_doctors), counts)
@@ -228,6 +231,7 @@ def simulate_doctors(
 
 
 # ----------------------------------------------------------------- general y ~ x
+@renamed_kwargs(seed="random_seed")
 def simulate_lmm(
     n_groups: int = 100,
     n_per_group: int | Sequence[int] = 10,
@@ -236,7 +240,7 @@ def simulate_lmm(
     sd_slope: float = 0.5,
     corr: float = 0.3,
     sigma: float = 1.0,
-    seed=None,
+    random_seed=None,
 ) -> pd.DataFrame:
     """Simulate ``y ~ x + (1 + x | g)`` data with correlated random effects.
 
@@ -262,8 +266,9 @@ def simulate_lmm(
         Correlation of random intercept and slope, in ``[-1, 1]``.
     sigma : float, default 1.0
         Residual standard deviation (``> 0``).
-    seed : None, int, numpy.random.SeedSequence or numpy.random.Generator
-        Passed to :func:`numpy.random.default_rng`; the same seed gives the same frame.
+    random_seed : None, int, numpy.random.SeedSequence or numpy.random.Generator
+        Passed to :func:`numpy.random.default_rng`; the same seed gives the same frame
+        (was ``seed``, still accepted with a ``FutureWarning``).
 
     Returns
     -------
@@ -280,7 +285,7 @@ def simulate_lmm(
 
     Examples
     --------
-    >>> df = simulate_lmm(n_groups=3, n_per_group=4, seed=0)
+    >>> df = simulate_lmm(n_groups=3, n_per_group=4, random_seed=0)
     >>> df.shape
     (12, 3)
     """
@@ -313,7 +318,7 @@ def simulate_lmm(
     if not -1.0 <= corr <= 1.0:
         raise BayesLMMError(f"`corr` must lie in [-1, 1], got {corr}.")
     sigma = _float_arg("sigma", sigma, positive=True)
-    rng = _rng(seed)
+    rng = _rng(random_seed)
 
     # (b0, b1) = L z with L the Cholesky factor of G, written out for 2 x 2.
     z = rng.standard_normal((2, n_groups))

@@ -628,7 +628,7 @@ def main(argv=None) -> int:
         for n, j in sizes:
             if n % j:
                 p.error(f"size {n}x{j}: rows must be a multiple of groups")
-            df = simulate_lmm(n_groups=j, n_per_group=n // j, seed=a.seed, **SIM_TRUTH)
+            df = simulate_lmm(n_groups=j, n_per_group=n // j, random_seed=a.seed, **SIM_TRUTH)
             path = tmp / f"sim_{n}_{j}.npz"
             save_frame(df, path)
             sim_data[(n, j)] = path

@@ -157,7 +157,7 @@ def load_data(ds: Dataset, seed: int):
         from bayeslmm.simulate import simulate_lmm
 
         n, j = ds.size
-        df = simulate_lmm(n_groups=j, n_per_group=n // j, seed=seed, **SIM_TRUTH)
+        df = simulate_lmm(n_groups=j, n_per_group=n // j, random_seed=seed, **SIM_TRUTH)
     df = df[list(ds.columns)].copy()
     for c in df.columns:  # integers (sleepstudy's Days, InstEval's y) as float64: one kind for R
         if not isinstance(df[c].dtype, pd.CategoricalDtype):

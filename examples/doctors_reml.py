@@ -9,7 +9,7 @@ from bayeslmm.simulate import simulate_doctors
 
 
 def main() -> dict:
-    data = simulate_doctors(seed=2026)
+    data = simulate_doctors(random_seed=2026)
     truth = data.attrs["truth"]
     print(f"{data['doctor'].nunique()} doctors, {len(data)} patients "
           f"({data.groupby('doctor', observed=True).size().min()} to "

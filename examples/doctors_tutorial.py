@@ -31,7 +31,7 @@ figure_dir = figure_dir_for("doctors")
 
 def main(out_dir=None) -> dict:
     figures = figure_dir(out_dir)
-    data = simulate_doctors(seed=2026)
+    data = simulate_doctors(random_seed=2026)
     truth = data.attrs["truth"]
     per_doctor = data.groupby("doctor", observed=True).size()
     print(f"{data['doctor'].nunique()} doctors, {len(data):,} patients, {per_doctor.min()} to {per_doctor.max()} "
@@ -39,7 +39,7 @@ def main(out_dir=None) -> dict:
     print(data.head().round(2).to_string(), end="\n\n")
 
     model = Model(FORMULA, data)
-    model.data_name = "simulate_doctors(seed=2026)"
+    model.data_name = "simulate_doctors(random_seed=2026)"
     reml = model.fit(method="reml")
     print(reml.summary(), end="\n\n")
     bayes = model.fit(method="nuts", random_seed=2026, progressbar=False, **settings())

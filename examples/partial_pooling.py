@@ -31,7 +31,7 @@ def main(out_dir=None) -> dict:
     figures = figure_dir(out_dir)
 
     # 1. the doctors' average mobility: y_ij = β0 + u_j + ε_ij
-    doctors = simulate_doctors(seed=2026)
+    doctors = simulate_doctors(random_seed=2026)
     fit = Model("mobility ~ 1 + (1 | doctor)", doctors).fit(method="reml")
     table = bayeslmm.pooling_table(fit)
     n = table[("n", "")]

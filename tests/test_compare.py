@@ -33,7 +33,7 @@ def test_confint_profile_matches_lme4_ml(sleep_model):
 
 def test_confint_of_a_reml_fit_profiles_the_ml_deviance_like_lme4(sleep_reml):
     # confint(lmer(Reaction ~ Days + (Days|Subject), sleepstudy), level = 0.89, oldNames = FALSE)
-    ci = sleep_reml.confint(level=0.89)
+    ci = sleep_reml.confint(ci_prob=0.89)
     lme4 = {"sd_(Intercept)|Subject": (15.9630575236, 34.5729457642),
             "cor_Days.(Intercept)|Subject": (-0.3932287602, 0.5820035762),
             "sd_Days|Subject": (4.1061591787, 8.0601042607),
@@ -71,8 +71,8 @@ def test_confint_wald_and_bad_arguments(sleep_reml):
     assert np.isfinite(ci.loc["(Intercept)", "lower"])
     with pytest.raises(BayesLMMError, match="method"):
         sleep_reml.confint(method="boot")
-    with pytest.raises(BayesLMMError, match="level"):
-        sleep_reml.confint(level=95)
+    with pytest.raises(BayesLMMError, match="ci_prob"):
+        sleep_reml.confint(ci_prob=95)
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def test_kernel_fit_has_the_usual_posterior(sleep_fits):
 def effects_pair():
     from bayeslmm.simulate import simulate_lmm
 
-    df = simulate_lmm(n_groups=1200, n_per_group=3, seed=5)
+    df = simulate_lmm(n_groups=1200, n_per_group=3, random_seed=5)
     m = Model("y ~ x + (1 + x | g)", df)
     kw = dict(draws=150, tune=200, chains=2, random_seed=3, progressbar=False, warn=False)
     return m.fit(method="nuts", effects="draws", **kw), m.fit(method="nuts", effects="summary", **kw)

@@ -149,7 +149,7 @@ def test_shrinkage_ellipses_are_contours_of_the_fitted_covariance(reml):
 
 
 def test_shrinkage_plot_1d_by_group_size_on_doctors():
-    df = simulate_doctors(n_doctors=60, target_patients=None, seed=4)
+    df = simulate_doctors(n_doctors=60, target_patients=None, random_seed=4)
     fit = Model("mobility ~ age + married + sex + rbc + wbc + (1 | doctor)", df).fit()
     fig = shrinkage_plot(fit)
     render(fig)
@@ -170,7 +170,7 @@ def test_shrinkage_plot_1d_by_group_size_on_doctors():
 
 
 def test_shrinkage_plot_rows_layout_and_missing_levels():
-    df = simulate_lmm(n_groups=10, n_per_group=6, seed=8)
+    df = simulate_lmm(n_groups=10, n_per_group=6, random_seed=8)
     df.loc[df["g"].astype(str) == "4", "x"] = 1.5  # level 4: slope and intercept not estimable
     fit = Model("y ~ x + (1 + x | g)", df).fit()
     table = pooling_table(fit)
@@ -235,7 +235,7 @@ def test_caterpillar_reml_intervals_are_condval_plus_minus_1_96_condsd(reml):
 
 
 def test_caterpillar_bayes_intervals_are_posterior_quantiles(nuts):
-    fig = caterpillar_plot(nuts, prob=0.9)
+    fig = caterpillar_plot(nuts, ci_prob=0.9)
     render(fig)
     d = nuts.posterior["Subject"].to_numpy().reshape(-1, 18, 2)
     order = np.argsort(d[:, :, 0].mean(0))
@@ -318,7 +318,7 @@ def test_plot_arguments_are_checked(nuts, reml):
     with pytest.raises(BayesLMMError, match="layout"):
         shrinkage_plot(reml, columns="Days", layout="size")
     with pytest.raises(BayesLMMError, match="prob"):
-        caterpillar_plot(reml, prob=95)
+        caterpillar_plot(reml, ci_prob=95)
     with pytest.raises(BayesLMMError, match="single panel"):
         caterpillar_plot(reml, ax=Figure().subplots())
     with pytest.raises(ModelError, match="group"):
@@ -334,7 +334,7 @@ def test_plots_draw_into_a_given_axes(reml):
 
 
 def test_many_levels_draw_as_one_arrow_collection_with_the_legend_outside():
-    fit = Model("y ~ x + (1 | g)", simulate_lmm(n_groups=400, n_per_group=3, sd_slope=0.0, seed=9)).fit()
+    fit = Model("y ~ x + (1 | g)", simulate_lmm(n_groups=400, n_per_group=3, sd_slope=0.0, random_seed=9)).fit()
     fig = shrinkage_plot(fit)
     render(fig)
     ax = fig.axes[0]

@@ -25,7 +25,7 @@ def sleep():
 
 @pytest.fixture(scope="module")
 def doctors():
-    df = simulate_doctors(seed=11)
+    df = simulate_doctors(random_seed=11)
     return df, Model(DOCTORS_FORMULA, df).fit(method="reml")
 
 
@@ -99,7 +99,7 @@ def test_two_blocks_on_one_factor_are_gathered():
 # --------------------------------------------------------------------- doctors
 def test_random_intercept_shrinkage_has_its_closed_form():
     """No covariates: no pooling is the level mean and shrinkage is σ²/(σ² + n_j σ_b²) exactly."""
-    df = simulate_doctors(n_doctors=80, target_patients=None, seed=5)
+    df = simulate_doctors(n_doctors=80, target_patients=None, random_seed=5)
     fit = Model("mobility ~ 1 + (1 | doctor)", df).fit()
     table = pooling_table(fit)
     means = df.groupby("doctor", observed=True)["mobility"].mean()
@@ -174,7 +174,7 @@ def test_separate_no_pooling_is_lmlist_with_nan_for_small_levels(doctors):
 
 # ----------------------------------------------------------- unestimable levels
 def test_levels_that_cannot_be_estimated_get_nan_and_a_note():
-    df = simulate_lmm(n_groups=12, n_per_group=8, seed=2)
+    df = simulate_lmm(n_groups=12, n_per_group=8, random_seed=2)
     g = df["g"].astype(str)
     df = df[(g != "1") | (df.groupby("g", observed=True).cumcount() == 0)].copy()  # level 1: one row
     df.loc[df["g"].astype(str) == "2", "x"] = 0.7  # level 2: x constant

@@ -39,7 +39,7 @@ N_SMOKE = 20
 
 
 def _spec(n_groups=12, n_per_group=6, seed=1):
-    data = simulate_lmm(n_groups=n_groups, n_per_group=n_per_group, seed=seed)
+    data = simulate_lmm(n_groups=n_groups, n_per_group=n_per_group, random_seed=seed)
     return Model("y ~ x + (1 + x | g)", data).spec
 
 

@@ -31,7 +31,7 @@ def _group_means(codes: np.ndarray, values: np.ndarray, counts: np.ndarray) -> n
 
 # ----------------------------------------------------------------- doctors design
 def test_doctors_default_design():
-    df = simulate_doctors(seed=1)
+    df = simulate_doctors(random_seed=1)
     assert len(df) == 8525
     assert list(df.columns) == ["doctor", "mobility", *COVARIATES]
     assert isinstance(df["doctor"].dtype, pd.CategoricalDtype)
@@ -48,7 +48,7 @@ def test_doctors_default_design():
 
 
 def test_doctors_truth_in_attrs():
-    truth = simulate_doctors(seed=2).attrs["truth"]
+    truth = simulate_doctors(random_seed=2).attrs["truth"]
     assert truth["beta"] == dict(DOCTORS_BETA)
     assert list(truth["beta"]) == ["(Intercept)", *COVARIATES]  # six fixed effects
     assert truth["sd_intercept"] == DOCTORS_SD_INTERCEPT == 4.0
@@ -57,20 +57,20 @@ def test_doctors_truth_in_attrs():
 
 
 def test_doctors_reproducible_with_seed():
-    a, b = simulate_doctors(seed=7), simulate_doctors(seed=7)
+    a, b = simulate_doctors(random_seed=7), simulate_doctors(random_seed=7)
     pd.testing.assert_frame_equal(a, b)
     assert a.attrs == b.attrs
-    c = simulate_doctors(seed=8)
+    c = simulate_doctors(random_seed=8)
     assert not np.array_equal(a["mobility"].to_numpy(), c["mobility"].to_numpy())
     assert not a["doctor"].value_counts(sort=False).equals(c["doctor"].value_counts(sort=False))
-    gen = simulate_doctors(seed=np.random.default_rng(7))
+    gen = simulate_doctors(random_seed=np.random.default_rng(7))
     pd.testing.assert_frame_equal(a, gen)  # a Generator seeded alike gives the same frame
 
 
 @pytest.mark.parametrize("target, expected", [(50, {5}), (20, {2}), (35, None)])
 def test_doctors_counts_hit_target_within_bounds(target, expected):
     df = simulate_doctors(n_doctors=10, min_patients=2, max_patients=5,
-                          target_patients=target, seed=3)
+                          target_patients=target, random_seed=3)
     counts = df["doctor"].value_counts()
     assert counts.sum() == target and counts.size == 10
     assert counts.between(2, 5).all()
@@ -80,12 +80,12 @@ def test_doctors_counts_hit_target_within_bounds(target, expected):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_doctors_target_met_for_many_seeds(seed):
-    counts = simulate_doctors(seed=seed)["doctor"].value_counts()
+    counts = simulate_doctors(random_seed=seed)["doctor"].value_counts()
     assert counts.sum() == 8525 and counts.between(2, 40).all() and counts.size == 407
 
 
 def test_doctors_without_target():
-    df = simulate_doctors(n_doctors=50, target_patients=None, seed=4)
+    df = simulate_doctors(n_doctors=50, target_patients=None, random_seed=4)
     counts = df["doctor"].value_counts()
     assert counts.size == 50 and counts.between(2, 40).all()
     assert len(df) == counts.sum()
@@ -94,11 +94,11 @@ def test_doctors_without_target():
 def test_doctors_model_equation_is_exact_without_noise():
     beta = {"(Intercept)": 10.0, "age": 0.1, "married": -2.0, "sex": 3.0,
             "rbc": 0.5, "wbc": 1.0}
-    df = simulate_doctors(seed=5, beta=beta, sd_intercept=0.0, sigma=1e-9)
+    df = simulate_doctors(random_seed=5, beta=beta, sd_intercept=0.0, sigma=1e-9)
     X = np.column_stack([np.ones(len(df)), df[COVARIATES].to_numpy(float)])
     coef, *_ = np.linalg.lstsq(X, df["mobility"].to_numpy(), rcond=None)
     np.testing.assert_allclose(coef, list(beta.values()), atol=1e-6)
-    partial = simulate_doctors(seed=5, beta={"age": 0.0}).attrs["truth"]["beta"]
+    partial = simulate_doctors(random_seed=5, beta={"age": 0.0}).attrs["truth"]["beta"]
     assert partial["age"] == 0.0 and partial["rbc"] == DOCTORS_BETA["rbc"]
 
 
@@ -110,7 +110,7 @@ def test_doctors_recovers_truth_from_a_large_simulation():
     within 4 of their OLS standard errors; intercept within 0.6 (~4 SE: 0.06 from the
     doctor means plus ~0.13 from extrapolating the slopes to age 0).
     """
-    df = simulate_doctors(n_doctors=5000, target_patients=None, seed=20240601)
+    df = simulate_doctors(n_doctors=5000, target_patients=None, random_seed=20240601)
     codes = df["doctor"].cat.codes.to_numpy()
     counts = np.bincount(codes).astype(float)
     y = df["mobility"].to_numpy()
@@ -151,8 +151,8 @@ def test_doctors_recovers_truth_from_a_large_simulation():
         ({"beta": {"height": 1.0}}, "beta"),
         ({"beta": [1.0, 2.0]}, "beta"),
         ({"beta": {"age": "old"}}, "beta"),
-        ({"seed": -3}, "seed"),
-        ({"seed": "abc"}, "seed"),
+        ({"random_seed": -3}, "random_seed"),
+        ({"random_seed": "abc"}, "random_seed"),
     ],
 )
 def test_doctors_argument_errors(kwargs, argument):
@@ -162,7 +162,7 @@ def test_doctors_argument_errors(kwargs, argument):
 
 # ------------------------------------------------------------- y ~ x + (1 + x | g)
 def test_lmm_shape_and_types():
-    df = simulate_lmm(n_groups=7, n_per_group=3, seed=0)
+    df = simulate_lmm(n_groups=7, n_per_group=3, random_seed=0)
     assert df.shape == (21, 3) and list(df.columns) == ["y", "x", "g"]
     assert df["y"].dtype == np.float64 and df["x"].dtype == np.float64
     assert isinstance(df["g"].dtype, pd.CategoricalDtype)
@@ -176,14 +176,14 @@ def test_lmm_shape_and_types():
 
 
 def test_lmm_unbalanced_groups():
-    df = simulate_lmm(n_groups=3, n_per_group=[1, 4, 2], seed=0)
+    df = simulate_lmm(n_groups=3, n_per_group=[1, 4, 2], random_seed=0)
     assert df["g"].value_counts(sort=False).tolist() == [1, 4, 2]
 
 
 def test_lmm_reproducible_with_seed():
-    a, b = simulate_lmm(50, 20, seed=11), simulate_lmm(50, 20, seed=11)
+    a, b = simulate_lmm(50, 20, random_seed=11), simulate_lmm(50, 20, random_seed=11)
     pd.testing.assert_frame_equal(a, b)
-    c = simulate_lmm(50, 20, seed=12)
+    c = simulate_lmm(50, 20, random_seed=12)
     assert not np.array_equal(a["y"].to_numpy(), c["y"].to_numpy())
 
 
@@ -196,7 +196,7 @@ def test_lmm_recovers_covariance_from_per_group_fits():
     """
     J, m = 4000, 50
     df = simulate_lmm(J, m, beta=(1.0, 2.0), sd_intercept=1.0, sd_slope=0.5,
-                      corr=0.3, sigma=1.0, seed=99)
+                      corr=0.3, sigma=1.0, random_seed=99)
     codes = df["g"].cat.codes.to_numpy()
     x, y = df["x"].to_numpy(), df["y"].to_numpy()
     n = np.full(J, float(m))
@@ -226,7 +226,7 @@ def test_lmm_marginal_variance_matches_seed_formula():
     1e6 rows in 1e4 groups; ~13,000 rows near x = +-1.5 give SE ~ 1.2 % (tolerance 5 %).
     """
     df = simulate_lmm(10_000, 100, beta=(1.0, 2.0), sd_intercept=1.0, sd_slope=0.5,
-                      corr=0.3, sigma=1.0, seed=2024)
+                      corr=0.3, sigma=1.0, random_seed=2024)
     x = df["x"].to_numpy()
     r = df["y"].to_numpy() - 1.0 - 2.0 * x
     s01 = 0.3 * 1.0 * 0.5
@@ -237,9 +237,9 @@ def test_lmm_marginal_variance_matches_seed_formula():
 
 
 def test_lmm_degenerate_covariances():
-    df = simulate_lmm(200, 5, sd_intercept=0.0, sd_slope=0.0, sigma=1e-9, seed=1)
+    df = simulate_lmm(200, 5, sd_intercept=0.0, sd_slope=0.0, sigma=1e-9, random_seed=1)
     np.testing.assert_allclose(df["y"], 1.0 + 2.0 * df["x"], atol=1e-7)
-    perfect = simulate_lmm(500, 2, sd_intercept=1.0, sd_slope=2.0, corr=1.0, seed=1)
+    perfect = simulate_lmm(500, 2, sd_intercept=1.0, sd_slope=2.0, corr=1.0, random_seed=1)
     assert np.isfinite(perfect["y"]).all()
 
 
@@ -247,7 +247,7 @@ def test_lmm_million_rows_is_fast():
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        df = simulate_lmm(n_groups=10_000, n_per_group=100, seed=0)
+        df = simulate_lmm(n_groups=10_000, n_per_group=100, random_seed=0)
         best = min(best, time.perf_counter() - start)
     assert df.shape == (1_000_000, 3) and df["g"].nunique() == 10_000
     assert best < 1.0, f"1e6 rows took {best:.2f} s"  # about 0.04 s on a laptop-class CPU
@@ -270,7 +270,7 @@ def test_lmm_million_rows_is_fast():
         ({"corr": 1.5}, "corr"),
         ({"corr": -1.01}, "corr"),
         ({"sigma": -1.0}, "sigma"),
-        ({"seed": 1.5}, "seed"),
+        ({"random_seed": 1.5}, "random_seed"),
     ],
 )
 def test_lmm_argument_errors(kwargs, argument):

@@ -132,7 +132,7 @@ def test_bayes_icc_per_draw(sleep_bayes, sleep_reml):
 
 
 def test_doctors_icc_recovers_the_simulation():
-    data = simulate_doctors(seed=1)
+    data = simulate_doctors(random_seed=1)
     truth = data.attrs["truth"]
     fit = Model(truth["formula"], data).fit(method="reml")
     true_icc = truth["sd_intercept"] ** 2 / (truth["sd_intercept"] ** 2 + truth["sigma"] ** 2)  # 16 / 52

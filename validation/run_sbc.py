@@ -2,7 +2,7 @@
 """Simulation-based calibration of the collapsed NUTS sampler: ``make sbc``.
 
 Model ``y ~ x + (1 + x | g)`` with the LKJ prior on the block's correlation, at two
-data sizes, the designs fixed (``simulate_lmm(seed=1)``'s x and grouping):
+data sizes, the designs fixed (``simulate_lmm(random_seed=1)``'s x and grouping):
 
 * ``small``: 8 groups × 5 rows (40 rows): the posterior is close to the prior for the
   sds and the correlation, and σ and the sds have mass near 0, the hard geometry;
@@ -76,7 +76,7 @@ CI_COVERAGE = 0.99      # Clopper–Pearson interval of the coverage
 
 def make_spec(size: str):
     cfg = SIZES[size]
-    data = simulate_lmm(n_groups=cfg["n_groups"], n_per_group=cfg["n_per_group"], seed=1)
+    data = simulate_lmm(n_groups=cfg["n_groups"], n_per_group=cfg["n_per_group"], random_seed=1)
     return Model("y ~ x + (1 + x | g)", data).spec
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import BayesLMMError
+from ..group_frames import check_ci_prob, coef_frames, frames_by_group, with_intervals
 from ..spec import ModelSpec
 from . import diagnostics as diag_mod
 from . import naming
@@ -270,13 +271,40 @@ class BayesFit:
             return summ.sel(stat="mean").to_numpy()
         return self.posterior[self.names[k]].mean(("chain", "draw")).to_numpy()
 
+    def _effect_intervals(self, k: int, prob: float) -> tuple[np.ndarray, ...]:
+        """Posterior mean, sd and equal-tailed ``prob`` interval (levels × columns) of block ``k``."""
+        summ = self._effect_summary(k)
+        if summ is not None:  # kept as summaries: only the stored quantiles exist
+            return (summ.sel(stat="mean").to_numpy(), summ.sel(stat="sd").to_numpy(),
+                    summ.sel(stat=_quantile_stat((1 - prob) / 2)).to_numpy(),
+                    summ.sel(stat=_quantile_stat((1 + prob) / 2)).to_numpy())
+        block = self.spec.blocks[k]
+        d = self.posterior[self.names[k]].to_numpy().reshape(-1, block.n_levels, block.q)
+        lo, hi = np.quantile(d, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+        return d.mean(0), d.std(0, ddof=1), lo, hi
+
+    def _ci_prob(self, ci_prob: float | None) -> float:
+        import arviz as az
+
+        return check_ci_prob(ci_prob, az.rcParams["stats.ci_prob"])
+
     def ranef(self, ci_prob: float | None = None) -> dict[str, pd.DataFrame]:
-        """Posterior means of the random effects, one frame per block (levels × columns)."""
-        out = {}
-        for k, (name, block) in enumerate(zip(self.names, self.spec.blocks)):
-            mean = self.effect_means(k)
-            out[name] = pd.DataFrame(mean, index=pd.Index(block.levels, name=block.group), columns=list(block.columns))
-        return out
+        """Posterior means of the random effects, one frame per grouping factor (levels × columns).
+
+        Keyed by the group as written in the formula; a factor's blocks
+        (``(1|g) + (0 + x|g)``) share one frame, columns in model order (as
+        ``FreqFit.ranef``).  With ``ci_prob``, each frame has two column levels,
+        ``("mean" | "lower" | "upper", column)``: the means and the equal-tailed
+        posterior interval (``frame["mean"]`` is the frame returned without it).
+        A fit that kept its effects as summaries (``effects="summary"``) has the
+        50, 90 and 95 % intervals only, and says so for others.
+        """
+        if ci_prob is None:
+            return frames_by_group(self.spec, [self.effect_means(k) for k in range(len(self.names))])
+        prob = self._ci_prob(ci_prob)
+        parts = [self._effect_intervals(k, prob) for k in range(len(self.names))]
+        return with_intervals(self.spec, [p[0] for p in parts], [p[2] for p in parts], [p[3] for p in parts],
+                              "mean", prob)
 
     def coef(self) -> dict[str, pd.DataFrame]:
         """Posterior means of fixed plus random effects per level, like lme4's ``coef`` (and ``FreqFit.coef``).
@@ -284,42 +312,24 @@ class BayesFit:
         One frame per grouping factor (levels × fixed-effect names, plus any random
         column with no fixed counterpart); blocks on one factor are added together.
         """
-        post = self.posterior
-        beta = post["beta"].mean(("chain", "draw"))
+        beta = self.posterior["beta"].mean(("chain", "draw"))
         fe = pd.Series(beta.sel(coef=list(self.spec.fixed_names)).to_numpy(), index=list(self.spec.fixed_names))
-        out: dict[str, pd.DataFrame] = {}
-        for k, (name, block) in enumerate(zip(self.names, self.spec.blocks)):
-            mean = self.effect_means(k)
-            if block.group not in out:
-                out[block.group] = pd.DataFrame(np.tile(fe.to_numpy(), (block.n_levels, 1)),
-                                                index=pd.Index(block.levels, name=block.group), columns=fe.index)
-            frame = out[block.group]
-            for a, col in enumerate(block.columns):
-                frame[col] = (frame[col] if col in frame.columns else 0.0) + mean[:, a]
-        return out
+        return coef_frames(self.spec, fe, [self.effect_means(k) for k in range(len(self.names))])
 
     def ranef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
-        """Long table: group, term, level, posterior mean, sd and interval of each effect."""
-        import arviz as az
-
-        prob = ci_prob if ci_prob is not None else az.rcParams["stats.ci_prob"]
-        post = self.posterior
+        """Long table: ``grpvar`` (the group as written), ``term``, ``grp`` (the level), posterior
+        ``mean``, ``sd`` and the equal-tailed ``ci_prob`` interval ``lower``, ``upper`` of each effect."""
+        prob = self._ci_prob(ci_prob)
         parts = []
-        for k, (name, block) in enumerate(zip(self.names, self.spec.blocks)):
-            summ = self._effect_summary(k)
-            if summ is not None:
-                mean, sd = summ.sel(stat="mean").to_numpy(), summ.sel(stat="sd").to_numpy()
-                lo, hi = (summ.sel(stat=_quantile_stat((1 - prob) / 2)).to_numpy(),
-                          summ.sel(stat=_quantile_stat((1 + prob) / 2)).to_numpy())
-            else:
-                d = post[name].to_numpy().reshape(-1, block.n_levels, block.q)
-                mean, sd = d.mean(0), d.std(0, ddof=1)
-                lo, hi = np.quantile(d, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+        for k, block in enumerate(self.spec.blocks):
+            mean, sd, lo, hi = self._effect_intervals(k, prob)
             for a, col in enumerate(block.columns):
-                parts.append(pd.DataFrame({"grpvar": name, "term": col, "grp": list(block.levels),
+                parts.append(pd.DataFrame({"grpvar": block.group, "term": col, "grp": list(block.levels),
                                            "mean": mean[:, a], "sd": sd[:, a],
                                            "lower": lo[:, a], "upper": hi[:, a]}))
-        return pd.concat(parts, ignore_index=True)
+        out = pd.concat(parts, ignore_index=True)
+        out.attrs["ci_prob"] = prob
+        return out
 
     # -- predictions ------------------------------------------------------------
     def posterior_predictive(self, random_seed: int | None = None, *, newdata=None, kind: str = "conditional",

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
 from .deviance import ProfiledDeviance
 from .optimize import blas_threads, minimize_bobyqa
@@ -351,7 +352,8 @@ _BOUNDED_STEPS = np.array([0.05, 0.2, 0.4, 0.6, 0.75, 0.87, 0.95, 0.99, 1.0])
 _UNBOUNDED_STEPS = 0.05 * 2.0 ** np.arange(41)
 
 
-def profile_intervals(fit, level: float = 0.95, crossprods=None) -> pd.DataFrame:
+@renamed_kwargs(level="ci_prob")
+def profile_intervals(fit, ci_prob: float = 0.95, crossprods=None) -> pd.DataFrame:
     """Profile-likelihood intervals of every sd, correlation and σ; rows as ``FreqFit.varcorr``.
 
     Columns ``estimate`` (of this fit), ``lower``, ``upper``; the interval comes from
@@ -360,11 +362,11 @@ def profile_intervals(fit, level: float = 0.95, crossprods=None) -> pd.DataFrame
     upward; a parameter whose profile cannot be computed gets NaN and a warning.
     ``attrs["notes"]`` says which ends are of these kinds.
     """
-    if not 0 < level < 1:
-        raise BayesLMMError(f"level must be strictly between 0 and 1, got {level!r}")
+    if isinstance(ci_prob, bool) or not isinstance(ci_prob, (int, float)) or not 0 < ci_prob < 1:
+        raise BayesLMMError(f"ci_prob must be a probability strictly between 0 and 1, got {ci_prob!r}")
     cache = _INTERVALS.setdefault(fit, {})
-    if float(level) in cache:
-        return _copy(cache[float(level)])
+    if float(ci_prob) in cache:
+        return _copy(cache[float(ci_prob)])
     prof = _PROFILERS.get(fit)
     if prof is None:
         with blas_threads():  # a REML fit is refitted by ML here
@@ -374,7 +376,7 @@ def profile_intervals(fit, level: float = 0.95, crossprods=None) -> pd.DataFrame
     for p, est in zip(prof.params, vc["sdcor"]):
         try:
             with blas_threads():
-                lo, hi, more = prof.interval(p, level)
+                lo, hi, more = prof.interval(p, ci_prob)
         except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
             # one parameter's failure must not lose the others' intervals (nor a finished fit)
             lo, hi, more = np.nan, np.nan, [f"{p.label}: the profile could not be computed "
@@ -383,8 +385,8 @@ def profile_intervals(fit, level: float = 0.95, crossprods=None) -> pd.DataFrame
         rows.append((p.label, float(est), lo, hi))
         notes += more
     out = pd.DataFrame(rows, columns=["parameter", "estimate", "lower", "upper"]).set_index("parameter")
-    out.attrs.update(level=level, method="profile (ML deviance)", notes=notes)
-    cache[float(level)] = out
+    out.attrs.update(ci_prob=ci_prob, method="profile (ML deviance)", notes=notes)
+    cache[float(ci_prob)] = out
     return _copy(out)
 
 

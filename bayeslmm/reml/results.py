@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
+from ..group_frames import check_ci_prob, coef_frames, frames_by_group, with_intervals
 from ..spec import ModelSpec
 from .estimates import Estimates
 from .optimize import OptimizationRecord
@@ -137,49 +139,59 @@ class FreqFit:
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     # -- random effects ------------------------------------------------------
-    def ranef(self) -> dict[str, pd.DataFrame]:
+    def _condsd(self) -> list[np.ndarray]:
+        if not self.estimates.b_condvar:
+            raise BayesLMMError("conditional variances were not computed for this fit: refit it with "
+                                "Model.fit(method='reml' or 'ml')")
+        return [np.sqrt(np.maximum(np.diagonal(cv, axis1=1, axis2=2), 0.0)) for cv in self.estimates.b_condvar]
+
+    def ranef(self, ci_prob: float | None = None) -> dict[str, pd.DataFrame]:
         """Conditional modes of the random effects, one frame per grouping factor.
 
-        Blocks on the same factor (``(1|g) + (0 + x|g)``, or ``||``) share a frame.
+        Keyed by the group as written in the formula; blocks on the same factor
+        (``(1|g) + (0 + x|g)``, or ``||``) share a frame, columns in model order.
+        With ``ci_prob``, each frame has two column levels, ``("estimate" | "lower" |
+        "upper", column)``: the modes ± z·conditional sd (lme4's ``condVar``
+        intervals; ``frame["estimate"]`` is the frame returned without it).
         """
-        out: dict[str, pd.DataFrame] = {}
-        for block, b in zip(self.spec.blocks, self.estimates.b):
-            frame = pd.DataFrame(b, index=pd.Index(block.levels, name=block.group), columns=list(block.columns))
-            if block.group in out:  # a second block on the factor: a repeated column name gets ".1"
-                frame = frame.rename(columns=lambda c: f"{c}.1" if c in out[block.group].columns else c)
-                frame = out[block.group].join(frame)
-            out[block.group] = frame
-        return out
+        if ci_prob is None:
+            return frames_by_group(self.spec, self.estimates.b)
+        from scipy import stats
 
-    def ranef_table(self) -> pd.DataFrame:
+        prob = check_ci_prob(ci_prob, 0.95)
+        z = stats.norm.ppf((1 + prob) / 2)
+        sds = self._condsd()
+        return with_intervals(self.spec, self.estimates.b, [b - z * sd for b, sd in zip(self.estimates.b, sds)],
+                              [b + z * sd for b, sd in zip(self.estimates.b, sds)], "estimate", prob)
+
+    def ranef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
         """Long table like R's ``as.data.frame(ranef(fit, condVar = TRUE))``.
 
-        Columns ``grpvar, term, grp, condval, condsd``.
+        Columns ``grpvar, term, grp, condval, condsd``; with ``ci_prob``, also
+        ``lower, upper`` = condval ± z·condsd.
         """
-        if not self.estimates.b_condvar:
-            raise BayesLMMError("conditional variances were not computed for this fit")
+        sds = self._condsd()
+        z = None
+        if ci_prob is not None:
+            from scipy import stats
+
+            z = stats.norm.ppf((1 + check_ci_prob(ci_prob, 0.95)) / 2)
         parts = []
-        for block, b, cv in zip(self.spec.blocks, self.estimates.b, self.estimates.b_condvar):
-            sd = np.sqrt(np.maximum(np.diagonal(cv, axis1=1, axis2=2), 0.0))
+        for block, b, sd in zip(self.spec.blocks, self.estimates.b, sds):
             for a, name in enumerate(block.columns):
-                parts.append(pd.DataFrame({"grpvar": block.group, "term": name, "grp": list(block.levels),
-                                           "condval": b[:, a], "condsd": sd[:, a]}))
-        return pd.concat(parts, ignore_index=True)
+                part = pd.DataFrame({"grpvar": block.group, "term": name, "grp": list(block.levels),
+                                     "condval": b[:, a], "condsd": sd[:, a]})
+                if z is not None:
+                    part["lower"], part["upper"] = b[:, a] - z * sd[:, a], b[:, a] + z * sd[:, a]
+                parts.append(part)
+        out = pd.concat(parts, ignore_index=True)
+        if ci_prob is not None:
+            out.attrs["ci_prob"] = float(ci_prob)
+        return out
 
     def coef(self) -> dict[str, pd.DataFrame]:
-        """Fixed plus random effects per level, like lme4's ``coef``."""
-        fe = self.fixef
-        out = {}
-        for group, re in self.ranef().items():
-            frame = pd.DataFrame(np.tile(fe.to_numpy(), (len(re), 1)), index=re.index, columns=fe.index)
-            for col in re.columns:
-                base = col[:-2] if col.endswith(".1") else col
-                if base in frame.columns:
-                    frame[base] = frame[base] + re[col]
-                else:
-                    frame[base] = re[col]
-            out[group] = frame
-        return out
+        """Fixed plus random effects per level, like lme4's ``coef``: one frame per grouping factor."""
+        return coef_frames(self.spec, self.fixef, self.estimates.b)
 
     # -- observations ----------------------------------------------------------
     @property
@@ -229,13 +241,15 @@ class FreqFit:
         idx = self.spec.row_index[rows]
         return pd.DataFrame(V, index=idx, columns=idx)
 
-    def confint(self, level: float = 0.95, method: str = "profile") -> pd.DataFrame:
+    @renamed_kwargs(level="ci_prob")
+    def confint(self, ci_prob: float = 0.95, method: str = "profile") -> pd.DataFrame:
         """Confidence intervals, rows and names as lme4's ``confint(fit, oldNames = FALSE)``.
 
         Parameters
         ----------
-        level : float
-            Confidence level.
+        ci_prob : float
+            Coverage probability of the intervals (was ``level``, still accepted with a
+            ``FutureWarning``).
         method : {"profile", "wald"}
             ``"profile"``: profile-likelihood intervals of every sd, correlation and σ
             (the ML deviance, a REML fit refitted by ML, as lme4 does; see
@@ -258,20 +272,19 @@ class FreqFit:
 
         if method not in ("profile", "wald"):
             raise BayesLMMError(f"method must be 'profile' or 'wald', got {method!r}")
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-            raise BayesLMMError(f"level must be a probability strictly between 0 and 1, got {level!r}")
+        ci_prob = check_ci_prob(ci_prob, 0.95)
         if method == "profile":
-            var = profile_intervals(self, level)
+            var = profile_intervals(self, ci_prob)
         else:
             labels = [p.label for p in variance_parameters(self.spec)]
             var = pd.DataFrame({"estimate": self.varcorr["sdcor"].to_numpy(), "lower": np.nan, "upper": np.nan},
                                index=pd.Index(labels, name="parameter"))
-        z = stats.norm.ppf((1 + level) / 2)
+        z = stats.norm.ppf((1 + ci_prob) / 2)
         est, se = self.fixef, self.fixef_se
         fixed = pd.DataFrame({"estimate": est, "lower": est - z * se, "upper": est + z * se})
         out = pd.concat([var, fixed])
         out.index.name = "parameter"
-        out.attrs.update(level=level, method=method, notes=list(var.attrs.get("notes", [])))
+        out.attrs.update(ci_prob=ci_prob, method=method, notes=list(var.attrs.get("notes", [])))
         return out
 
     # -- predictions -----------------------------------------------------------
