@@ -249,4 +249,4 @@ def test_bad_arguments_raise_clear_errors(sleep):
         pooling_table(pd.DataFrame())
     assert issubclass(ModelError, BayesLMMError)
 
-# a group-level covariate (exam's schavg) is part of each level's line: tests/test_pooling_real_data.py
+# a group-level covariate (exam's schavg) is part of each level's line: tests/workflow/test_pooling_real_data.py

@@ -23,7 +23,7 @@ from scipy import stats
 from bayeslmm import Model, compare
 from bayeslmm.reml.profile import Profiler, profile_intervals
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 ORTHODONT = "distance ~ age + Sex + (age | Subject)"
 BODYWEIGHT = "weight ~ Time * Diet + (Time | Rat)"
 

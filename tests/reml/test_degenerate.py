@@ -299,7 +299,7 @@ def test_maxeval_bounds_every_pass():
 
 def test_response_reproduced_exactly_is_refused():
     # (an exact fit used to return σ and θ of rounding with a warning; now every method refuses it:
-    # tests/test_scale_exact.py has the measurements)
+    # tests/bayes/test_scale_exact.py has the measurements)
     rng = np.random.default_rng(3)
     g = np.repeat(np.arange(6), 5)
     x = rng.normal(size=30)

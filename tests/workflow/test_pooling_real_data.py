@@ -20,7 +20,7 @@ from bayeslmm import Model
 from bayeslmm.errors import ModelError
 from bayeslmm.pooling import least_squares, pooling_table
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def orthodont(reference="Female"):

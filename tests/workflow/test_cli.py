@@ -289,7 +289,7 @@ def _readme_demo():
     import shlex
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     recipe = re.search(r"^demo:.*\n\t(.+)$", (root / "Makefile").read_text(), flags=re.M).group(1)
     args = shlex.split(recipe)
     readme = (root / "README.md").read_text()

@@ -95,7 +95,7 @@ def test_shrinkage_plot_with_group_level_predictors():
 
     import pandas as pd
 
-    d = pd.read_csv(Path(__file__).parent / "data" / "Orthodont.csv")
+    d = pd.read_csv(Path(__file__).parents[1] / "data" / "Orthodont.csv")
     d["Sex"] = d["Sex"].astype("category")
     fit = Model("distance ~ age + Sex + (age | Subject)", d).fit()
     fig = shrinkage_plot(fit, ellipse=(0.5, 0.95))

@@ -19,7 +19,7 @@ import pytest
 
 from bayeslmm.bayes.diagnostics import SamplingWarning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TUTORIALS = ROOT / "docs" / "tutorials"
 

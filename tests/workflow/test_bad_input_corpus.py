@@ -12,7 +12,7 @@ what to do.  The entry points are
   2 and the message on stderr, no traceback (argparse's own checks exit with 2 too).
 
 The detailed Model-level checks of many of these cases (counts of rows, carets, lists
-of columns) are in ``tests/test_bad_input.py``; this table adds the other entry points.
+of columns) are in ``tests/formula/test_bad_input.py``; this table adds the other entry points.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ WARNING_CASES = [
     Case("slope-far-from-zero", sleep(Days=lambda: SLEEP["Days"] + 2000), F, None,
          (r"the random slope 'Days' in \(Days \| Subject\) has mean 2004\.5", r"Centre the variable")),
     # a response far from zero is no longer warned about: it is shifted inside the cross-products
-    # (crossprod.response_shift; tests/test_centring.py)
+    # (crossprod.response_shift; tests/reml/test_centring.py)
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from bayeslmm import Model
 from bayeslmm.errors import DataError, ModelError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

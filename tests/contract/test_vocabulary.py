@@ -13,7 +13,7 @@ from bayeslmm.plots import effect_intervals
 from bayeslmm.reml.profile import profile_intervals
 from bayeslmm.simulate import simulate_doctors, simulate_lmm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_old_keyword_warns_and_passes_through():
@@ -65,7 +65,7 @@ def test_effect_intervals_take_ci_prob(sleep_reml):
 
 
 def test_docs_and_examples_use_the_new_names():
-    # the old public keywords must not be taught (tests/test_examples runs the scripts)
+    # the old public keywords must not be taught (tests/workflow/test_examples runs the scripts)
     old = ["simulate_doctors(seed=", "simulate_lmm(seed=", "confint(level=", "caterpillar_plot(fit, prob=",
            "--seed "]
     files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "examples").glob("*.py"))]
