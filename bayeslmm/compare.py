@@ -150,7 +150,7 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     post_lower, post_upper, r_hat, ess_bulk, estimate, se, lower, upper, diff_sd``.
     """
     from .bayes.results import BayesFit
-    from .predict import interval_prob
+    from .group_frames import normal_quantile, posterior_ci_prob
     from .reml.results import FreqFit
 
     if isinstance(bayes_fit, FreqFit) and isinstance(freq_fit, BayesFit):
@@ -161,10 +161,8 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     if not isinstance(intervals, str) or intervals not in INTERVALS:
         raise BayesLMMError(f"intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}")
     _same_model(bayes_fit, freq_fit)
-    prob = interval_prob(ci_prob)
-    from scipy import stats  # here, not at import: scipy.stats alone takes ~1 s to import
-
-    z = stats.norm.ppf((1 + prob) / 2)
+    prob = posterior_ci_prob(ci_prob)
+    z = normal_quantile(prob)
     notes: list[str] = []
 
     # posterior side

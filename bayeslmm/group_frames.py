@@ -81,3 +81,17 @@ def check_ci_prob(ci_prob, default: float) -> float:
     if isinstance(ci_prob, bool) or not isinstance(ci_prob, (int, float)) or not 0 < ci_prob < 1:
         raise BayesLMMError(f"ci_prob must be a probability strictly between 0 and 1, got {ci_prob!r}")
     return float(ci_prob)
+
+
+def posterior_ci_prob(ci_prob) -> float:
+    """``ci_prob`` checked, or ArviZ's default for posterior intervals (``stats.ci_prob``, 0.89 in ArviZ 1.x)."""
+    import arviz as az
+
+    return check_ci_prob(ci_prob, az.rcParams["stats.ci_prob"])
+
+
+def normal_quantile(ci_prob: float) -> float:
+    """z with P(|Z| ≤ z) = ``ci_prob``: the half-width of a Wald interval in standard errors."""
+    from scipy import stats  # here, not at import: scipy.stats alone takes ~1 s to import
+
+    return float(stats.norm.ppf((1 + ci_prob) / 2))

@@ -299,10 +299,6 @@ def _exact_fit_message(check) -> None:
         )
 
 
-#: σ̂ below this fraction of the response's sd means the model reproduces the data to rounding error
-EXACT_FIT_RATIO = 1e-7
-
-
 def _warn_if_exact(fit) -> None:
     """Warn when the fitted residual sd is at rounding level although the data passed the exact-fit check.
 
@@ -313,9 +309,9 @@ def _warn_if_exact(fit) -> None:
     if len(y) != fit.spec.n_obs:  # built out of memory: no rows to compare with
         return
     spread = float(np.std(y))
-    if fit.sigma < EXACT_FIT_RATIO * spread:
+    if fit.sigma < NEAR_EXACT_RATIO * spread:  # the ratio the data check warns below
         warnings.warn(
-            f"the residual standard deviation ({fit.sigma:.3g}) is below {EXACT_FIT_RATIO:g} × the response's "
+            f"the residual standard deviation ({fit.sigma:.3g}) is below {NEAR_EXACT_RATIO:g} × the response's "
             f"({spread:.3g}): the fixed and random effects reproduce the response (almost) exactly, so σ and "
             "the variance parameters are rounding artefacts, not estimates. Check that the response is not "
             "a function of the predictors and groups",

@@ -21,6 +21,7 @@ import numpy as np
 from .bayes.naming import cholesky_factors, correlation_matrices, pair_index, sd_var
 from .deprecation import renamed_kwargs
 from .errors import BayesLMMError, ModelError
+from .group_frames import check_ci_prob, normal_quantile, posterior_ci_prob
 from .pooling import group_design, is_bayes, pooling_table, resolve_fit
 
 __all__ = ["caterpillar_plot", "ppc_plot", "shrinkage_plot", "variance_plot"]
@@ -287,12 +288,6 @@ def _shrinkage_2d(fit, table, cols, labels, ellipse, ax):
 
 
 # ------------------------------------------------------------------- caterpillar
-def _check_prob(prob, name="prob"):
-    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 < prob < 1:
-        raise BayesLMMError(f"`{name}` must be a probability strictly between 0 and 1, got {prob!r}")
-    return float(prob)
-
-
 @renamed_kwargs(prob="ci_prob")
 def effect_intervals(fit, group: str | None = None, ci_prob: float | None = None):
     """Per level and column: estimate, lower and upper bound of the random effect b_j.
@@ -308,9 +303,7 @@ def effect_intervals(fit, group: str | None = None, ci_prob: float | None = None
     J = len(gd.levels)
     est, lo, hi = np.zeros((J, gd.q)), np.zeros((J, gd.q)), np.zeros((J, gd.q))
     if is_bayes(fit):
-        import arviz as az
-
-        prob = _check_prob(az.rcParams["stats.ci_prob"] if ci_prob is None else ci_prob, "ci_prob")
+        prob = posterior_ci_prob(ci_prob)
         post = fit.posterior
         draws = np.zeros((post.sizes["chain"] * post.sizes["draw"], J, gd.q))
         for k, pos in gd.blocks:
@@ -319,13 +312,11 @@ def effect_intervals(fit, group: str | None = None, ci_prob: float | None = None
         est = draws.mean(axis=0)
         lo, hi = np.quantile(draws, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
     else:
-        from scipy import stats
-
-        prob = _check_prob(0.95 if ci_prob is None else ci_prob, "ci_prob")
+        prob = check_ci_prob(ci_prob, 0.95)
         if not fit.estimates.b_condvar:
             raise ModelError("this fit has no conditional variances of its random effects, so no intervals; "
                              "refit it with Model.fit(method='reml' or 'ml')")
-        z = stats.norm.ppf((1 + prob) / 2)
+        z = normal_quantile(prob)
         var = np.zeros((J, gd.q))
         for k, pos in gd.blocks:
             est[:, list(pos)] += fit.estimates.b[k]

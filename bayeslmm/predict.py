@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BayesLMMError, DataError
+from .group_frames import posterior_ci_prob
 from .formula.design import NewDesign, new_data_design
 from .spec import ModelSpec
 
@@ -122,17 +123,6 @@ def bayes_mean_draws(fit, d: NewDesign, kind: str, new_groups: str, rng: np.rand
     return mu
 
 
-def interval_prob(ci_prob: float | None) -> float:
-    """``ci_prob`` checked, or ArviZ's default (``stats.ci_prob``, 0.89 in ArviZ 1.x)."""
-    import arviz as az
-
-    if ci_prob is None:
-        return float(az.rcParams["stats.ci_prob"])
-    if isinstance(ci_prob, bool) or not isinstance(ci_prob, (int, float)) or not 0 < ci_prob < 1:
-        raise BayesLMMError(f"ci_prob must be a probability strictly between 0 and 1, got {ci_prob!r}")
-    return float(ci_prob)
-
-
 def bayes_draws(fit, newdata=None, kind: str = "conditional", new_groups: str = "population",
                 predictive: bool = False, random_seed: int | None = None):
     """Draws of the mean (or, ``predictive=True``, of new responses) per row: a DataArray (chain, draw, obs)."""
@@ -164,7 +154,7 @@ def bayes_predict(fit, newdata=None, kind: str = "conditional", new_groups: str 
                   predictive: bool = False, ci_prob: float | None = None,
                   random_seed: int | None = None) -> pd.DataFrame:
     """Posterior summary of the predicted mean (or of new responses) per row."""
-    prob = interval_prob(ci_prob)
+    prob = posterior_ci_prob(ci_prob)
     draws, d = bayes_draws(fit, newdata, kind, new_groups, predictive, random_seed)
     out = summarize_rows(draws.to_numpy().reshape(-1, d.n_rows), d.index, prob)
     out.attrs.update(kind=kind, predictive=predictive, interval=f"eti{round(prob * 100):d}",

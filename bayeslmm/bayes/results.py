@@ -10,7 +10,7 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import BayesLMMError
-from ..group_frames import check_ci_prob, coef_frames, frames_by_group, with_intervals
+from ..group_frames import coef_frames, frames_by_group, posterior_ci_prob, with_intervals
 from ..spec import ModelSpec
 from . import diagnostics as diag_mod
 from . import naming
@@ -283,11 +283,6 @@ class BayesFit:
         lo, hi = np.quantile(d, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
         return d.mean(0), d.std(0, ddof=1), lo, hi
 
-    def _ci_prob(self, ci_prob: float | None) -> float:
-        import arviz as az
-
-        return check_ci_prob(ci_prob, az.rcParams["stats.ci_prob"])
-
     def ranef(self, ci_prob: float | None = None) -> dict[str, pd.DataFrame]:
         """Posterior means of the random effects, one frame per grouping factor (levels × columns).
 
@@ -301,7 +296,7 @@ class BayesFit:
         """
         if ci_prob is None:
             return frames_by_group(self.spec, [self.effect_means(k) for k in range(len(self.names))])
-        prob = self._ci_prob(ci_prob)
+        prob = posterior_ci_prob(ci_prob)
         parts = [self._effect_intervals(k, prob) for k in range(len(self.names))]
         return with_intervals(self.spec, [p[0] for p in parts], [p[2] for p in parts], [p[3] for p in parts],
                               "mean", prob)
@@ -319,7 +314,7 @@ class BayesFit:
     def ranef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
         """Long table: ``grpvar`` (the group as written), ``term``, ``grp`` (the level), posterior
         ``mean``, ``sd`` and the equal-tailed ``ci_prob`` interval ``lower``, ``upper`` of each effect."""
-        prob = self._ci_prob(ci_prob)
+        prob = posterior_ci_prob(ci_prob)
         parts = []
         for k, block in enumerate(self.spec.blocks):
             mean, sd, lo, hi = self._effect_intervals(k, prob)

@@ -38,10 +38,10 @@ class BayesSummary:
     """
 
     def __init__(self, fit, ci_prob: float | None = None):
-        from ..predict import interval_prob
+        from ..group_frames import posterior_ci_prob
 
         self.fit = fit
-        self.ci_prob = None if ci_prob is None else interval_prob(ci_prob)
+        self.ci_prob = None if ci_prob is None else posterior_ci_prob(ci_prob)
 
     # -- pieces --------------------------------------------------------------------
     def header(self) -> list[str]:

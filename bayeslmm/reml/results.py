@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
-from ..group_frames import check_ci_prob, coef_frames, frames_by_group, with_intervals
+from ..group_frames import check_ci_prob, coef_frames, frames_by_group, normal_quantile, with_intervals
 from ..spec import ModelSpec
 from .estimates import Estimates
 from .optimize import OptimizationRecord
@@ -156,10 +156,8 @@ class FreqFit:
         """
         if ci_prob is None:
             return frames_by_group(self.spec, self.estimates.b)
-        from scipy import stats
-
         prob = check_ci_prob(ci_prob, 0.95)
-        z = stats.norm.ppf((1 + prob) / 2)
+        z = normal_quantile(prob)
         sds = self._condsd()
         return with_intervals(self.spec, self.estimates.b, [b - z * sd for b, sd in zip(self.estimates.b, sds)],
                               [b + z * sd for b, sd in zip(self.estimates.b, sds)], "estimate", prob)
@@ -171,11 +169,7 @@ class FreqFit:
         ``lower, upper`` = condval ± z·condsd.
         """
         sds = self._condsd()
-        z = None
-        if ci_prob is not None:
-            from scipy import stats
-
-            z = stats.norm.ppf((1 + check_ci_prob(ci_prob, 0.95)) / 2)
+        z = None if ci_prob is None else normal_quantile(check_ci_prob(ci_prob, 0.95))
         parts = []
         for block, b, sd in zip(self.spec.blocks, self.estimates.b, sds):
             for a, name in enumerate(block.columns):
@@ -266,8 +260,6 @@ class FreqFit:
         because the profile never reaches the cutoff, and any parameter whose profile
         failed (NaN, with a warning).
         """
-        from scipy import stats
-
         from .profile import profile_intervals, variance_parameters
 
         if method not in ("profile", "wald"):
@@ -279,7 +271,7 @@ class FreqFit:
             labels = [p.label for p in variance_parameters(self.spec)]
             var = pd.DataFrame({"estimate": self.varcorr["sdcor"].to_numpy(), "lower": np.nan, "upper": np.nan},
                                index=pd.Index(labels, name="parameter"))
-        z = stats.norm.ppf((1 + ci_prob) / 2)
+        z = normal_quantile(ci_prob)
         est, se = self.fixef, self.fixef_se
         fixed = pd.DataFrame({"estimate": est, "lower": est - z * se, "upper": est + z * se})
         out = pd.concat([var, fixed])
