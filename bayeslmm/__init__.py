@@ -9,8 +9,7 @@ from importlib import import_module
 
 from .compare import compare  # eager: the function shares its module's name, which a later import would rebind
 from .errors import BayesLMMError, DataError, FormulaError, ModelError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 #: public name → the module that defines it
 _LAZY = {

@@ -145,12 +145,12 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     Returns
     -------
     ReportFrame (a DataFrame) indexed ``beta[...]``, ``sd[group|term]``,
-    ``corr[group|term1,term2]``, ``sigma``, in the order of ``FreqFit.fixef_table``
-    and ``FreqFit.varcorr``; columns ``group, term, post_mean, post_median, post_sd,
+    ``corr[group|term1,term2]``, ``sigma``, in the order of ``fixef_table()``
+    and ``varcorr``; columns ``group, term, post_mean, post_median, post_sd,
     post_lower, post_upper, r_hat, ess_bulk, estimate, se, lower, upper, diff_sd``.
     """
     from .bayes.results import BayesFit
-    from .group_frames import normal_quantile, posterior_ci_prob
+    from .group_frames import posterior_ci_prob
     from .reml.results import FreqFit
 
     if isinstance(bayes_fit, FreqFit) and isinstance(freq_fit, BayesFit):
@@ -162,22 +162,21 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
         raise BayesLMMError(f"intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}")
     _same_model(bayes_fit, freq_fit)
     prob = posterior_ci_prob(ci_prob)
-    z = normal_quantile(prob)
     notes: list[str] = []
 
     # posterior side
-    pfe = bayes_fit.fixef(prob)
-    pvc = bayes_fit.varcorr(prob)
+    pfe = bayes_fit.fixef_table(prob)
+    pvc = bayes_fit.varcorr_table(prob)
     post = pd.concat([pfe.reset_index(drop=True), pvc[pfe.columns].reset_index(drop=True)], ignore_index=True)
 
-    # frequentist side
-    fe = freq_fit.fixef_table()
+    # frequentist side: Wald intervals of the fixed effects here, the variances' below
+    fe = freq_fit.fixef_table(prob, ddf="none")  # Wald, as documented above
     vc = freq_fit.varcorr
     n_var = len(vc)
-    est = np.concatenate([fe["Estimate"].to_numpy(), vc["sdcor"].to_numpy()])
-    se = np.concatenate([fe["Std. Error"].to_numpy(), np.full(n_var, np.nan)])
-    lower = np.concatenate([est[: len(fe)] - z * se[: len(fe)], np.full(n_var, np.nan)])
-    upper = np.concatenate([est[: len(fe)] + z * se[: len(fe)], np.full(n_var, np.nan)])
+    est = np.concatenate([fe["estimate"].to_numpy(), vc["sdcor"].to_numpy()])
+    se = np.concatenate([fe["std_error"].to_numpy(), np.full(n_var, np.nan)])
+    lower = np.concatenate([fe["lower"].to_numpy(), np.full(n_var, np.nan)])
+    upper = np.concatenate([fe["upper"].to_numpy(), np.full(n_var, np.nan)])
     method, var_notes = _variance_intervals(freq_fit, intervals, prob, lower[len(fe):], upper[len(fe):])
     notes += var_notes
     if intervals == "none":
@@ -191,8 +190,8 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     index = [f"beta[{n}]" for n in fe.index] + _var_labels(vc)
     table = pd.DataFrame({
         "group": groups, "term": terms,
-        "post_mean": post["mean"].to_numpy(), "post_median": post["median"].to_numpy(),
-        "post_sd": post["sd"].to_numpy(), "post_lower": post["lower"].to_numpy(),
+        "post_mean": post["estimate"].to_numpy(), "post_median": post["median"].to_numpy(),
+        "post_sd": post["std_error"].to_numpy(), "post_lower": post["lower"].to_numpy(),
         "post_upper": post["upper"].to_numpy(), "r_hat": post["r_hat"].to_numpy(),
         "ess_bulk": post["ess_bulk"].to_numpy(),
         "estimate": est, "se": se, "lower": lower, "upper": upper,

@@ -1,5 +1,8 @@
 """Moving a model between bambi and bayeslmm: ``Model.from_bambi(bmb_model)`` and ``model.to_bambi()``.
 
+This module sits below :class:`~bayeslmm.Model`: it reads and builds formulas, data,
+specs and bambi models; ``Model.from_bambi`` and ``Model.to_bambi`` call it.
+
 Both packages read formulas with formulae, so a Gaussian model with an identity
 link moves with its formula and data.  One difference in meaning matters: bambi
 fits the effects of a term ``(x | g)`` *uncorrelated* (one sd per column, no
@@ -27,7 +30,7 @@ import pandas as pd
 
 from .bayes.priors import LOCATION_FAMILIES, SCALE_FAMILIES, Prior, resolve_priors
 from .errors import BayesLMMError, ModelError
-from .formula import parse_formula
+from .formula import build_spec, parse_formula
 
 INTERCEPT = "(Intercept)"
 
@@ -100,25 +103,19 @@ def lme4_formula_of_bambi(formula: str) -> str:
     return f"{parsed.response} ~ {parsed.fixed} + {bars}"
 
 
-def from_bambi(bm):
-    """A bayeslmm :class:`~bayeslmm.Model` of the same formula and data as a ``bambi.Model``.
+def model_arguments(bm) -> dict:
+    """The arguments of :class:`~bayeslmm.Model` for the same formula and data as a ``bambi.Model``.
 
-    bambi's ``(x | g)`` has uncorrelated effects, so the bayeslmm formula reads
-    ``(x || g)``.  Refused (``ModelError``): a family other than Gaussian with the
-    identity link, a formula for ``sigma`` (distributional model), potentials,
-    offsets, Gaussian-process terms, no group-specific term, and any term whose
-    columns bayeslmm would build differently (checked column by column).
-
-    bayeslmm's default priors apply to ``fit(method="nuts")``; for bambi's, pass
-    ``priors=bambi_priors(bmb_model)``.
+    ``Model(**model_arguments(bm))`` is the model; :meth:`bayeslmm.Model.from_bambi` builds it
+    and then checks it with :func:`check_same_design`.  bambi's ``(x | g)`` has
+    uncorrelated effects, so the formula reads ``(x || g)``.  Refused (``ModelError``):
+    a family other than Gaussian with the identity link, a formula for ``sigma``
+    (distributional model), potentials, offsets, Gaussian-process terms and no
+    group-specific term.
     """
-    from .model import Model
-
     _check_bambi_model(bm)
-    formula = lme4_formula_of_bambi(bm.formula.main)
-    model = Model(formula, _bambi_frame(bm.data), missing="drop" if bm.dropna else "raise")
-    _check_same_design(model.spec, bm)
-    return model
+    return {"formula": lme4_formula_of_bambi(bm.formula.main), "data": _bambi_frame(bm.data),
+            "missing": "drop" if bm.dropna else "raise"}
 
 
 def _gs_columns(term) -> list[str]:
@@ -126,8 +123,12 @@ def _gs_columns(term) -> list[str]:
     return [_column(c) for c in term.term.expr.labels]
 
 
-def _check_same_design(spec, bm) -> None:
-    """Raise unless ``spec`` and the bambi model have the same response, fixed columns and blocks."""
+def check_same_design(spec, bm) -> None:
+    """Raise ``ModelError`` unless ``spec`` and the bambi model have the same response, fixed columns and blocks.
+
+    The model moves exactly or not at all: a term whose columns bayeslmm would build
+    differently (a coding, a dropped rank-deficient column) is caught here, column by column.
+    """
     mu = bm.parameters[bm.family.likelihood.parent]
     y = np.asarray(bm.response_term.data, dtype=float).reshape(-1)
     if y.shape != spec.y.shape or not np.allclose(y, spec.y, rtol=1e-12, atol=0):
@@ -201,7 +202,8 @@ def bambi_priors(bm) -> dict:
     ``center_predictors=False`` with an intercept (bambi's intercept prior is then on
     x = 0, bayeslmm's on the predictors' means).
     """
-    spec = from_bambi(bm).spec  # checks the model moves, and gives the blocks' column order
+    spec = build_spec(**model_arguments(bm))   # the spec Model.from_bambi(bm) has
+    check_same_design(spec, bm)                 # the model moves; the blocks' column order
     mu = bm.parameters[bm.family.likelihood.parent]
     out: dict = {}
     if mu.intercept_term is not None:
@@ -275,8 +277,8 @@ def bambi_formula(spec, drop_correlations: bool = False) -> str:
     return f"{parsed.response} ~ {parsed.fixed} + {' + '.join(terms)}"
 
 
-def to_bambi(model, priors: dict | None = None, drop_correlations: bool = False):
-    """A ``bambi.Model`` of the same formula, data and priors as a bayeslmm ``Model``.
+def to_bambi(spec, priors: dict | None = None, drop_correlations: bool = False):
+    """A ``bambi.Model`` of the same formula, data and priors as the bayeslmm model of ``spec`` (``Model.spec``).
 
     Every prior is the one ``model.fit(method="nuts", priors=priors)`` would use
     (bayeslmm's defaults with ``priors`` applied), set explicitly in bambi;
@@ -287,7 +289,6 @@ def to_bambi(model, priors: dict | None = None, drop_correlations: bool = False)
     with other columns (checked column by column).
     """
     bambi = _import_bambi()
-    spec = model.spec
     spec.require_rows("moving the model to bambi (bambi builds its model from the rows)")
     formula = bambi_formula(spec, drop_correlations)
     # bayeslmm's level order (ordered categoricals keep theirs in formulae): same coding in both
@@ -300,7 +301,7 @@ def to_bambi(model, priors: dict | None = None, drop_correlations: bool = False)
         warnings.filterwarnings("ignore", category=FutureWarning, module="bambi")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="bambi")
         bm = bambi.Model(formula, data, family="gaussian", dropna=False, center_predictors=True)
-    _check_same_design(spec, bm)
+    check_same_design(spec, bm)
     bm.set_priors(priors=_bambi_prior_dict(spec, resolve_priors(spec, priors), bm, bambi))
     return bm
 

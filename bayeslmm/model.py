@@ -207,10 +207,14 @@ class Model:
         bambi's ``(x | g)`` is uncorrelated, so it becomes ``(x || g)``; what bayeslmm cannot
         express raises ``ModelError``.  bambi's priors: ``fit(method="nuts",
         priors=bayeslmm.interop.bambi_priors(bmb_model))`` (see :mod:`bayeslmm.interop`).
+        The model is checked against bambi's design column by column: one that would not
+        move exactly raises ``ModelError`` instead of moving approximately.
         """
-        from .interop import from_bambi
+        from .interop import check_same_design, model_arguments
 
-        return from_bambi(bmb_model)
+        model = cls(**model_arguments(bmb_model))
+        check_same_design(model.spec, bmb_model)
+        return model
 
     def to_bambi(self, priors: dict | None = None, drop_correlations: bool = False):
         """The same model as a ``bambi.Model``, with the priors ``fit(method="nuts", priors=priors)`` uses.
@@ -220,7 +224,7 @@ class Model:
         """
         from .interop import to_bambi
 
-        return to_bambi(self, priors=priors, drop_correlations=drop_correlations)
+        return to_bambi(self.spec, priors=priors, drop_correlations=drop_correlations)
 
     def prior_summary(self, priors: dict | None = None):
         """The priors a NUTS fit would use: defaults scaled to the data, with ``priors`` applied."""

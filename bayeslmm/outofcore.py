@@ -9,10 +9,10 @@ held whole:
    values (or value combinations, for ``a:b``) of every grouping factor, and the
    categories of the categorical columns the formula uses; a tree reduction merges
    them.  The grouping factors' levels and codes then come from the in-memory code
-   (:func:`bayeslmm.formula.design._group_codes`) run on the distinct values, so they
+   (:func:`bayeslmm.formula.core.group_codes`) run on the distinct values, so they
    are exactly the in-memory model's.
 2. **Sums.**  Each partition builds its design with the in-memory code (formulae,
-   through :mod:`bayeslmm.formula.design`) with the levels held fixed — a few
+   through :mod:`bayeslmm.formula.core`) with the levels held fixed — a few
    *padding* rows carrying every level of every categorical column are appended
    before the design is built and dropped after it, so that formulae encodes every
    partition with the same contrasts — and returns its partial sums: ``Z₁ⱼᵀZ₁ⱼ``,
@@ -38,7 +38,6 @@ import glob
 import logging
 import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -48,14 +47,33 @@ import scipy.sparse as sp
 
 from .crossprod import MAX_REST_COLUMNS, CrossProducts, per_level_products, block_Z
 from .errors import DataError, FormulaError, ModelError
-from .formula.design import (
-    _check_columns,
-    _design,
-    _formulae_frame,
-    _group_codes,
-    _lme4_order,
+from .formula.core import (
+    INTERCEPT,
+    bar_factors,
+    check_columns,
+    check_fixed_count,
     check_levels,
+    check_no_datetimes,
+    check_options,
+    check_rank_deficient,
+    check_response_spread,
+    check_response_type,
+    check_rows,
+    check_scale,
+    design_matrix,
+    fixed_design,
+    formulae_frame,
+    group_codes,
+    lhs_design,
+    lme4_order,
+    missing_mask,
+    note_dropped_columns,
     parse_mixed_formula,
+    report_missing,
+    response_values,
+    value_expressions,
+    warn_far_slope,
+    warn_offset,
 )
 from .formula.parse import referenced_names
 from .spec import Moments, ModelSpec, RandomBlock, RowMoments
@@ -145,22 +163,6 @@ def _compute(delayed):
 
 # -- pass 1: rows, missing values, levels ---------------------------------------------------
 
-def _missing_mask(part: pd.DataFrame, used: list[str]) -> tuple[np.ndarray, dict[str, int]]:
-    """Rows with a missing or infinite value in a used column (the in-memory rule), with counts."""
-    bad = np.zeros(len(part), dtype=bool)
-    counts: dict[str, int] = {}
-    for col in used:
-        s = part[col]
-        miss = s.isna().to_numpy()
-        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            miss = miss | ~np.isfinite(s.to_numpy(dtype=float, na_value=np.nan))
-        k = int(miss.sum())
-        if k:
-            counts[col] = k
-            bad |= miss
-    return bad, counts
-
-
 @dataclasses.dataclass
 class _Scan:
     """What pass 1 learns from some partitions."""
@@ -193,7 +195,7 @@ def _ordered_union(a: list, b: list) -> list:
 def _scan_partition(part: pd.DataFrame, used: list[str], missing: str, factors: list[tuple[str, ...]],
                     categorical: list[str], value_cols: list[str]) -> _Scan:
     rows = len(part)
-    bad, counts = _missing_mask(part, used)
+    bad, counts = missing_mask(part, used)
     kept = rows - int(bad.sum())
     if missing == "drop" and bad.any():
         part = part.loc[~bad]
@@ -286,13 +288,13 @@ class _Plan:
     cat_dtypes: dict          # categorical column -> CategoricalDtype with the global categories
     pad: pd.DataFrame | None  # rows carrying every level, appended before the design is built
     response: str
-    response_is_column: bool
     fixed: str
     fixed_names: list[str]
     lhs_names: dict           # lhs expression -> its design columns
     lookups: list             # per factor
     blocks: list              # per final block: (factor index, lhs expression, columns)
     n_levels: list
+    block_terms: list         # per final block: its bar term as written
 
 
 @dataclasses.dataclass
@@ -328,7 +330,7 @@ def _formula_frame(part: pd.DataFrame, plan: _Plan) -> pd.DataFrame:
         part[col] = part[col].cat.set_categories(dtype.categories)
     if plan.pad is not None:
         part = pd.concat([part, plan.pad], ignore_index=True)
-    return _formulae_frame(part, plan.used)
+    return formulae_frame(part, plan.used)
 
 
 def _check_names(got: list[str], expected: list[str], where: str) -> None:
@@ -342,26 +344,20 @@ def _check_names(got: list[str], expected: list[str], where: str) -> None:
 
 def _partition_sums(part: pd.DataFrame, plan: _Plan) -> _Sums | None:
     part = part[plan.used]
-    bad, _ = _missing_mask(part, plan.used)
+    bad, _ = missing_mask(part, plan.used)
     if bad.any():
         part = part.loc[~bad]
     n = len(part)
     if n == 0:
         return None
     fdata = _formula_frame(part, plan)
-    if plan.response_is_column:
-        y = fdata[plan.response].to_numpy(dtype=float)[:n]
-    else:
-        yf = _design(f"0 + {plan.response}", fdata, "the response")
-        if yf.shape[1] != 1:
-            raise DataError(f"the response {plan.response!r} is not a single numeric column")
-        y = yf.iloc[:n, 0].to_numpy()
-    Xf = _design(plan.fixed, fdata, "the fixed effects")
+    y = response_values(plan.response, fdata)[:n]  # the padding rows come last
+    Xf = design_matrix(plan.fixed, fdata, "the fixed effects")
     _check_names(list(map(str, Xf.columns)), plan.fixed_names, "the fixed effects")
     X = Xf.to_numpy()[:n]
     lhs = {}
     for expr, names in plan.lhs_names.items():
-        frame = _design(expr, fdata, f"the random-effect term ({expr} | ...)")
+        frame = design_matrix(expr, fdata, f"the random-effect term ({expr} | ...)")
         _check_names(list(map(str, frame.columns)), names, f"the random-effect term ({expr} | ...)")
         lhs[expr] = frame.iloc[:n]
     codes = [lk.codes(part) for lk in plan.lookups]
@@ -399,9 +395,7 @@ def _block_moments(Z: np.ndarray, cols, X: np.ndarray, names: list[str], mom_X: 
 
 def _check_transforms(parsed) -> None:
     """Refuse stateful transforms and categorical calls on expressions (they would differ per partition)."""
-    exprs = [("the response", parsed.response), ("the fixed effects", parsed.fixed)]
-    exprs += [(f"the term {bar.text}", bar.lhs) for bar in parsed.bars]
-    for where, expr in exprs:
+    for expr, where in value_expressions(parsed):
         for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(", expr):
             name = m.group(1).split(".")[-1]
             if name in _STATEFUL:
@@ -415,8 +409,7 @@ def _check_transforms(parsed) -> None:
 def _categorical_call_columns(parsed, columns: set[str]) -> list[str]:
     """Columns wrapped in C(), S() or T(); anything else inside them is refused."""
     out = []
-    exprs = [parsed.response, parsed.fixed] + [bar.lhs for bar in parsed.bars]
-    for expr in exprs:
+    for expr, _ in value_expressions(parsed):
         for m in re.finditer(r"(?<![A-Za-z0-9_.])([CST])\s*\(\s*(`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*)\s*([,)])", expr):
             name = m.group(2).strip("`")
             if name in columns and name not in out:
@@ -443,6 +436,9 @@ def build_out_of_core(
 ) -> tuple[ModelSpec, CrossProducts]:
     """The model specification and cross-products of a Dask DataFrame, in two passes.
 
+    The stages of :mod:`bayeslmm.formula.core`, as :func:`bayeslmm.formula.build_spec`
+    runs them, with each stage's input gathered over the partitions.
+
     Parameters
     ----------
     formula, groups, missing, rank_deficient
@@ -458,120 +454,160 @@ def build_out_of_core(
         cross-products equal :meth:`CrossProducts.from_spec` of the in-memory model
         to rounding.
     """
-    if missing not in ("raise", "drop"):
-        raise DataError(f"missing must be 'raise' or 'drop', got {missing!r}")
-    if rank_deficient not in ("drop", "error"):
-        raise DataError(f"rank_deficient must be 'drop' or 'error', got {rank_deficient!r}")
+    check_options(missing, rank_deficient)
     if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
         raise DataError(f"split_every must be an integer ≥ 2, got {split_every!r}")
+    data = _dask_frame(data)
+    formula_full, parsed = parse_mixed_formula(formula, groups)
+    roles = _column_roles(parsed, data._meta)
+    ddf = data[roles.used]
+    scan = _first_pass(ddf, roles, missing, split_every)
+    notes = report_missing(scan.missing, scan.rows - scan.kept, scan.rows, missing)
+    check_rows(scan.kept, after_missing=True)
+    levels = _Levels.of(scan, roles, data._meta)
+    plan, blocks = _plan(parsed, roles, levels, scan, missing)
+    sums = _second_pass(ddf, plan, split_every, scan.kept)
+    _check_values(parsed.response, plan, sums)
+    keep, dropped = _independent_columns(sums.XyXy[:-1, :-1], plan.fixed_names, rank_deficient)
+    notes += note_dropped_columns(dropped)
+    _check_fixed_columns(plan, sums, keep, scan.kept)
+    _check_block_values(plan, sums)
+    spec = ModelSpec(
+        formula=formula_full, response=parsed.response, y=np.zeros(0), X=np.zeros((0, len(keep))),
+        fixed_names=tuple(plan.fixed_names[k] for k in keep), blocks=tuple(blocks),
+        row_index=np.zeros(0, dtype=np.int64), notes=tuple(notes), dropped_fixed=tuple(dropped),
+        fixed_formula=parsed.fixed, data=None, missing=missing, rank_deficient=rank_deficient,
+        n_rows=scan.kept, moments=RowMoments(y=sums.mom_y, X=sums.mom_X.take(keep), Z=tuple(sums.mom_Z)),
+    )
+    return spec, _crossproducts(sums, keep, blocks)
+
+
+# -- the stages -------------------------------------------------------------------------------------
+
+def _dask_frame(data):
+    """``data`` as a Dask DataFrame with string column names (a Parquet path is opened lazily)."""
     if is_parquet_source(data):
         data = read_parquet(data)
     if not is_dask_dataframe(data):
         raise DataError(f"data must be a Dask DataFrame or a Parquet path, got {type(data).__name__}")
     if not all(isinstance(c, str) for c in data.columns):
         data = data.rename(columns={c: str(c) for c in data.columns})
-    meta = data._meta
-    formula_full, parsed = parse_mixed_formula(formula, groups)
-    used = _check_columns(parsed, meta)
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Roles:
+    """What the formula does with each column, read from the columns' types alone."""
+
+    used: list[str]
+    factors: list[tuple[str, ...]]   # the distinct grouping factors
+    categorical: list[str]           # pandas Categorical columns: their categories are merged
+    value_cols: list[str]            # columns formulae turns into contrasts: their levels are gathered
+
+
+def _column_roles(parsed, meta: pd.DataFrame) -> _Roles:
+    """The in-memory column and type checks on the (empty) meta frame, and each column's role."""
+    used = check_columns(parsed, meta)
+    check_no_datetimes(parsed, meta)
     _check_transforms(parsed)
-    if parsed.response in meta.columns:
-        s = meta[parsed.response]
-        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
-            raise DataError(
-                f"the response {parsed.response!r} is not numeric (dtype {s.dtype}); a linear mixed model "
-                "needs a numeric response: convert it, or choose another column"
-            )
-    factors: list[tuple[str, ...]] = []
-    for bar in parsed.bars:
-        for factor in bar.factors:
-            if factor not in factors:
-                factors.append(factor)
-    expr_cols = set()
-    for expr in [parsed.response, parsed.fixed] + [bar.lhs for bar in parsed.bars]:
-        expr_cols |= {name for name, _ in referenced_names(expr) if name in meta.columns}
-    categorical = [c for c in used if isinstance(meta[c].dtype, pd.CategoricalDtype)]
+    check_response_type(parsed.response, meta)
+    expr_cols = {name for expr, _ in value_expressions(parsed) for name, _ in referenced_names(expr)
+                 if name in meta.columns}
     call_cols = _categorical_call_columns(parsed, set(map(str, meta.columns)))
     value_cols = [c for c in used if c in expr_cols and (c in call_cols or not (
         pd.api.types.is_numeric_dtype(meta[c]) or pd.api.types.is_bool_dtype(meta[c])))]
+    categorical = [c for c in used if isinstance(meta[c].dtype, pd.CategoricalDtype)]
+    return _Roles(used, bar_factors(parsed), categorical, value_cols)
 
-    # pass 1: rows, missing values, distinct grouping values, categories
+
+def _first_pass(ddf, roles: _Roles, missing: str, split_every: int) -> _Scan:
+    """Pass 1: rows, missing values, distinct grouping values, categories."""
     import dask
 
-    ddf = data[used]
     t0 = time.perf_counter()
-    parts = [dask.delayed(_scan_partition, pure=True)(p, used, missing, factors, categorical, value_cols)
+    parts = [dask.delayed(_scan_partition, pure=True)(p, roles.used, missing, roles.factors, roles.categorical,
+                                                      roles.value_cols)
              for p in ddf.to_delayed()]
     scan: _Scan | None = _compute(_tree_reduce(parts, _Scan.combine, split_every))
     log.info("pass 1 (rows, missing values, levels): %d partitions, %d rows, %.2f s", len(parts),
              0 if scan is None else scan.rows, time.perf_counter() - t0)
-    if scan is None or scan.rows == 0:
-        raise DataError("data is empty: it has no rows to fit")
-    notes: list[str] = []
-    if scan.missing:
-        detail = ", ".join(f"{c!r}: {k} row{'s' if k != 1 else ''}" for c, k in scan.missing.items())
-        if missing == "raise":
-            raise DataError(
-                f"missing or infinite values in the columns the model uses ({detail}; "
-                f"{scan.rows - scan.kept} of {scan.rows} rows in all). Clean them, or pass "
-                "missing='drop' to drop those rows (the fit then reports how many it dropped)."
-            )
-        notes.append(f"dropped {scan.rows - scan.kept} of {scan.rows} rows with missing or infinite values ({detail})")
-        warnings.warn(notes[-1], stacklevel=3)
-    n = scan.kept
-    if n == 0:
-        raise DataError("no rows left after dropping rows with missing values")
+    check_rows(0 if scan is None else scan.rows)
+    return scan
 
-    # categories: the union in order of appearance (as concatenating the partitions gives)
-    cat_dtypes = {c: pd.CategoricalDtype(scan.categories[c], ordered=meta[c].dtype.ordered) for c in categorical}
-    levels_of: dict[str, list] = {}
-    for c in value_cols:
-        present = scan.values[c]
-        if c in categorical:
-            keep = set(present.tolist())
-            levels_of[c] = [v for v in scan.categories[c] if v in keep]
-        else:
-            levels_of[c] = sorted(np.unique(present).tolist())
 
-    # grouping factors: the in-memory code on the distinct values gives the levels and codes
-    lookups, factor_levels = [], []
-    for factor, distinct in zip(factors, scan.combos):
-        distinct = distinct.copy()
-        for c in factor:
+@dataclasses.dataclass(frozen=True)
+class _Levels:
+    """The levels pass 1 found: categories, contrast levels, grouping factors' levels and codes."""
+
+    cat_dtypes: dict      # categorical column -> CategoricalDtype with the global categories
+    levels_of: dict       # value column -> its levels, in the order formulae would use
+    lookups: list         # per factor: _FactorLookup
+    factor_levels: list   # per factor: level labels (the in-memory ones)
+
+    @classmethod
+    def of(cls, scan: _Scan, roles: _Roles, meta: pd.DataFrame) -> "_Levels":
+        # categories: the union in order of appearance (as concatenating the partitions gives)
+        cat_dtypes = {c: pd.CategoricalDtype(scan.categories[c], ordered=meta[c].dtype.ordered)
+                      for c in roles.categorical}
+        levels_of: dict[str, list] = {}
+        for c in roles.value_cols:
+            present = scan.values[c]
             if c in cat_dtypes:
-                distinct[c] = pd.Categorical(distinct[c], dtype=cat_dtypes[c])
-        codes, levels = _group_codes(factor, distinct)
-        lookups.append(_FactorLookup.build(factor, distinct, codes))
-        factor_levels.append(levels)
+                keep = set(present.tolist())
+                levels_of[c] = [v for v in scan.categories[c] if v in keep]
+            else:
+                levels_of[c] = sorted(np.unique(present).tolist())
+        # grouping factors: the in-memory code on the distinct values gives the levels and codes
+        lookups, factor_levels = [], []
+        for factor, distinct in zip(roles.factors, scan.combos):
+            distinct = distinct.copy()
+            for c in factor:
+                if c in cat_dtypes:
+                    distinct[c] = pd.Categorical(distinct[c], dtype=cat_dtypes[c])
+            codes, levels = group_codes(factor, distinct)
+            lookups.append(_FactorLookup.build(factor, distinct, codes))
+            factor_levels.append(levels)
+        return cls(cat_dtypes, levels_of, lookups, factor_levels)
 
-    # the padding rows: every level of every categorical column, other columns from a real row
-    head = scan.head.reset_index(drop=True)
-    L = max([len(v) for v in levels_of.values()] + [1])
+
+def _padding_rows(head: pd.DataFrame, levels: _Levels) -> pd.DataFrame:
+    """Rows carrying every level of every categorical column, other columns from a real row."""
+    head = head.reset_index(drop=True)
+    L = max([len(v) for v in levels.levels_of.values()] + [1])
     pad = head.iloc[[0] * L].reset_index(drop=True)
-    for c in categorical:
-        pad[c] = pad[c].astype(cat_dtypes[c])
-    for c, lev in levels_of.items():
+    for c, dtype in levels.cat_dtypes.items():
+        pad[c] = pad[c].astype(dtype)
+    for c, lev in levels.levels_of.items():
         vals = np.resize(np.array(lev, dtype=object), L)
-        if c in cat_dtypes:
-            pad[c] = pd.Categorical(vals, dtype=cat_dtypes[c])
+        if c in levels.cat_dtypes:
+            pad[c] = pd.Categorical(vals, dtype=levels.cat_dtypes[c])
         else:
             pad[c] = pd.Series(vals).astype(head[c].dtype)
-    proto = _formulae_frame(pad, used)
-    if parsed.response not in meta.columns:
-        yf = _design(f"0 + {parsed.response}", proto, "the response")
-        if yf.shape[1] != 1:
-            raise DataError(f"the response {parsed.response!r} is not a single numeric column")
-    Xproto = _design(parsed.fixed, proto, "the fixed effects")
-    if Xproto.shape[1] == 0:
-        raise ModelError("the model has no fixed effects; keep the intercept (remove '0 +' / '- 1')")
+    return pad
+
+
+def _plan(parsed, roles: _Roles, levels: _Levels, scan: _Scan, missing: str) -> tuple["_Plan", list[RandomBlock]]:
+    """The designs' columns (from the padding rows), the blocks in lme4's order, and what pass 2 needs."""
+    pad = _padding_rows(scan.head, levels)
+    proto = formulae_frame(pad, roles.used)
+    response_values(parsed.response, proto)  # an expression must give one column
+    fixed_names = list(map(str, fixed_design(parsed, proto).columns))
     lhs_names: dict[str, list[str]] = {}
     for bar in parsed.bars:
         if bar.lhs not in lhs_names:
-            frame = _design(bar.lhs, proto, f"the term {bar.text}")
-            if frame.shape[1] == 0:
-                raise FormulaError(f"the term {bar.text} has no random effects on its left side")
-            lhs_names[bar.lhs] = list(map(str, frame.columns))
+            lhs_names[bar.lhs] = list(map(str, lhs_design(bar, proto).columns))
+    blocks, plan_blocks, block_bars = _block_layout(parsed, roles.factors, levels.factor_levels, lhs_names,
+                                                    scan.kept)
+    _check_dense_size(blocks, len(fixed_names))
+    plan = _Plan(used=roles.used, missing=missing, cat_dtypes=levels.cat_dtypes,
+                 pad=pad if levels.levels_of else None, response=parsed.response, fixed=parsed.fixed,
+                 fixed_names=fixed_names, lhs_names=lhs_names, lookups=levels.lookups, blocks=plan_blocks,
+                 n_levels=[b.n_levels for b in blocks], block_terms=[bar.text for bar in block_bars])
+    return plan, blocks
 
-    # block templates (no rows) in lme4's order, with the checks of the in-memory path
+
+def _block_layout(parsed, factors, factor_levels, lhs_names, n):
+    """Block templates (no rows) in lme4's order, checked as in memory; per block its factor, term and columns."""
     templates, sources = [], []
     for bar in parsed.bars:
         cols = tuple(lhs_names[bar.lhs])
@@ -583,15 +619,19 @@ def build_out_of_core(
             block = RandomBlock(group=":".join(factor), codes=np.zeros(0, dtype=np.int64), levels=levels,
                                 Z=np.zeros((0, q)), columns=cols, correlated=not bar.independent or q == 1)
             templates.append(block)
-            sources.append((f, bar.lhs, block))
-    blocks = _lme4_order(templates)
-    plan_blocks = []
+            sources.append((f, bar, block))
+    blocks = lme4_order(templates)
+    plan_blocks, block_bars = [], []
     for b in blocks:
         k = next(i for i, (_, _, t) in enumerate(sources)
                  if t.group == b.group and set(t.columns) == set(b.columns) and t.correlated == b.correlated)
-        f, expr, _ = sources.pop(k)
-        plan_blocks.append((f, expr, b.columns))
-    p_all = Xproto.shape[1]
+        f, bar, _ = sources.pop(k)
+        plan_blocks.append((f, bar.lhs, b.columns))
+        block_bars.append(bar)
+    return blocks, plan_blocks, block_bars
+
+
+def _check_dense_size(blocks: list[RandomBlock], p_all: int) -> None:
     n_rest = sum(b.n_effects for b in blocks[1:])
     if n_rest + p_all + 1 > MAX_REST_COLUMNS:
         raise ModelError(
@@ -600,28 +640,53 @@ def build_out_of_core(
             f"handles up to {MAX_REST_COLUMNS}. Reduce the levels or slopes of the smaller grouping factors"
         )
 
-    # pass 2: the sums
-    plan = _Plan(used=used, missing=missing, cat_dtypes=cat_dtypes, pad=pad if levels_of else None,
-                 response=parsed.response, response_is_column=parsed.response in meta.columns,
-                 fixed=parsed.fixed, fixed_names=list(map(str, Xproto.columns)), lhs_names=lhs_names,
-                 lookups=lookups, blocks=plan_blocks, n_levels=[b.n_levels for b in blocks])
+
+def _second_pass(ddf, plan: "_Plan", split_every: int, n: int) -> "_Sums":
+    """Pass 2: each partition's design and partial sums, added up."""
+    import dask
+
     t0 = time.perf_counter()
     parts = [dask.delayed(_partition_sums, pure=True)(p, plan) for p in ddf.to_delayed()]
     sums: _Sums = _compute(_tree_reduce(parts, _Sums.combine, split_every))
     log.info("pass 2 (design and cross-products): %d partitions, %.2f s", len(parts), time.perf_counter() - t0)
     if sums.n != n:
         raise DataError(f"the second pass over the data saw {sums.n} rows, the first {n}; did the data change?")
-    if sums.mom_y.minimum[0] == sums.mom_y.maximum[0]:
-        raise DataError(f"the response {parsed.response!r} is constant ({float(sums.mom_y.minimum[0])!r} in every "
-                        "row); nothing to model")
+    return sums
 
-    # rank-deficient fixed effects: the in-memory rule, on the Gram matrix
-    keep, dropped = _independent_columns(sums.XyXy[:p_all, :p_all], plan.fixed_names, rank_deficient)
-    if dropped:
-        msg = (f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
-               f"column{'s' if len(dropped) > 1 else ''}: {dropped}")
-        notes.append(msg)
-        warnings.warn(msg, stacklevel=3)
+
+def _check_values(response: str, plan: "_Plan", sums: "_Sums") -> None:
+    """The in-memory checks of the response's and the fixed-effect columns' values, from their moments."""
+    y = sums.mom_y
+    check_response_spread(response, float(y.minimum[0]), float(y.maximum[0]), float(y.max_abs[0]))
+    for j, col in enumerate(plan.fixed_names):
+        check_scale(f"the fixed-effect column {col!r}", float(sums.mom_X.max_abs[j]))
+
+
+def _check_block_values(plan: "_Plan", sums: "_Sums") -> None:
+    """The in-memory checks of the blocks' columns, from their moments (after the fixed effects', as there)."""
+    for (_, _, cols), term, mom in zip(plan.blocks, plan.block_terms, sums.mom_Z):
+        for j, col in enumerate(cols):
+            check_scale(f"the column {col!r} of {term}", float(mom.max_abs[j]))
+        if len(cols) > 1 and INTERCEPT in cols:
+            for j, col in enumerate(cols):
+                if col != INTERCEPT:
+                    warn_far_slope(term, col, float(mom.mean[j]), float(np.sqrt(mom.m2[j] / mom.n)))
+
+
+def _check_fixed_columns(plan: "_Plan", sums: "_Sums", keep: list[int], n: int) -> None:
+    """The in-memory offset warnings and column count for the kept fixed-effect columns."""
+    names = [plan.fixed_names[k] for k in keep]
+    if INTERCEPT in names:
+        for k, col in zip(keep, names):
+            if col != INTERCEPT:
+                m = sums.mom_X
+                warn_offset(f"the fixed-effect column {col!r}", float(m.mean[k]), float(np.sqrt(m.m2[k] / m.n)))
+    check_fixed_count(len(keep), n)
+
+
+def _crossproducts(sums: "_Sums", keep: list[int], blocks: list[RandomBlock]) -> CrossProducts:
+    """The summed blocks without the dropped fixed-effect columns, as CrossProducts."""
+    p_all = sums.XyXy.shape[0] - 1
     kxy = np.array(keep + [p_all])
     p = len(keep)
     XyXy = sums.XyXy[np.ix_(kxy, kxy)]
@@ -634,36 +699,18 @@ def build_out_of_core(
     else:
         Arr = XyXy
         B = sp.csr_matrix(B_xy)
-    fixed_names = tuple(plan.fixed_names[k] for k in keep)
-    spec = ModelSpec(
-        formula=formula_full,
-        response=parsed.response,
-        y=np.zeros(0),
-        X=np.zeros((0, p)),
-        fixed_names=fixed_names,
-        blocks=tuple(blocks),
-        row_index=np.zeros(0, dtype=np.int64),
-        notes=tuple(notes),
-        dropped_fixed=tuple(dropped),
-        fixed_formula=parsed.fixed,
-        data=None,
-        missing=missing,
-        rank_deficient=rank_deficient,
-        n_rows=n,
-        moments=RowMoments(y=sums.mom_y, X=sums.mom_X.take(keep), Z=tuple(sums.mom_Z)),
-    )
     t0 = time.perf_counter()
-    cp = CrossProducts.from_blocks(n, p, blocks[0], tuple(blocks[1:]), sums.A11, Arr, B)
+    cp = CrossProducts.from_blocks(sums.n, p, blocks[0], tuple(blocks[1:]), sums.A11, Arr, B)
     log.info("cross-product blocks assembled (m = %d, nnz(P) = %d): %.2f s", cp.m, cp.P.nnz, time.perf_counter() - t0)
-    return spec, cp
+    return cp
 
 
 def _independent_columns(G: np.ndarray, names: list[str], rank_deficient: str) -> tuple[list[int], list[str]]:
     """Columns kept left to right while each adds a direction, from the Gram matrix XᵀX.
 
-    The in-memory rule (``design._drop_rank_deficient``): a column is kept when its
-    residual after projection on the kept ones is longer than 1e-7 of its norm.  Here
-    the squared residual is the Schur complement G_jj − G_jK G_KK⁻¹ G_Kj.
+    The in-memory rule (a column is kept when its residual after projection on the
+    kept ones is longer than 1e-7 of its norm, as a pivoting QR decides); here the
+    squared residual is the Schur complement G_jj − G_jK G_KK⁻¹ G_Kj.
     """
     kept: list[int] = []
     R = np.zeros((0, 0))  # Cholesky factor (upper) of G[kept, kept]
@@ -681,9 +728,5 @@ def _independent_columns(G: np.ndarray, names: list[str], rank_deficient: str) -
             R = np.block([[R, r[:, None]], [np.zeros((1, len(kept))), np.array([[d]])]])
             kept.append(j)
     dropped = [names[j] for j in range(G.shape[0]) if j not in kept]
-    if dropped and rank_deficient == "error":
-        raise ModelError(
-            f"the fixed-effect design is rank deficient: {dropped} are linear combinations of "
-            "other columns (or constant); remove them, or pass rank_deficient='drop'"
-        )
+    check_rank_deficient(dropped, rank_deficient)
     return kept, dropped

@@ -18,11 +18,11 @@ from numbers import Integral
 
 import numpy as np
 
-from .bayes.naming import cholesky_factors, correlation_matrices, pair_index, sd_var
+from .bayes.naming import correlation_matrices, pair_index, sd_var
 from .deprecation import renamed_kwargs
 from .errors import BayesLMMError, ModelError
-from .group_frames import check_ci_prob, normal_quantile, posterior_ci_prob
-from .pooling import group_design, is_bayes, pooling_table, resolve_fit
+from .group_frames import check_ci_prob
+from .pooling import group_design, pooling_table, resolve_fit
 
 __all__ = ["caterpillar_plot", "ppc_plot", "shrinkage_plot", "variance_plot"]
 
@@ -215,27 +215,24 @@ def _shrinkage_1d(table, col, label, layout, ax):
 
 
 def group_covariance(fit, gd) -> np.ndarray:
-    """The q×q covariance of the factor's random effects: REML estimate, or posterior mean."""
+    """The q×q covariance of the factor's random effects: the fit's ``block_covariances()``
+    (REML estimate, or posterior mean), blocks of the factor summed into their columns."""
     G = np.zeros((gd.q, gd.q))
-    if is_bayes(fit):
-        post = fit.posterior
-        for k, pos in gd.blocks:
-            name, block = fit.names[k], fit.spec.blocks[k]
-            L = cholesky_factors(post, name, block)
-            cov = (L @ np.swapaxes(L, -1, -2)).mean(axis=(0, 1))
-            G[np.ix_(pos, pos)] += cov
-    else:
-        covs = fit.block_covariances()
-        for k, pos in gd.blocks:
-            G[np.ix_(pos, pos)] += covs[k]
+    covs = fit.block_covariances()
+    for k, pos in gd.blocks:
+        G[np.ix_(pos, pos)] += covs[k]
     return G
 
 
-def ellipse_points(center, cov, prob: float, n: int = 200) -> np.ndarray:
-    """Points (n, 2) of the contour of N(center, cov) that encloses probability ``prob``."""
+@renamed_kwargs(prob="ci_prob")
+def ellipse_points(center, cov, ci_prob: float, n: int = 200) -> np.ndarray:
+    """Points (n, 2) of the contour of N(center, cov) that encloses probability ``ci_prob``.
+
+    (``ci_prob`` was ``prob``, still accepted with a ``FutureWarning``.)
+    """
     from scipy import stats
 
-    radius = np.sqrt(stats.chi2.ppf(prob, df=2))
+    radius = np.sqrt(stats.chi2.ppf(ci_prob, df=2))
     w, V = np.linalg.eigh(np.asarray(cov, dtype=float))
     t = np.linspace(0, 2 * np.pi, n)
     circle = np.vstack([np.cos(t), np.sin(t)])
@@ -292,38 +289,26 @@ def _shrinkage_2d(fit, table, cols, labels, ellipse, ax):
 def effect_intervals(fit, group: str | None = None, ci_prob: float | None = None):
     """Per level and column: estimate, lower and upper bound of the random effect b_j.
 
-    REML/ML: conditional mode ± z·conditional sd (z = 1.96 for ``ci_prob=0.95``, the
-    default).  NUTS: posterior mean and the equal-tailed posterior interval (default
-    ArviZ's ``stats.ci_prob``).  Returns ``(design, est, lower, upper, prob)`` with the
-    arrays shaped (levels, columns).  (``ci_prob`` was ``prob``, still accepted with a
+    The fit's ``ranef(ci_prob)[group]``: REML/ML, conditional mode ± z·conditional sd
+    (z = 1.96 for ``ci_prob=0.95``, the default); NUTS, posterior mean and the
+    equal-tailed posterior interval (default ArviZ's ``stats.ci_prob``; a fit that kept
+    its effects as summaries has the 50, 90 and 95 % ones).  Returns ``(design, est,
+    lower, upper, prob)`` with the arrays shaped (levels, columns), the columns those of
+    ``ranef()[group]`` (a column two blocks of the factor share comes once per block,
+    the later one named ``name.1``).  (``ci_prob`` was ``prob``, still accepted with a
     ``FutureWarning``.)
     """
-    fit = resolve_fit(fit)
+    gd, est, lo, hi, prob = _group_intervals(resolve_fit(fit), group, ci_prob)
+    return gd, est.to_numpy(), lo.to_numpy(), hi.to_numpy(), prob
+
+
+def _group_intervals(fit, group, ci_prob):
+    """``(design, estimate, lower, upper, prob)`` of one factor, the three as frames (levels × columns)."""
     gd = group_design(fit.spec, group)
-    J = len(gd.levels)
-    est, lo, hi = np.zeros((J, gd.q)), np.zeros((J, gd.q)), np.zeros((J, gd.q))
-    if is_bayes(fit):
-        prob = posterior_ci_prob(ci_prob)
-        post = fit.posterior
-        draws = np.zeros((post.sizes["chain"] * post.sizes["draw"], J, gd.q))
-        for k, pos in gd.blocks:
-            d = fit.effect_draws(k).to_numpy()  # recomputed exactly if only summaries were kept
-            draws[:, :, list(pos)] += d.reshape(-1, J, d.shape[-1])
-        est = draws.mean(axis=0)
-        lo, hi = np.quantile(draws, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
-    else:
-        prob = check_ci_prob(ci_prob, 0.95)
-        if not fit.estimates.b_condvar:
-            raise ModelError("this fit has no conditional variances of its random effects, so no intervals; "
-                             "refit it with Model.fit(method='reml' or 'ml')")
-        z = normal_quantile(prob)
-        var = np.zeros((J, gd.q))
-        for k, pos in gd.blocks:
-            est[:, list(pos)] += fit.estimates.b[k]
-            var[:, list(pos)] += np.diagonal(fit.estimates.b_condvar[k], axis1=1, axis2=2)
-        sd = np.sqrt(np.maximum(var, 0.0))
-        lo, hi = est - z * sd, est + z * sd
-    return gd, est, lo, hi, prob
+    prob = check_ci_prob(ci_prob, fit.default_ci_prob)
+    frame = fit.ranef(ci_prob=prob)[gd.group]
+    est = frame[frame.columns.get_level_values(0)[0]]  # the point values: "estimate" or "mean"
+    return gd, est, frame["lower"], frame["upper"], prob
 
 
 @renamed_kwargs(prob="ci_prob")
@@ -356,13 +341,15 @@ def caterpillar_plot(fit, group: str | None = None, ci_prob: float | None = None
         the sorted order; ``fig.levels_order`` lists the levels bottom to top.
     """
     fit = resolve_fit(fit)
-    gd, est, lo, hi, prob = effect_intervals(fit, group, ci_prob)
+    gd, est, lo, hi, prob = _group_intervals(fit, group, ci_prob)
+    columns = list(est.columns)
+    est, lo, hi = est.to_numpy(), lo.to_numpy(), hi.to_numpy()
     J = len(gd.levels)
     order = np.argsort(est[:, 0], kind="stable")
-    fig, axes = _new_axes(ax, gd.q, panel_size=(4.0, min(2.0 + 0.16 * J, 12.0)), sharey=True)
+    fig, axes = _new_axes(ax, len(columns), panel_size=(4.0, min(2.0 + 0.16 * J, 12.0)), sharey=True)
     pos = np.arange(J)
-    kind = "posterior mean" if is_bayes(fit) else "conditional mode"
-    for a, (axis, col) in enumerate(zip(axes, gd.columns)):
+    kind = fit.point_estimate
+    for a, (axis, col) in enumerate(zip(axes, columns)):
         axis.axvline(0.0, color="0.6", lw=0.8, ls="--")
         axis.hlines(pos, lo[order, a], hi[order, a], color="0.35", lw=1.2, gid="interval")
         axis.scatter(est[order, a], pos, s=14, color=_PARTIAL, zorder=3, gid="estimate")
@@ -381,7 +368,9 @@ def caterpillar_plot(fit, group: str | None = None, ci_prob: float | None = None
 
 # -------------------------------------------------------------- variance components
 def _bayes_fit(fit, name="bayes_fit"):
-    if not is_bayes(fit):
+    from .bayes.results import BayesFit  # these figures show posterior draws: only a BayesFit has them
+
+    if not isinstance(fit, BayesFit):
         raise ModelError(f"`{name}` must be a BayesFit (Model.fit(method='nuts')), got {type(fit).__name__}")
     return fit
 

@@ -82,12 +82,6 @@ def resolve_fit(fit):
                      f"or a Model (fitted by REML here); got {type(fit).__name__}")
 
 
-def is_bayes(fit) -> bool:
-    from .bayes.results import BayesFit
-
-    return isinstance(fit, BayesFit)
-
-
 @dataclass(frozen=True)
 class GroupDesign:
     """The random-effect columns of one grouping factor, gathered over its blocks.
@@ -373,16 +367,24 @@ def model_lines(beta: np.ndarray, gd: GroupDesign, roles: Roles) -> np.ndarray:
 
 
 def fixed_effects(fit) -> np.ndarray:
-    """β̂ (REML/ML) or its posterior mean (NUTS), in the order of the fixed columns."""
-    if is_bayes(fit):
-        beta = fit.posterior["beta"].mean(("chain", "draw"))
-        return beta.sel(coef=list(fit.spec.fixed_names)).to_numpy()
-    return fit.fixef.to_numpy()
+    """The fit's ``fixef`` (β̂, or its posterior mean), in the order of the fixed columns."""
+    return fit.fixef.to_numpy(dtype=float)
 
 
-def block_effects(fit, k: int) -> np.ndarray:
-    """Block ``k``'s effects (levels × columns): conditional modes, or posterior means."""
-    return fit.effect_means(k) if is_bayes(fit) else np.asarray(fit.estimates.b[k])
+def block_effects(fit) -> list[np.ndarray]:
+    """Each block's effects (levels × columns), cut from the fit's ``ranef()`` (modes, or posterior means).
+
+    ``ranef()`` puts a factor's blocks side by side in ``spec.blocks`` order, so block
+    ``k``'s columns follow those of the factor's earlier blocks.
+    """
+    frames = {g: f.to_numpy(dtype=float) for g, f in fit.ranef().items()}
+    used: dict[str, int] = {}
+    out = []
+    for block in fit.spec.blocks:
+        start = used.get(block.group, 0)
+        out.append(frames[block.group][:, start:start + block.q])
+        used[block.group] = start + block.q
+    return out
 
 
 def nesting_factors(spec, gd: GroupDesign, own: set) -> set:
@@ -412,13 +414,14 @@ def random_lines(fit, gd: GroupDesign, rows, svds) -> tuple[np.ndarray, np.ndarr
     J = len(gd.levels)
     own = {k for k, _ in gd.blocks}
     partial = np.zeros((J, gd.q))
+    effects = block_effects(fit)
     for k, pos in gd.blocks:
-        partial[:, list(pos)] += block_effects(fit, k)
+        partial[:, list(pos)] += effects[k]
     parents = nesting_factors(fit.spec, gd, own)
     parent_part, crossed_part = np.zeros(len(gd.codes)), np.zeros(len(gd.codes))
     for k, block in enumerate(fit.spec.blocks):
         if k not in own:
-            part = np.einsum("nq,nq->n", block.Z, block_effects(fit, k)[block.codes])
+            part = np.einsum("nq,nq->n", block.Z, effects[k][block.codes])
             if k in parents:
                 parent_part += part
             else:

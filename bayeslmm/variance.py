@@ -33,7 +33,7 @@ import pandas as pd
 
 from .errors import DataError, ModelError
 from .formula.design import new_data_design
-from .formula.design import _NON_COLUMNS
+from .formula.core import NON_COLUMNS
 from .formula.parse import parse_formula, referenced_names
 from .spec import ModelSpec
 
@@ -46,7 +46,7 @@ def random_value_columns(spec: ModelSpec) -> list[str]:
     out: list[str] = []
     for bar in parse_formula(spec.formula).bars:
         for name, _ in referenced_names(bar.lhs):
-            known = name in cols if cols is not None else name not in _NON_COLUMNS
+            known = name in cols if cols is not None else name not in NON_COLUMNS
             if known and name not in out:
                 out.append(name)
     return out

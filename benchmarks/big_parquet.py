@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                                   divergences=diag.divergences,
                                   min_ess_bulk_per_s=diag.min_ess_bulk / pm.wall)
         print(bayes.summary())
-        fe = bayes.fixef()
+        fe = bayes.fixef_table()
         post = bayes.idata["posterior"]
         sd_b = post["g_sd"].mean(("chain", "draw")).to_numpy()
         corr_b = float(post["g_corr"].mean(("chain", "draw")).to_numpy()[0, 1])

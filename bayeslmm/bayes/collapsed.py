@@ -200,7 +200,7 @@ def draw_first_block(data: CollapsedData, gamma: np.ndarray, L: np.ndarray, sigm
         sl = slice(start, min(S, start + chunk))
         gm, Ls, s2 = gamma[sl], L[sl], sigma[sl] ** 2
         if q <= 2:
-            from .kernel import draw_effects_small
+            from .compiled import draw_effects_small  # numba, imported when a draw needs it
 
             # closed form for q ≤ 2, fused over (draws, levels) in one compiled loop
             eps = rng.standard_normal((q,) + (gm.shape[0], J)) if q == 2 else rng.standard_normal((1, gm.shape[0], J))

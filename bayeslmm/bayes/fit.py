@@ -28,10 +28,24 @@ from ..crossprod import CrossProducts
 from ..errors import BayesLMMError, IncompleteTraceError, InsufficientMemoryError
 from ..spec import ModelSpec
 from . import diagnostics, naming
-from .collapsed import CollapsedData, ResponseScale, draw_first_block
-from .kernel import KernelData, private_cache_dir, unsupported_reason
+from .collapsed import CollapsedData, ResponseScale
+from .compiled import private_cache_dir
+from .kernel import KernelData, unsupported_reason
 from .model import PARAMETERIZATIONS, BuiltModel, build_pymc_model, centring_matrix
 from .naming import block_names
+from .posterior import (  # noqa: F401  (effect_draws, linear_predictor: importable from here as before)
+    CONDITIONAL_GROUP,
+    EFFECTS_GROUP,
+    LEVEL_CHUNK,
+    MAX_LOGLIK_VALUES,
+    SUMMARY_PROBS,
+    SUMMARY_STATS,
+    draw_chunks,
+    effect_draws,
+    first_block_inputs,
+    linear_predictor,
+    pointwise_loglik,
+)
 from .priors import resolve_priors
 from .progress import pymc_progress_options
 from .results import BayesFit
@@ -39,8 +53,6 @@ from .results import BayesFit
 SAMPLERS = ("auto", "pymc", "nutpie")
 #: per-gradient work (array elements touched) above which "auto" picks nutpie
 AUTO_NUTPIE_WORK = 20_000
-#: pointwise log-likelihood values stored by default at most (rows × draws)
-MAX_LOGLIK_VALUES = 50_000_000
 
 
 def _positive_int(name, value, minimum=1):
@@ -581,12 +593,6 @@ def check_memory(spec: ModelSpec, chains: int, draws: int, parameterization: str
 EFFECTS = ("auto", "draws", "summary")
 #: draws of the integrated-out effects stored by default at most (levels × columns × draws): 800 MB
 MAX_EFFECT_VALUES = 100_000_000
-#: levels drawn together; each chunk has its own random stream, so any level can be redrawn alone
-LEVEL_CHUNK = 512
-EFFECTS_GROUP = "effects_summary"
-CONDITIONAL_GROUP = "effects_conditional"
-SUMMARY_PROBS = (0.025, 0.05, 0.25, 0.5, 0.75, 0.95, 0.975)
-SUMMARY_STATS = ("mean", "sd") + tuple(f"q{100 * p:g}" for p in SUMMARY_PROBS)
 
 
 def _effects_mode(effects, n_values, log_likelihood) -> str:
@@ -601,38 +607,14 @@ def _effects_mode(effects, n_values, log_likelihood) -> str:
     return mode
 
 
-def _first_block_inputs(post: xr.Dataset, names: list[str], block):
-    """γ = [other blocks' effects, β], L and σ of every draw, flattened to (S, ·)."""
-    C, D = post.sizes["chain"], post.sizes["draw"]
-    beta = post["beta"].to_numpy().reshape(C * D, -1)
-    rest = [post[n].to_numpy().reshape(C * D, -1) for n in names[1:]]
-    gamma = np.concatenate(rest + [beta], axis=1)
-    L = naming.cholesky_factors(post, names[0], block).reshape(C * D, block.q, block.q)
-    sigma = post["sigma"].to_numpy().reshape(C * D)
-    return gamma, L, sigma
-
-
-def _level_chunk(data: CollapsedData, k: int) -> CollapsedData:
-    sl = slice(k * LEVEL_CHUNK, (k + 1) * LEVEL_CHUNK)
-    return CollapsedData(G=data.G[sl], H=data.H[sl], g=data.g[sl], XtX=data.XtX, Xty=data.Xty, yty=data.yty,
-                         n_obs=data.n_obs)
-
-
-def _draw_chunks(data: CollapsedData, gamma, L, sigma, seed: int, chunks):
-    """Yield (chunk index, draws (S, levels in chunk, q)); chunk k uses the stream (seed, 1, k)."""
-    for k in chunks:
-        rng = np.random.default_rng([seed, 1, k])
-        yield k, draw_first_block(_level_chunk(data, k), gamma, L, sigma, rng)
-
-
 def _add_first_block(spec, built, post, seed: int):
     """Draw the integrated-out effects exactly from their Gaussian conditional."""
     first, name = spec.blocks[0], built.names[0]
     C, D = post.sizes["chain"], post.sizes["draw"]
-    gamma, L, sigma = _first_block_inputs(post, built.names, first)
+    gamma, L, sigma = first_block_inputs(post, built.names, first)
     n_chunks = -(-first.n_levels // LEVEL_CHUNK)
     b = np.empty((C * D, first.n_levels, first.q))
-    for k, d in _draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
+    for k, d in draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
         b[:, k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = d
     b = b.reshape(C, D, first.n_levels, first.q)
     post[name] = xr.DataArray(b, dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
@@ -653,10 +635,10 @@ def _summarise_effects(d: np.ndarray) -> np.ndarray:
 def _first_block_summary(built, post, seed: int, first) -> xr.Dataset:
     """Per-level posterior summaries of the integrated-out effects, drawn chunk by chunk, never all at once."""
     name = built.names[0]
-    gamma, L, sigma = _first_block_inputs(post, built.names, first)
+    gamma, L, sigma = first_block_inputs(post, built.names, first)
     n_chunks = -(-first.n_levels // LEVEL_CHUNK)
     out = np.empty((first.n_levels, first.q, len(SUMMARY_STATS)))
-    for k, d in _draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
+    for k, d in draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
         out[k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = _summarise_effects(d)
     return xr.Dataset({name: ((naming.level_dim(name), naming.effect_dim(name), "stat"), out)},
                       coords={naming.level_dim(name): list(first.levels), naming.effect_dim(name): list(first.columns),
@@ -668,64 +650,6 @@ def _conditional_arrays(data: CollapsedData) -> xr.Dataset:
     """What redrawing the first block needs (G_j, H_j, g_j per level), so a fit can redraw any level."""
     return xr.Dataset({"G": (("level", "i", "k"), data.G), "H": (("level", "i", "r"), data.H),
                        "g": (("level", "i"), data.g)})
-
-
-def effect_draws(fit, levels=None) -> xr.DataArray:
-    """Draws of the first block's effects for ``levels`` (labels; all when None).
-
-    They are exactly the draws a fit with ``effects="draws"`` and the same seed would
-    have stored, and the ones its ``effects_summary`` was computed from.
-    """
-    spec, post = fit.spec, fit.posterior
-    first, name = spec.blocks[0], fit.names[0]
-    if name in post:
-        da = post[name]
-        return da if levels is None else da.sel({naming.level_dim(name): list(map(str, levels))})
-    if CONDITIONAL_GROUP not in fit.idata.children:
-        raise BayesLMMError(f"this fit has neither the draws of {name!r} nor what is needed to redraw them")
-    cond = fit.idata[CONDITIONAL_GROUP].to_dataset()
-    data = CollapsedData(G=cond["G"].to_numpy(), H=cond["H"].to_numpy(), g=cond["g"].to_numpy(),
-                         XtX=np.zeros((0, 0)), Xty=np.zeros(0), yty=0.0, n_obs=spec.n_obs)
-    labels = list(first.levels)
-    if levels is None:
-        idx = np.arange(first.n_levels)
-    else:
-        missing = [lv for lv in levels if str(lv) not in labels]
-        if missing:
-            raise BayesLMMError(f"levels {missing[:5]} are not levels of {first.group!r}")
-        pos = {lv: i for i, lv in enumerate(labels)}
-        idx = np.array([pos[str(lv)] for lv in levels], dtype=int)
-    gamma, L, sigma = _first_block_inputs(post, fit.names, first)
-    chunks = sorted(set((idx // LEVEL_CHUNK).tolist()))
-    got = {k: d for k, d in _draw_chunks(data, gamma, L, sigma, fit.seed, chunks)}
-    b = np.stack([got[i // LEVEL_CHUNK][:, i % LEVEL_CHUNK] for i in idx], axis=1)
-    C, D = post.sizes["chain"], post.sizes["draw"]
-    return xr.DataArray(b.reshape(C, D, len(idx), first.q),
-                        dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
-                        coords={"chain": post["chain"].to_numpy(), "draw": post["draw"].to_numpy(),
-                                naming.level_dim(name): [labels[i] for i in idx], naming.effect_dim(name): list(first.columns)},
-                        name=name)
-
-
-def linear_predictor(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> np.ndarray:
-    """Conditional means Xβ + Zb per draw: (chain, draw, obs)."""
-    beta = post["beta"].to_numpy()
-    mu = np.einsum("cdp,np->cdn", beta, spec.X)
-    for block, name in zip(spec.blocks, names):
-        if name not in post:
-            raise BayesLMMError(f"the draws of {name!r}'s effects were not stored (effects='summary'): per-draw "
-                                "quantities over every row need them; refit with effects='draws'")
-        b = post[name].to_numpy()
-        mu += np.einsum("cdnq,nq->cdn", b[:, :, block.codes, :], block.Z)
-    return mu
-
-
-def pointwise_loglik(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> xr.Dataset:
-    """log N(y_i | X_iβ + Z_ib, σ) per observation and draw (conditional on the effects, as brms)."""
-    mu = linear_predictor(spec, post, names)
-    sigma = post["sigma"].to_numpy()[..., None]
-    ll = -0.5 * np.log(2 * np.pi) - np.log(sigma) - 0.5 * ((spec.y - mu) / sigma) ** 2
-    return xr.Dataset({"y": (("chain", "draw", "obs"), ll)}, coords={"obs": np.arange(spec.n_obs)})
 
 
 def _add_data_groups(dt, spec: ModelSpec) -> None:

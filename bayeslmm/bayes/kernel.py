@@ -4,7 +4,7 @@ For one grouping factor with one or two random-effect columns — ``y ~ x + (1 |
 ``y ~ x + (1 + x | g)``, ``(x || g)`` — the collapsed log-posterior and its gradient
 are written out by hand here and compiled once by numba with ``cache=True``: the
 machine code is written next to this file (or, where that and the user's cache folder
-are read-only, into a private temporary folder: :func:`_cached_njit`) and loaded (in
+are read-only, into a private temporary folder: :func:`.compiled.cached_njit`) and loaded (in
 ~0.1 s) by every later process.  It releases the GIL, so nutpie's chains run it on
 several threads.  nutpie's NUTS calls it through :func:`nutpie.compiled_pyfunc.from_pyfunc`.
 The general path (PyMC's graph compiled by PyTensor, or by numba through
@@ -31,17 +31,14 @@ the value against the PyTensor likelihood and the gradient against finite differ
 from __future__ import annotations
 
 import math
-import os
-import stat
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
-from numba.core import config as numba_config
+from numba import prange
 
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
+from .compiled import cached_njit
 from .priors import PriorSet
 
 #: scale-prior families the kernel implements, with their parameter names in order
@@ -49,51 +46,6 @@ SCALE_FAMILIES = {"HalfNormal": ("sigma",), "Exponential": ("lam",), "HalfStuden
                   "HalfCauchy": ("beta",)}
 _FAMILY_CODE = {name: i for i, name in enumerate(SCALE_FAMILIES)}
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def private_cache_dir(kind: str) -> str | None:
-    """A ``kind`` cache folder in the temporary directory that only this user can write, or ``None``.
-
-    Compiled caches (numba's, PyTensor's) are loaded as code: a folder another user
-    could write to would let them run code in this process, so one that is not ours
-    alone is not used.
-    """
-    path = os.path.join(tempfile.gettempdir(), f"bayeslmm-{kind}-cache-{os.getuid()}")
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        info = os.lstat(path)
-    except OSError:
-        return None
-    mine = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
-    return path if mine and os.access(path, os.W_OK | os.X_OK) else None
-
-
-def _cached_njit(**options):
-    """``njit(cache=True)``, falling back where numba finds no writable place for its cache.
-
-    numba writes the machine code into ``__pycache__`` beside this file or into the
-    user's cache folder; a read-only install with no writable home has neither, and
-    numba then refuses at import ("no locator available").  The fallback is a
-    private folder in the temporary directory (set only while decorating, so other
-    numba code in the process keeps its own setting), else no cache: each process
-    then compiles the kernel again.
-    """
-    def wrap(func):
-        try:
-            return njit(cache=True, **options)(func)
-        except RuntimeError as exc:
-            if "no locator available" not in str(exc):
-                raise
-        folder = private_cache_dir("numba")
-        if folder is None:
-            return njit(**options)(func)
-        saved = numba_config.CACHE_DIR
-        numba_config.CACHE_DIR = folder
-        try:
-            return njit(cache=True, **options)(func)
-        finally:
-            numba_config.CACHE_DIR = saved
-    return wrap
 
 
 def unsupported_reason(spec: ModelSpec, priors: PriorSet, parameterization: str) -> str | None:
@@ -219,7 +171,7 @@ def _prior_centre(fam: int, par: np.ndarray) -> float:
     return par[0]           # HalfNormal(sigma), HalfCauchy(beta)
 
 
-@_cached_njit(error_model="numpy")
+@cached_njit(error_model="numpy")
 def _scale_logp(fam, a, b, s):
     """log density of a positive scale s and its derivative in s."""
     if fam == 0:    # HalfNormal(sigma=a)
@@ -237,58 +189,262 @@ def _scale_logp(fam, a, b, s):
     return math.log(2.0 / math.pi) - math.log(a) - math.log1p(t * t), -2.0 * t / (a * (1.0 + t * t))
 
 
-@_cached_njit(error_model="numpy")
+@cached_njit(error_model="numpy")
 def _log_sech2(z):
     """log(1 − tanh²z) = −2 log cosh z, without overflow."""
     az = abs(z)
     return -2.0 * (az + math.log1p(math.exp(-2.0 * az)) - math.log(2.0))
 
 
-@_cached_njit(nogil=True, error_model="numpy")
-def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
-               correlated, grad):
-    p = XtX.shape[0]
-    J = G.shape[0]
-    q = G.shape[1]
-    for k in range(x.shape[0]):
-        grad[k] = 0.0
+# The log-posterior in stages, each inlined into _logp_grad by numba (inline="always", in
+# numba's IR): called as separate functions they cost ~20 % of an evaluation on sleepstudy.
+@cached_njit(error_model="numpy", inline="always")
+def _beta_prior(x, mu_b, s_b, grad):
+    """Normal priors on the centred coefficients: Σ_k log N(x_k | μ_k, s_k); sets ∂/∂x_k = −(x_k − μ_k)/s_k²."""
     lp = 0.0
-    # fixed effects: Normal priors on the centred coefficients β_c, β = Cm β_c
-    for k in range(p):
+    for k in range(mu_b.shape[0]):
         d = (x[k] - mu_b[k]) / s_b[k]
         lp += -0.5 * d * d - math.log(s_b[k]) - 0.5 * _LOG_2PI
         grad[k] = -d / s_b[k]
+    return lp
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _scale_priors(x, p, fam_sigma, par_sigma, fam_sd, par_sd, lp, grad, sd):
+    """σ = exp x_p and sd_c = exp x_(p+1+c) (written into ``sd``): lp plus their priors and Jacobians; returns (lp, σ).
+
+    On the log scale t = log s a scale prior's density is f(s)·s, so each adds
+    log f(s) + t to lp and f′(s)/f(s)·s + 1 to ∂/∂t.
+    """
+    ls = x[p]
+    sigma = math.exp(ls)
+    v0, d0 = _scale_logp(fam_sigma, par_sigma[0], par_sigma[1], sigma)
+    lp += v0 + ls
+    grad[p] += d0 * sigma + 1.0
+    for c in range(sd.shape[0]):
+        lsd = x[p + 1 + c]
+        sd[c] = math.exp(lsd)
+        v0, d0 = _scale_logp(fam_sd, par_sd[c, 0], par_sd[c, 1], sd[c])
+        lp += v0 + lsd
+        grad[p + 1 + c] += d0 * sd[c] + 1.0
+    return lp, sigma
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _lkj_prior(z, eta):
+    """The correlation ρ = tanh z of a 2×2 block: (log density, ρ, √(1 − ρ²)).
+
+    LKJ(η) is (1 − ρ²)^(η−1) / (2^(2η−1) B(η, η)); with the Jacobian 1 − ρ² of tanh the
+    log density in z is η log(1 − ρ²) − (2η − 1) log 2 − log B(η, η), whose derivative is −2ηρ.
+    """
+    rho = math.tanh(z)
+    lsech2 = _log_sech2(z)
+    cc = math.exp(0.5 * lsech2)          # √(1 − ρ²)
+    lbeta = 2.0 * math.lgamma(eta) - math.lgamma(2.0 * eta)
+    return eta * lsech2 - (2.0 * eta - 1.0) * math.log(2.0) - lbeta, rho, cc
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _fixed_part(x, Cm, XtX, Xty, yty):
+    """β = Cm β_c (β_c the first p coordinates), XᵀXβ and rᵀr = yᵀy − 2βᵀXᵀy + βᵀXᵀXβ."""
+    p = XtX.shape[0]
     beta = np.zeros(p)
     for i in range(p):
         acc = 0.0
         for k in range(p):
             acc += Cm[i, k] * x[k]
         beta[i] = acc
-    # residual sd, on the log scale (Jacobian: + log σ)
-    ls = x[p]
-    sigma = math.exp(ls)
-    v0, d0 = _scale_logp(fam_sigma, par_sigma[0], par_sigma[1], sigma)
-    lp += v0 + ls
-    grad[p] += d0 * sigma + 1.0
-    # random-effect sds, on the log scale
+    XtXb = np.zeros(p)
+    rtr = yty
+    for i in range(p):
+        acc = 0.0
+        for k in range(p):
+            acc += XtX[i, k] * beta[k]
+        XtXb[i] = acc
+        rtr += -2.0 * beta[i] * Xty[i] + beta[i] * acc
+    return beta, XtXb, rtr
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _levels_one_column(G, H, g, beta, L00, s2, gH):
+    """The per-level sums for q = 1 (L = [L00]): (Σ log M_j, Σ w_jv_j, Σ P_jA_j, Σ v_jA_jv_j, ∂ℓ/∂L00).
+
+    With u_j = g_j − H_jβ, A_j = L00²G_j, M_j = 1 + A_j/s, P_j = 1/M_j, w_j = L00u_j,
+    v_j = P_jw_j (s = σ²); ∂ℓ/∂L00 = Σ_j [−G_jL00P_j/s + (u_jv_j − G_jL00v_j²/s)/s²],
+    and ``gH`` (zeros on entry) receives Σ_j H_jᵀL00v_j.
+    """
+    p = beta.shape[0]
+    logdet = 0.0
+    quad = 0.0
+    trPA = 0.0
+    vAv = 0.0
+    a00 = 0.0
+    for j in range(G.shape[0]):
+        u = g[j, 0]
+        for k in range(p):
+            u -= H[j, 0, k] * beta[k]
+        Gj = G[j, 0, 0]
+        A = L00 * L00 * Gj
+        M = 1.0 + A / s2
+        P = 1.0 / M
+        w = L00 * u
+        v = P * w
+        logdet += math.log(M)
+        quad += w * v
+        trPA += P * A
+        vAv += v * A * v
+        GL = Gj * L00
+        a00 += -GL * P / s2 + (u * v - GL * v * v / s2) / (s2 * s2)
+        Lv = L00 * v
+        for k in range(p):
+            gH[k] += H[j, 0, k] * Lv
+    return logdet, quad, trPA, vAv, a00
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _levels_two_columns(G, H, g, beta, L00, L10, L11, s2, gH):
+    """The per-level sums for q = 2: (Σ log|M_j|, Σ w_jᵀv_j, Σ tr P_jA_j, Σ v_jᵀA_jv_j, and the
+    lower triangle (0,0), (1,0), (1,1) of ∂ℓ/∂L = −Σ G_jLP_j/s + Σ (u_jv_jᵀ − G_jLv_jv_jᵀ/s)/s²).
+
+    L = [[L00, 0], [L10, L11]]; u_j, A_j = LᵀG_jL, M_j, P_j = M_j⁻¹, w_j = Lᵀu_j and
+    v_j = P_jw_j are as in the module's formulas, written out entry by entry.  ``gH``
+    (zeros on entry) receives Σ_j H_jᵀLv_j.  The determinants are multiplied over eight
+    levels before one log (each det M_j ≥ 1, so the product cannot underflow).
+    """
+    p = beta.shape[0]
+    logdet = 0.0
+    quad = 0.0
+    trPA = 0.0
+    vAv = 0.0
+    a00 = a10 = a11 = 0.0
+    inv_s2 = 1.0 / s2
+    inv_s4 = inv_s2 * inv_s2
+    detprod = 1.0
+    for j in range(G.shape[0]):
+        u0 = g[j, 0]
+        u1 = g[j, 1]
+        for k in range(p):
+            u0 -= H[j, 0, k] * beta[k]
+            u1 -= H[j, 1, k] * beta[k]
+        g00 = G[j, 0, 0]
+        g01 = G[j, 0, 1]
+        g11 = G[j, 1, 1]
+        # GL = G_j L (L lower: columns (L00, L10) and (0, L11))
+        GL00 = g00 * L00 + g01 * L10
+        GL01 = g01 * L11
+        GL10 = g01 * L00 + g11 * L10
+        GL11 = g11 * L11
+        # A = Lᵀ G L
+        A00 = L00 * GL00 + L10 * GL10
+        A01 = L11 * GL10
+        A11 = L11 * GL11
+        M00 = 1.0 + A00 * inv_s2
+        M01 = A01 * inv_s2
+        M11 = 1.0 + A11 * inv_s2
+        det = M00 * M11 - M01 * M01
+        inv_det = 1.0 / det
+        P00 = M11 * inv_det
+        P01 = -M01 * inv_det
+        P11 = M00 * inv_det
+        w0 = L00 * u0 + L10 * u1
+        w1 = L11 * u1
+        v0 = P00 * w0 + P01 * w1
+        v1 = P01 * w0 + P11 * w1
+        detprod *= det
+        if (j & 7) == 7:
+            logdet += math.log(detprod)
+            detprod = 1.0
+        quad += w0 * v0 + w1 * v1
+        trPA += P00 * A00 + 2.0 * P01 * A01 + P11 * A11
+        vAv += v0 * (A00 * v0 + A01 * v1) + v1 * (A01 * v0 + A11 * v1)
+        # (GL P) entries (0,0), (1,0), (1,1)
+        GLP00 = GL00 * P00 + GL01 * P01
+        GLP10 = GL10 * P00 + GL11 * P01
+        GLP11 = GL10 * P01 + GL11 * P11
+        GLv0 = GL00 * v0 + GL01 * v1
+        GLv1 = GL10 * v0 + GL11 * v1
+        a00 += (u0 * v0 - GLv0 * v0 * inv_s2) * inv_s4 - GLP00 * inv_s2
+        a10 += (u1 * v0 - GLv1 * v0 * inv_s2) * inv_s4 - GLP10 * inv_s2
+        a11 += (u1 * v1 - GLv1 * v1 * inv_s2) * inv_s4 - GLP11 * inv_s2
+        Lv0 = L00 * v0
+        Lv1 = L10 * v0 + L11 * v1
+        for k in range(p):
+            gH[k] += H[j, 0, k] * Lv0 + H[j, 1, k] * Lv1
+    logdet += math.log(detprod)
+    return logdet, quad, trPA, vAv, a00, a10, a11
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _fixed_and_sigma_gradient(Cm, Xty, XtXb, gH, n, s2, rtr, quad, trPA, vAv, grad):
+    """Add ∂ℓ/∂β (through β = Cm β_c) and ∂ℓ/∂log σ = 2s ∂ℓ/∂s (s = σ²) to ``grad``.
+
+    ∂ℓ/∂β = (Xᵀy − XᵀXβ)/s − Σ_j H_jᵀLv_j/s²  and
+    ∂ℓ/∂s = −½[N/s − Σ tr(P_jA_j)/s² − rᵀr/s² − Σ v_jᵀA_jv_j/s⁴ + 2Σ w_jᵀv_j/s³].
+    """
+    p = Cm.shape[0]
+    s4 = s2 * s2
+    for i in range(p):
+        gb = (Xty[i] - XtXb[i]) / s2 - gH[i] / s4
+        for k in range(p):
+            grad[k] += Cm[i, k] * gb
+    dls = -0.5 * (n / s2 - trPA / s4 - rtr / s4 - vAv / (s4 * s4) + 2.0 * quad / (s4 * s2))
+    grad[p] += 2.0 * s2 * dls
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad):
+    """Add ∂ℓ/∂L (lower triangle a00, a10, a11) to ``grad`` through L's coordinates.
+
+    L00 = sd_0, L10 = sd_1ρ, L11 = sd_1√(1 − ρ²) with sd_c = exp x and ρ = tanh z:
+    ∂/∂log sd_c = sd_c ∂ℓ/∂sd_c and ∂/∂z = (1 − ρ²) ∂ℓ/∂ρ.
+    """
+    grad[p + 1] += a00 * sd[0]
+    if sd.shape[0] == 2:
+        dsd1 = a10 * rho + a11 * cc
+        grad[p + 2] += dsd1 * sd[1]
+        if correlated:
+            drho = a10 * sd[1] - a11 * sd[1] * rho / cc
+            grad[p + 3] += drho * cc * cc
+
+
+@cached_njit(error_model="numpy", inline="always")
+def _finite_or_rejected(lp, grad):
+    """lp, or −inf with a zero gradient where the value or the gradient is not finite.
+
+    Far in the tails (σ or an sd under- or overflowing) the value or gradient is not
+    finite: a point NUTS must reject, reported as a divergence, never as NaN.
+    """
+    finite = math.isfinite(lp)
+    for k in range(grad.shape[0]):
+        finite = finite and math.isfinite(grad[k])
+    if finite:
+        return lp
+    for k in range(grad.shape[0]):
+        grad[k] = 0.0
+    return -math.inf
+
+
+@cached_njit(nogil=True, error_model="numpy")
+def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
+               correlated, grad):
+    """The log-posterior at the unconstrained point x; its gradient is written into ``grad``.
+
+    Priors (each stage adds its own gradient), then the collapsed log-likelihood
+    −½[N log 2πσ² + Σ_j log|M_j| + (rᵀr − Σ_j w_jᵀv_j/σ²)/σ²] from the per-level
+    sums, then the likelihood's gradient by the chain rule (module docstring).
+    """
+    p = XtX.shape[0]
+    q = G.shape[1]
+    for k in range(x.shape[0]):
+        grad[k] = 0.0
+    lp = _beta_prior(x, mu_b, s_b, grad)
     sd = np.empty(q)
-    for c in range(q):
-        lsd = x[p + 1 + c]
-        sd[c] = math.exp(lsd)
-        v0, d0 = _scale_logp(fam_sd, par_sd[c, 0], par_sd[c, 1], sd[c])
-        lp += v0 + lsd
-        grad[p + 1 + c] += d0 * sd[c] + 1.0
-    # the correlation ρ = tanh z of a correlated 2×2 block: LKJ(η) density
-    # (1 − ρ²)^(η−1) / (2^(2η−1) B(η, η)) times the Jacobian 1 − ρ²
+    lp, sigma = _scale_priors(x, p, fam_sigma, par_sigma, fam_sd, par_sd, lp, grad, sd)
     rho = 0.0
     cc = 1.0
     if correlated:
-        z = x[p + 1 + q]
-        rho = math.tanh(z)
-        lsech2 = _log_sech2(z)
-        cc = math.exp(0.5 * lsech2)          # √(1 − ρ²)
-        lbeta = 2.0 * math.lgamma(eta) - math.lgamma(2.0 * eta)
-        lp += eta * lsech2 - (2.0 * eta - 1.0) * math.log(2.0) - lbeta
+        lkj, rho, cc = _lkj_prior(x[p + 1 + q], eta)
+        lp += lkj
         grad[p + 1 + q] += -2.0 * eta * rho
     # L, the absolute Cholesky factor of the effects' covariance
     L00 = sd[0]
@@ -298,185 +454,20 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
         L10 = sd[1] * rho
         L11 = sd[1] * cc
     s2 = sigma * sigma
-    # collapsed log-likelihood
-    XtXb = np.zeros(p)
-    rtr = yty
-    for i in range(p):
-        acc = 0.0
-        for k in range(p):
-            acc += XtX[i, k] * beta[k]
-        XtXb[i] = acc
-        rtr += -2.0 * beta[i] * Xty[i] + beta[i] * acc
+    beta, XtXb, rtr = _fixed_part(x, Cm, XtX, Xty, yty)
     gH = np.zeros(p)
-    logdet = 0.0
-    quad = 0.0
-    trPA = 0.0
-    vAv = 0.0
-    # Σ_j G_jLP_j, Σ_j u_jv_jᵀ, Σ_j G_jLv_jv_jᵀ (lower triangles are what L needs)
-    a00 = a10 = a11 = 0.0
+    a10 = a11 = 0.0
     if q == 1:
-        for j in range(J):
-            u = g[j, 0]
-            for k in range(p):
-                u -= H[j, 0, k] * beta[k]
-            Gj = G[j, 0, 0]
-            A = L00 * L00 * Gj
-            M = 1.0 + A / s2
-            P = 1.0 / M
-            w = L00 * u
-            v = P * w
-            logdet += math.log(M)
-            quad += w * v
-            trPA += P * A
-            vAv += v * A * v
-            GL = Gj * L00
-            a00 += -GL * P / s2 + (u * v - GL * v * v / s2) / (s2 * s2)
-            Lv = L00 * v
-            for k in range(p):
-                gH[k] += H[j, 0, k] * Lv
+        logdet, quad, trPA, vAv, a00 = _levels_one_column(G, H, g, beta, L00, s2, gH)
     else:
-        inv_s2 = 1.0 / s2
-        inv_s4 = inv_s2 * inv_s2
-        detprod = 1.0       # ∏ det M_j over a few levels, then one log (every det M_j ≥ 1)
-        for j in range(J):
-            u0 = g[j, 0]
-            u1 = g[j, 1]
-            for k in range(p):
-                u0 -= H[j, 0, k] * beta[k]
-                u1 -= H[j, 1, k] * beta[k]
-            g00 = G[j, 0, 0]
-            g01 = G[j, 0, 1]
-            g11 = G[j, 1, 1]
-            # GL = G_j L (L lower: columns (L00, L10) and (0, L11))
-            GL00 = g00 * L00 + g01 * L10
-            GL01 = g01 * L11
-            GL10 = g01 * L00 + g11 * L10
-            GL11 = g11 * L11
-            # A = Lᵀ G L
-            A00 = L00 * GL00 + L10 * GL10
-            A01 = L11 * GL10
-            A11 = L11 * GL11
-            M00 = 1.0 + A00 * inv_s2
-            M01 = A01 * inv_s2
-            M11 = 1.0 + A11 * inv_s2
-            det = M00 * M11 - M01 * M01
-            inv_det = 1.0 / det
-            P00 = M11 * inv_det
-            P01 = -M01 * inv_det
-            P11 = M00 * inv_det
-            w0 = L00 * u0 + L10 * u1
-            w1 = L11 * u1
-            v0 = P00 * w0 + P01 * w1
-            v1 = P01 * w0 + P11 * w1
-            detprod *= det
-            if (j & 7) == 7:
-                logdet += math.log(detprod)
-                detprod = 1.0
-            quad += w0 * v0 + w1 * v1
-            trPA += P00 * A00 + 2.0 * P01 * A01 + P11 * A11
-            vAv += v0 * (A00 * v0 + A01 * v1) + v1 * (A01 * v0 + A11 * v1)
-            # (GL P) entries (0,0), (1,0), (1,1)
-            GLP00 = GL00 * P00 + GL01 * P01
-            GLP10 = GL10 * P00 + GL11 * P01
-            GLP11 = GL10 * P01 + GL11 * P11
-            GLv0 = GL00 * v0 + GL01 * v1
-            GLv1 = GL10 * v0 + GL11 * v1
-            a00 += (u0 * v0 - GLv0 * v0 * inv_s2) * inv_s4 - GLP00 * inv_s2
-            a10 += (u1 * v0 - GLv1 * v0 * inv_s2) * inv_s4 - GLP10 * inv_s2
-            a11 += (u1 * v1 - GLv1 * v1 * inv_s2) * inv_s4 - GLP11 * inv_s2
-            Lv0 = L00 * v0
-            Lv1 = L10 * v0 + L11 * v1
-            for k in range(p):
-                gH[k] += H[j, 0, k] * Lv0 + H[j, 1, k] * Lv1
-        logdet += math.log(detprod)
+        logdet, quad, trPA, vAv, a00, a10, a11 = _levels_two_columns(G, H, g, beta, L00, L10, L11, s2, gH)
     lp += -0.5 * (n * (_LOG_2PI + math.log(s2)) + logdet + (rtr - quad / s2) / s2)
-    # ∂ℓ/∂β, then through β = Cm β_c
-    s4 = s2 * s2
-    for i in range(p):
-        gb = (Xty[i] - XtXb[i]) / s2 - gH[i] / s4
-        for k in range(p):
-            grad[k] += Cm[i, k] * gb
-    # ∂ℓ/∂s (s = σ²), then ∂/∂log σ = 2s ∂/∂s
-    dls = -0.5 * (n / s2 - trPA / s4 - rtr / s4 - vAv / (s4 * s4) + 2.0 * quad / (s4 * s2))
-    grad[p] += 2.0 * s2 * dls
-    # ∂ℓ/∂L → sds and ρ
-    if q == 1:
-        grad[p + 1] += a00 * sd[0]
-    else:
-        grad[p + 1] += a00 * sd[0]
-        dsd1 = a10 * rho + a11 * cc
-        grad[p + 2] += dsd1 * sd[1]
-        if correlated:
-            drho = a10 * sd[1] - a11 * sd[1] * rho / cc
-            grad[p + 3] += drho * cc * cc
-    # far in the tails (σ or an sd under- or overflowing) the value or gradient is not finite:
-    # a point NUTS must reject, reported as -inf with a zero gradient (a divergence), never NaN
-    finite = math.isfinite(lp)
-    for k in range(x.shape[0]):
-        finite = finite and math.isfinite(grad[k])
-    if not finite:
-        for k in range(x.shape[0]):
-            grad[k] = 0.0
-        return -math.inf
-    return lp
+    _fixed_and_sigma_gradient(Cm, Xty, XtXb, gH, n, s2, rtr, quad, trPA, vAv, grad)
+    _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad)
+    return _finite_or_rejected(lp, grad)
 
 
-@_cached_njit(nogil=True, error_model="numpy")
-def draw_effects_small(G, H, g, gamma, L, s2, eps, out):
-    """Exact draws of the first block's effects for q ≤ 2, fused over (draws, levels).
-
-    The exact conditional draw of :func:`bayeslmm.bayes.collapsed.draw_first_block` for q ≤ 2: for draw s and
-    level j, u = g_j − H_jγ_s, M = I + LᵀG_jL/σ², v = M⁻¹Lᵀu/σ² + C⁻ᵀε (C = chol M),
-    b = Lv.  ``eps`` is (q, S, J) standard normals, ``out`` is (S, J, q); the
-    tests compare it with the same formula written in numpy.
-    """
-    S = gamma.shape[0]
-    J = G.shape[0]
-    q = G.shape[1]
-    r = H.shape[2]
-    for s in range(S):
-        a = L[s, 0, 0]
-        inv_s2 = 1.0 / s2[s]
-        if q == 1:
-            for j in range(J):
-                u = g[j, 0]
-                for k in range(r):
-                    u -= H[j, 0, k] * gamma[s, k]
-                M = 1.0 + a * a * G[j, 0, 0] * inv_s2
-                v = a * u * inv_s2 / M + eps[0, s, j] / math.sqrt(M)
-                out[s, j, 0] = a * v
-            continue
-        b = L[s, 1, 0]
-        c = L[s, 1, 1]
-        for j in range(J):
-            u0 = g[j, 0]
-            u1 = g[j, 1]
-            for k in range(r):
-                u0 -= H[j, 0, k] * gamma[s, k]
-                u1 -= H[j, 1, k] * gamma[s, k]
-            g11 = G[j, 0, 0]
-            g12 = G[j, 0, 1]
-            g22 = G[j, 1, 1]
-            m11 = 1.0 + (a * a * g11 + 2.0 * a * b * g12 + b * b * g22) * inv_s2
-            m12 = c * (a * g12 + b * g22) * inv_s2
-            m22 = 1.0 + c * c * g22 * inv_s2
-            det = m11 * m22 - m12 * m12
-            w1 = (a * u0 + b * u1) * inv_s2
-            w2 = c * u1 * inv_s2
-            mean1 = (m22 * w1 - m12 * w2) / det
-            mean2 = (m11 * w2 - m12 * w1) / det
-            c11 = math.sqrt(m11)
-            c21 = m12 / c11
-            c22 = math.sqrt(m22 - c21 * c21)
-            n2 = eps[1, s, j] / c22
-            n1 = (eps[0, s, j] - c21 * n2) / c11
-            v1 = mean1 + n1
-            v2 = mean2 + n2
-            out[s, j, 0] = a * v1
-            out[s, j, 1] = b * v1 + c * v2
-
-
-@_cached_njit(nogil=True, parallel=True, error_model="numpy")
+@cached_njit(nogil=True, parallel=True, error_model="numpy")
 def summarise_columns(d, probs, out):
     """Mean, sd (ddof 1) and quantiles (numpy's linear method) of every column of d (S, K) → out (K, 2 + len(probs)).
 

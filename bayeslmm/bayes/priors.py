@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..errors import BayesLMMError
+from ..errors import BayesLMMError, DataError
 from ..spec import ModelSpec
 
 #: distributions a prior may name, with the parameters that must be positive
@@ -141,6 +141,58 @@ class PriorSet:
             if block.correlated and block.q > 1:
                 rows.append(("correlation", block.group, f"LKJ(eta={bp.eta:g})", "pm.LKJCholeskyCov"))
         return pd.DataFrame(rows, columns=["class", "parameter", "prior", "note"])
+
+    # -- the record a save stores ------------------------------------------------------
+    def to_record(self) -> dict:
+        """A JSON-ready record of every family and parameter (numpy values keep their dtype)."""
+        return {
+            "beta": [_prior_record(p, "a fixed effect") for p in self.beta],
+            "sigma": _prior_record(self.sigma, "sigma"),
+            "blocks": [{"sd": _prior_record(b.sd, "a random-effect sd"), "eta": float(b.eta)} for b in self.blocks],
+            "centred": bool(self.centred),
+            "x_means": _param_record(np.asarray(self.x_means), "the centring"),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, spec: ModelSpec, source: str = "the record") -> "PriorSet":
+        """The priors of :meth:`to_record`, checked as a fit checks a user's priors and against ``spec``.
+
+        A record that is incomplete, or holds priors no fit accepts, gives a
+        :class:`~bayeslmm.errors.DataError` naming ``source`` (the file it came from).
+        """
+        try:
+            priors = cls(beta=tuple(_prior_from_record(p) for p in record["beta"]),
+                         sigma=_prior_from_record(record["sigma"]),
+                         blocks=tuple(BlockPriors(sd=_prior_from_record(b["sd"]), eta=float(b["eta"]))
+                                      for b in record["blocks"]),
+                         centred=bool(record["centred"]), x_means=_param_from_record(record["x_means"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{source}: the stored priors are incomplete ({type(exc).__name__}: {exc})") from exc
+        try:
+            priors.check_for(spec)
+        except BayesLMMError as exc:
+            raise DataError(f"{source}: the stored priors are not ones a fit accepts: {exc}; the file was altered "
+                            "or damaged") from exc
+        return priors
+
+    def check_for(self, spec: ModelSpec) -> None:
+        """The checks a fit applies to a user's priors, and their count and shapes for ``spec``."""
+        if len(self.beta) != spec.n_fixed or len(self.blocks) != len(spec.blocks):
+            raise BayesLMMError(f"{len(self.beta)} fixed-effect and {len(self.blocks)} block priors stored, the "
+                                f"model has {spec.n_fixed} and {len(spec.blocks)}")
+        for name, prior in zip(spec.fixed_names, self.beta):
+            prior.check(f"coefficient {name!r}", "location")
+            _check_prior_shape(prior, (), f"coefficient {name!r}")
+        self.sigma.check("sigma", "scale")
+        _check_prior_shape(self.sigma, (), "sigma")
+        for block, bp in zip(spec.blocks, self.blocks):
+            bp.sd.check(f"{block.group} sd", "scale")
+            _check_prior_shape(bp.sd, (block.q,), f"{block.group} sd")
+            if not (np.isfinite(bp.eta) and bp.eta > 0):
+                raise BayesLMMError(f"prior for block {block.group!r}: LKJ eta must be a positive number, "
+                                    f"got {bp.eta!r}")
+        if np.shape(self.x_means) != (spec.n_fixed,) or not np.all(np.isfinite(self.x_means)):
+            raise BayesLMMError(f"the centring means must be {spec.n_fixed} finite numbers")
 
 
 #: how each parameter of a family moves when the variable becomes (v − shift)/scale:
@@ -298,3 +350,47 @@ def _per_column(v, q: int, where: str):
     if arr.shape != (q,):
         raise BayesLMMError(f"{where}: give one value or {q} (one per random-effect column), got shape {arr.shape}")
     return arr
+
+
+# -- records of priors (what a save stores) --------------------------------------------------------
+def _param_record(value, where: str):
+    """A parameter as JSON; arrays and numpy scalars are tagged with their dtype so they come back alike."""
+    if isinstance(value, np.ndarray):
+        return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return {"scalar": value.item(), "dtype": str(value.dtype)}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [_param_record(v, where) for v in value]}
+    if isinstance(value, (bool, int, float)):
+        return value
+    raise DataError(f"cannot save the prior for {where}: a parameter is a {type(value).__name__}; give numbers")
+
+
+def _param_from_record(value):
+    if isinstance(value, dict):
+        if "ndarray" in value:
+            return np.array(value["ndarray"], dtype=np.dtype(value["dtype"]))
+        if "scalar" in value:
+            return np.dtype(value["dtype"]).type(value["scalar"])
+        if "list" in value:
+            return [_param_from_record(v) for v in value["list"]]
+        if "tuple" in value:
+            return tuple(_param_from_record(v) for v in value["tuple"])
+        raise DataError(f"unreadable prior parameter {value!r}")
+    return value
+
+
+def _prior_record(prior: Prior, where: str) -> dict:
+    return {"family": prior.family, "params": {k: _param_record(v, where) for k, v in prior.params.items()}}
+
+
+def _prior_from_record(record: dict) -> Prior:
+    return Prior(record["family"], **{k: _param_from_record(v) for k, v in record["params"].items()})
+
+
+def _check_prior_shape(prior: Prior, shape: tuple, where: str) -> None:
+    """One value (or, for a block's sds, one per column) per parameter."""
+    for name, value in prior.params.items():
+        if np.size(value) != 1 and np.shape(value) != shape:
+            raise BayesLMMError(f"prior for {where}: parameter {name} has shape {np.shape(value)}, "
+                                f"not {shape or 'one value'}")

@@ -9,14 +9,20 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..errors import BayesLMMError
+from ..deprecation import callable_for_old_calls
+from ..errors import BayesLMMError, DataError
 from ..group_frames import coef_frames, frames_by_group, posterior_ci_prob, with_intervals
+from ..results_api import confint_labels
 from ..spec import ModelSpec
 from . import diagnostics as diag_mod
 from . import naming
 from .priors import PriorSet
 
 SUMMARY_COLUMNS = ["mean", "sd", "median", "lower", "upper", "r_hat", "ess_bulk", "ess_tail"]
+#: a posterior summary's columns in the shared tables (``fixef_table``, ``varcorr_table``): the
+#: core ``estimate, std_error, lower, upper`` first, as FreqFit's
+TABLE_NAMES = {"mean": "estimate", "sd": "std_error"}
+TABLE_COLUMNS = ["estimate", "std_error", "lower", "upper", "median", "r_hat", "ess_bulk", "ess_tail"]
 
 
 def summarize_draws(draws: dict[str, np.ndarray], ci_prob: float | None = None) -> pd.DataFrame:
@@ -42,7 +48,7 @@ def summarize_draws(draws: dict[str, np.ndarray], ci_prob: float | None = None) 
 
 def _quantile_stat(p: float) -> str:
     """The stored summary column of quantile ``p`` (effects kept as summaries only)."""
-    from .fit import SUMMARY_PROBS
+    from .posterior import SUMMARY_PROBS
 
     for sp in SUMMARY_PROBS:
         if abs(sp - p) < 1e-9:
@@ -78,6 +84,17 @@ def _check_pymc_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> No
                                 "sample the PyMC model of this very Model (same formula and data)")
 
 
+def _check_draws_match_spec(idata, spec: ModelSpec, source: str) -> None:
+    """The response and design rebuilt from stored data must be the ones the draws were made from."""
+    checks = [("observed_data", "y", spec.y), ("constant_data", "X", spec.X)]
+    for group, var, value in checks:
+        if group in idata.children and var in idata[group].dataset:
+            stored = np.asarray(idata[group].dataset[var].values)
+            if stored.shape != value.shape or not np.array_equal(stored, value):
+                raise DataError(f"{source}: the {var} rebuilt from the stored data differs from the {group} the "
+                                "draws were made from; the file was altered or saved by another bayeslmm version")
+
+
 def _reported_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> xr.Dataset:
     """The posterior of ``pymc_model()``'s draws, checked, without the model's internal variables."""
     _check_pymc_draws(spec, names, post)
@@ -85,6 +102,13 @@ def _reported_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> xr.D
                              for suffix in ("_z", "_chol_cov", "_chol_cov_corr", "_chol_cov_stds")}
     drop = [v for v in post.data_vars if str(v) in internal or str(v).startswith("beta_c[")]
     return post.drop_vars(drop)
+
+
+def _shared_table(summary: pd.DataFrame, prob: float) -> pd.DataFrame:
+    """A :func:`summarize_draws` frame with the shared tables' names and column order."""
+    out = summary[SUMMARY_COLUMNS].rename(columns=TABLE_NAMES)[TABLE_COLUMNS]
+    out.attrs = {"ci_prob": prob, "interval": summary.attrs.get("interval")}
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +141,7 @@ class BayesFit:
     @classmethod
     def from_pymc(cls, model, idata, priors: dict | None = None, random_seed: int = 0,
                   warn: bool = True) -> "BayesFit":
-        """Wrap draws made from ``Model.pymc_model()`` into a fit (``summary()``, ``fixef()``, ``ranef()`` ...).
+        """Wrap draws made from ``Model.pymc_model()`` into a fit (``summary()``, ``fixef``, ``ranef()`` ...).
 
         Parameters
         ----------
@@ -141,7 +165,7 @@ class BayesFit:
         and keeps the rest (``mu`` included); a pointwise ``log_likelihood`` is added
         when absent, under the same size limit as ``fit()``.
         """
-        from .fit import MAX_LOGLIK_VALUES, pointwise_loglik
+        from .posterior import MAX_LOGLIK_VALUES, pointwise_loglik
         from .priors import resolve_priors
 
         spec = getattr(model, "spec", model)
@@ -169,9 +193,26 @@ class BayesFit:
             diag_mod.warn(fit.diagnostics(), stacklevel=3)
         return fit
 
+    #: every point value of this fit is a posterior mean; see :class:`bayeslmm.results_api.MixedFit`
+    point_estimate = "posterior mean"
+
     @property
     def method(self) -> str:
         return "NUTS"
+
+    @property
+    def default_ci_prob(self) -> float:
+        """The interval probability used when ``ci_prob`` is omitted: ArviZ's ``stats.ci_prob`` (0.89)."""
+        return posterior_ci_prob(None)
+
+    @property
+    def nobs(self) -> int:
+        return self.spec.n_obs
+
+    @property
+    def sigma(self) -> float:
+        """Posterior mean of the residual standard deviation σ."""
+        return float(self.posterior["sigma"].mean())
 
     @property
     def posterior(self) -> xr.Dataset:
@@ -183,11 +224,34 @@ class BayesFit:
         return post.sizes["chain"] * post.sizes["draw"]
 
     # -- tables ---------------------------------------------------------------
-    def fixef(self, ci_prob: float | None = None) -> pd.DataFrame:
-        """Posterior summary of the fixed effects, one row per coefficient (as ``FreqFit.fixef``)."""
+    @property
+    def fixef(self) -> pd.Series:
+        """Posterior means of the fixed effects: a Series indexed by coefficient, named ``estimate``.
+
+        As ``FreqFit.fixef`` and brms's ``fixef()`` "Estimate" (the posterior mean).
+        :meth:`fixef_table` gives the posterior summary.  Calling it as the method it
+        was (``fit.fixef()``, ``fit.fixef(ci_prob)``) still returns the old summary
+        frame, with a ``FutureWarning``.
+        """
+        beta = self.posterior["beta"].mean(("chain", "draw"))
+        names = list(self.spec.fixed_names)
+        value = pd.Series(beta.sel(coef=names).to_numpy(), index=names, name="estimate")
+        return callable_for_old_calls(value, self._fixef_summary,
+                                      "BayesFit.fixef is now a property (posterior means), as FreqFit's; "
+                                      "use fixef_table(ci_prob) for the posterior summary")
+
+    def _fixef_summary(self, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior summary of the fixed effects (columns :data:`SUMMARY_COLUMNS`)."""
         beta = self.posterior["beta"]
         draws = {name: beta.sel(coef=name).to_numpy() for name in self.spec.fixed_names}
         return summarize_draws(draws, ci_prob)
+
+    def fixef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior summary per coefficient: ``estimate`` (mean), ``std_error`` (posterior sd), the
+        equal-tailed ``ci_prob`` interval ``lower, upper`` (default ArviZ's 0.89), then ``median, r_hat,
+        ess_bulk, ess_tail``; ``attrs["ci_prob"]``."""
+        prob = posterior_ci_prob(ci_prob)
+        return _shared_table(self._fixef_summary(prob), prob)
 
     def _varcorr_draws(self) -> tuple[list[tuple], dict[str, np.ndarray]]:
         post = self.posterior
@@ -208,12 +272,70 @@ class BayesFit:
         draws["sigma"] = post["sigma"].to_numpy()
         return rows, draws
 
-    def varcorr(self, ci_prob: float | None = None) -> pd.DataFrame:
-        """Posterior of every sd and correlation, laid out like ``FreqFit.varcorr``.
+    def block_covariances(self) -> list[np.ndarray]:
+        """Posterior mean of each block's covariance Σ (q × q), in ``spec.blocks`` order."""
+        return [cov.mean(axis=(0, 1)) for cov in self.block_covariance_draws()]
 
-        Rows: ``grp, var1, var2`` as in lme4's ``as.data.frame(VarCorr(m))``; the
-        summary describes the sd (``var2`` missing) or the correlation.
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components as ``FreqFit.varcorr``: columns ``grp, var1, var2, vcov, sdcor``.
+
+        ``sdcor`` is the posterior mean of each sd (``var2`` missing) or correlation,
+        ``vcov`` the posterior mean of the variance or covariance (per draw
+        sd_i·sd_j·corr_ij), so ``vcov`` is not ``sdcor**2``; the residual row is last.
+        :meth:`varcorr_table` gives the posterior summary.  Calling it as the method it
+        was (``fit.varcorr()``) still returns the old summary frame, with a ``FutureWarning``.
         """
+        rows, draws = self._varcorr_draws()
+        out = []
+        for key, g, v1, v2 in rows:
+            if v2 is None:  # an sd or σ
+                cov = draws[key] ** 2
+            else:  # key is f"{block}|{v1}|{v2}"; the block's sds are f"{block}|{v1}", f"{block}|{v2}"
+                block = key[: -len(f"|{v1}|{v2}")]
+                cov = draws[key] * draws[f"{block}|{v1}"] * draws[f"{block}|{v2}"]
+            out.append((g, v1, v2, float(np.mean(cov)), float(np.mean(draws[key]))))
+        value = pd.DataFrame(out, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        return callable_for_old_calls(value, self._varcorr_summary,
+                                      "BayesFit.varcorr is now a property (posterior means), as FreqFit's; "
+                                      "use varcorr_table(ci_prob) for the posterior summary")
+
+    def varcorr_table(self, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior summary of every sd, correlation and σ, rows as :attr:`varcorr`.
+
+        Columns ``grp, var1, var2, estimate, lower, upper`` (estimate: the posterior
+        mean of the sd or correlation; the equal-tailed ``ci_prob`` interval, default
+        ArviZ's 0.89), then ``std_error, median, r_hat, ess_bulk, ess_tail``;
+        ``attrs["ci_prob"]``.
+        """
+        prob = posterior_ci_prob(ci_prob)
+        old = self._varcorr_summary(prob)
+        table = _shared_table(old[SUMMARY_COLUMNS], prob)
+        out = pd.concat([old[["grp", "var1", "var2"]], table], axis=1)
+        first = ["grp", "var1", "var2", "estimate", "lower", "upper"]
+        out = out[first + [c for c in out.columns if c not in first]]
+        out.attrs = dict(table.attrs)
+        return out
+
+    def confint(self, ci_prob: float = 0.95) -> pd.DataFrame:
+        """Equal-tailed posterior intervals, rows and columns as ``FreqFit.confint``.
+
+        Rows ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``, ``sigma`` (in
+        the order of :attr:`varcorr`), then the fixed effects; columns ``estimate``
+        (posterior mean), ``lower, upper``.  There is no ``method``: a posterior has one
+        kind of interval here.
+        """
+        prob = posterior_ci_prob(ci_prob)
+        vc, fe = self.varcorr_table(prob), self.fixef_table(prob)
+        cols = ["estimate", "lower", "upper"]
+        var = vc[cols].set_axis(confint_labels(vc), axis=0)
+        out = pd.concat([var, fe[cols]])
+        out.index.name = "parameter"
+        out.attrs.update(ci_prob=prob, method="posterior", notes=[])
+        return out
+
+    def _varcorr_summary(self, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior summary of every sd and correlation (``grp, var1, var2`` then :data:`SUMMARY_COLUMNS`)."""
         rows, draws = self._varcorr_draws()
         s = summarize_draws(draws, ci_prob)
         out = pd.DataFrame(rows, columns=["key", "grp", "var1", "var2"]).set_index("key")
@@ -246,7 +368,7 @@ class BayesFit:
         requested levels are recomputed exactly: they are the draws a fit with
         ``effects="draws"`` and the same seed stores.
         """
-        from .fit import effect_draws
+        from .posterior import effect_draws
 
         k = self._block_index(block)
         name = self.names[k]
@@ -256,7 +378,7 @@ class BayesFit:
         return da if levels is None else da.sel({naming.level_dim(name): [str(v) for v in levels]})
 
     def _effect_summary(self, k: int) -> xr.DataArray | None:
-        from .fit import EFFECTS_GROUP
+        from .posterior import EFFECTS_GROUP
 
         name = self.names[k]
         if name in self.posterior or EFFECTS_GROUP not in self.idata.children:
@@ -325,6 +447,27 @@ class BayesFit:
         out = pd.concat(parts, ignore_index=True)
         out.attrs["ci_prob"] = prob
         return out
+
+    # -- observations ------------------------------------------------------------
+    @property
+    def fitted(self) -> pd.Series:
+        """Posterior mean of the conditional means Xβ + Zb per row (``predict()["mean"]``).
+
+        The model is linear in β and b, so this is X·E[β] + Z·E[b]: it needs no
+        effect draws (a fit that kept only summaries has it too).
+        """
+        from ..predict import require_rows
+
+        require_rows(self.spec, "fitted values (one per row)")
+        mu = self.spec.X @ self.fixef.to_numpy()
+        for k, block in enumerate(self.spec.blocks):
+            mu = mu + np.einsum("nq,nq->n", block.Z, self.effect_means(k)[block.codes])
+        return pd.Series(mu, index=self.spec.row_index, name="fitted")
+
+    @property
+    def residuals(self) -> pd.Series:
+        """Response minus :attr:`fitted` (the posterior mean of y − Xβ − Zb)."""
+        return pd.Series(self.spec.y - self.fitted.to_numpy(), index=self.spec.row_index, name="residuals")
 
     # -- predictions ------------------------------------------------------------
     def posterior_predictive(self, random_seed: int | None = None, *, newdata=None, kind: str = "conditional",
@@ -489,7 +632,7 @@ class BayesFit:
         """
         from .. import variance as V
         from ..predict import require_rows
-        from .fit import linear_predictor
+        from .posterior import linear_predictor
 
         V.check_r2_method(method)
         require_rows(self.spec, "R² (variances over the rows)")
@@ -520,9 +663,9 @@ class BayesFit:
     # -- diagnostics ------------------------------------------------------------
     def summary_table(self, ci_prob: float | None = None) -> pd.DataFrame:
         """Fixed effects, sds, correlations and σ in one table."""
-        fe = self.fixef(ci_prob)
+        fe = self._fixef_summary(ci_prob)
         fe.index = [f"beta[{n}]" for n in fe.index]
-        vc = self.varcorr(ci_prob)
+        vc = self._varcorr_summary(ci_prob)
         labels = [("sigma" if g == "Residual" else
                    f"sd[{g}|{v1}]" if v2 is None or (isinstance(v2, float) and np.isnan(v2)) else f"corr[{g}|{v1},{v2}]")
                   for g, v1, v2 in zip(vc.grp, vc.var1, vc.var2)]
@@ -568,9 +711,61 @@ class BayesFit:
 
         ``bayeslmm.load(path)`` reads it back; see :mod:`bayeslmm.io` for what is stored.
         """
-        from ..io import save_fit
+        from .. import store
 
-        return save_fit(self, path)
+        return store.save(self, path)
+
+    #: the fields :meth:`to_record` stores in its own way; any other (added later) goes under "extra"
+    RECORD_FIELDS = frozenset({"spec", "idata", "priors", "names", "parameterization", "sampler", "seed",
+                               "data_name", "timings"})
+
+    def to_record(self) -> tuple[dict, dict]:
+        """What a save holds of this fit: its JSON record and the DataTree's groups ``{name: Dataset}``.
+
+        The record has the priors (every family and parameter), the block names,
+        parameterisation, sampler, seed, timings and the names of the groups; the
+        model's data and the format's header are the store's (:mod:`bayeslmm.store`).
+        """
+        from .. import store
+
+        record = {
+            "kind": "BayesFit",
+            "data_name": self.data_name,
+            "spec": store.spec_record(self.spec),
+            "priors": self.priors.to_record(),
+            "names": list(self.names),
+            "parameterization": self.parameterization,
+            "sampler": self.sampler,
+            "seed": int(self.seed),
+            "timings": store.jsonable(self.timings, "the timings"),
+            "groups": list(self.idata.children),
+            "extra": store.extra_fields(self, self.RECORD_FIELDS),
+        }
+        return record, {name: self.idata[name].to_dataset() for name in self.idata.children}
+
+    @classmethod
+    def from_record(cls, record: dict, spec: ModelSpec, groups: dict, source: str = "the record") -> "BayesFit":
+        """The fit of :meth:`to_record`, for ``spec`` rebuilt from the stored data.
+
+        The stored response and design must be the ones the draws were made from, and
+        the priors ones a fit accepts; otherwise a
+        :class:`~bayeslmm.errors.DataError` naming ``source`` (the file).  Files saved
+        before the distinct-correlation layout (whole correlation matrices) are read as
+        today's.
+        """
+        from .. import store
+
+        missing = [g for g in record["groups"] if g not in groups]
+        if missing:
+            raise DataError(f"{source}: the groups {missing} of the saved posterior are missing from the file")
+        idata = xr.DataTree.from_dict({f"/{g}": groups[g] for g in record["groups"]})
+        idata["posterior"] = xr.DataTree(naming.upgrade(idata["posterior"].to_dataset(), record["names"],
+                                                        spec.blocks))
+        _check_draws_match_spec(idata, spec, source)
+        return cls(spec=spec, idata=idata, priors=PriorSet.from_record(record["priors"], spec, source),
+                   names=list(record["names"]), parameterization=record["parameterization"],
+                   sampler=record["sampler"], seed=int(record["seed"]), data_name=record["data_name"],
+                   timings=dict(record["timings"]), **store.known_extra(cls, record))
 
     def summary(self, ci_prob: float | None = None):
         """The printed summary: fixed effects, each block's sds and correlations, σ.

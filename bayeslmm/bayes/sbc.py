@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -51,6 +52,7 @@ import xarray as xr
 from scipy import stats
 
 from ..crossprod import CrossProducts
+from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
@@ -86,7 +88,8 @@ def fixed_priors(spec: ModelSpec, *, coef_sd: float = 2.5, sigma_rate: float = 1
     return out
 
 
-def draw_prior(spec: ModelSpec, priors: PriorSet, n: int, seed: int) -> dict[str, np.ndarray]:
+@renamed_kwargs(seed="random_seed")
+def draw_prior(spec: ModelSpec, priors: PriorSet, n: int, random_seed: int) -> dict[str, np.ndarray]:
     """``n`` draws of every parameter from ``priors`` (the PyMC distributions of the model).
 
     Returns ``beta`` (n, p) on the original scale, ``sigma`` (n,), and per block name
@@ -100,7 +103,7 @@ def draw_prior(spec: ModelSpec, priors: PriorSet, n: int, seed: int) -> dict[str
         dists.append(bp.sd.dist(shape=block.q))
         if block.correlated and block.q > 1:
             dists.append(pm.LKJCorr.dist(n=block.q, eta=bp.eta))    # the Cholesky factor of R
-    values = pm.draw(dists, draws=n, random_seed=seed)
+    values = pm.draw(dists, draws=n, random_seed=random_seed)
     values = [np.asarray(v, dtype=float).reshape((n,) + np.shape(v)[1:]) for v in values]
     p = spec.n_fixed
     beta_c = np.stack(values[:p], axis=1)
@@ -184,12 +187,22 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def _old_attribute(old: str, new: str) -> property:
+    """A read-only attribute ``old`` that warns (FutureWarning) and gives ``new``: a renamed attribute."""
+    def get(self):
+        warnings.warn(f"{type(self).__name__}.{old} is renamed {new}; the old name will be removed in a future "
+                      "release (see docs/vocabulary.md)", FutureWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(get, doc=f"The old name of ``{new}``.")
+
+
 class SBCRunner:
     """Simulations of one design, fitted one at a time by one compiled collapsed model.
 
     Every simulation ``i`` is reproducible on its own: its parameters are the i-th of
-    ``n_sims`` prior draws (seed ``seed``), its response noise comes from
-    ``default_rng([seed, i])`` and its sampler seed from ``[seed, i, 2]``, so a run can
+    ``n_sims`` prior draws (seed ``random_seed``), its response noise comes from
+    ``default_rng([random_seed, i])`` and its sampler seed from ``[random_seed, i, 2]``, so a run can
     stop and resume (``run(indices=...)``) and give the same records.
 
     Parameters
@@ -203,7 +216,8 @@ class SBCRunner:
     n_ranks : int
         Number L of thinned posterior draws the truth is ranked among (ranks 0..L);
         evenly spaced over the ``chains × draws`` draws.
-    seed : int
+    random_seed : int
+        (formerly ``seed``)
     priors : dict, optional
         Overrides as for ``Model.fit``; default :func:`fixed_priors`.
     sampler : "kernel" or "nutpie"
@@ -213,33 +227,35 @@ class SBCRunner:
         compile.  ``"nutpie"``: nutpie compiles the PyMC graph once (numba) and each
         simulation is a ``with_data`` copy of it (PyMC's own NUTS pays ~0.4 s of Python
         per fit more).
-    levels : central interval probabilities whose coverage is recorded.
+    ci_probs : tuple of float
+        Probabilities of the central intervals whose coverage is recorded (formerly ``levels``).
     fit_priors : dict, optional
         Priors of the *fitted* model when they should differ from those the truth is drawn
         from: a deliberately miscalibrated run (a negative control that shows the checks
         can fail).  Default: the same priors.
     """
 
+    @renamed_kwargs(seed="random_seed", levels="ci_probs")
     def __init__(self, spec: ModelSpec, n_sims: int = 20, *, draws: int = 500, tune: int = 500, chains: int = 2,
-                 n_ranks: int = 99, seed: int = 0, priors: dict | None = None, sampler: str = "auto",
-                 levels: tuple[float, ...] = (0.5, 0.9), target_accept: float = 0.8,
+                 n_ranks: int = 99, random_seed: int = 0, priors: dict | None = None, sampler: str = "auto",
+                 ci_probs: tuple[float, ...] = (0.5, 0.9), target_accept: float = 0.8,
                  fit_priors: dict | None = None):
         self.n_sims = _positive_int("n_sims", n_sims)
         self.draws = _positive_int("draws", draws)
         self.tune = _positive_int("tune", tune, 0)
         self.chains = _positive_int("chains", chains)
         self.n_ranks = _positive_int("n_ranks", n_ranks)
-        self.seed = _positive_int("seed", seed, 0)
+        self.random_seed = _positive_int("random_seed", random_seed, 0)
         if self.n_ranks > self.chains * self.draws:
             raise BayesLMMError(f"n_ranks ({n_ranks}) must be at most chains × draws ({self.chains * self.draws}); "
                                 "lower n_ranks or draw more")
         if sampler not in SBC_SAMPLERS + ("auto",):
             raise BayesLMMError(f"sampler must be one of {['auto', *SBC_SAMPLERS]}, got {sampler!r}")
-        if not levels or not all(isinstance(p, float) and 0 < p < 1 for p in levels):
-            raise BayesLMMError(f"levels must be interval probabilities strictly between 0 and 1, got {levels!r}")
+        if not ci_probs or not all(isinstance(p, float) and 0 < p < 1 for p in ci_probs):
+            raise BayesLMMError(f"ci_probs must be interval probabilities strictly between 0 and 1, got {ci_probs!r}")
         if not 0 < target_accept < 1:
             raise BayesLMMError(f"target_accept must be strictly between 0 and 1, got {target_accept!r}")
-        self.sampler, self.levels, self.target_accept = sampler, tuple(levels), float(target_accept)
+        self.sampler, self.ci_probs, self.target_accept = sampler, tuple(ci_probs), float(target_accept)
         self.spec = spec
         self.prior_overrides = fixed_priors(spec) if priors is None else priors
         self.priors = resolve_priors(spec, self.prior_overrides)
@@ -251,12 +267,16 @@ class SBCRunner:
             raise BayesLMMError(f"sampler='kernel' cannot fit this model: {reason}; use sampler='nutpie'")
         self.names = block_names(spec)
         self.cp = CrossProducts.from_spec(spec)
-        self.params = draw_prior(spec, self.priors, self.n_sims, self.seed)
+        self.params = draw_prior(spec, self.priors, self.n_sims, self.random_seed)
         self.quantities = list(_scalar_parameters(self._truth_as_posterior(0), self.names, spec)) + [LOGLIK]
         self._compiled = None
         self._built = None
 
-    def with_simulation_priors(self, priors: dict, seed: int | None = None) -> "SBCRunner":
+    seed = _old_attribute("seed", "random_seed")
+    levels = _old_attribute("levels", "ci_probs")
+
+    @renamed_kwargs(seed="random_seed")
+    def with_simulation_priors(self, priors: dict, random_seed: int | None = None) -> "SBCRunner":
         """The same fitted (and compiled) model, with truths drawn from other priors.
 
         A negative control at no compilation cost: when ``priors`` differ from the fitted
@@ -264,19 +284,24 @@ class SBCRunner:
         """
         self.compile()                       # compiled once, shared by the copy
         other = copy.copy(self)
-        other.seed = self.seed if seed is None else _positive_int("seed", seed, 0)
+        other.random_seed = (self.random_seed if random_seed is None
+                             else _positive_int("random_seed", random_seed, 0))
         other.prior_overrides = priors
         other.priors = resolve_priors(self.spec, priors)
-        other.params = draw_prior(self.spec, other.priors, self.n_sims, other.seed)
+        other.params = draw_prior(self.spec, other.priors, self.n_sims, other.random_seed)
         return other
 
     # ------------------------------------------------------------------ settings and truth
     def settings(self) -> dict:
-        """Everything that determines the records (for checking a resumed run)."""
+        """Everything that determines the records (for checking a resumed run).
+
+        The seed is stored under ``"seed"``, the key of the runs already on disk
+        (``validation/results/sbc_*.json``), so they still resume.
+        """
         return {"formula": self.spec.formula, "n_obs": self.spec.n_obs,
                 "levels_per_block": [b.n_levels for b in self.spec.blocks], "n_sims": self.n_sims,
                 "draws": self.draws, "tune": self.tune, "chains": self.chains, "n_ranks": self.n_ranks,
-                "seed": self.seed, "sampler": self.sampler, "target_accept": self.target_accept,
+                "seed": self.random_seed, "sampler": self.sampler, "target_accept": self.target_accept,
                 "priors": self.priors.table(self.spec)["prior"].tolist(),
                 "fit_priors": self.fit_priors.table(self.spec)["prior"].tolist()}
 
@@ -295,7 +320,7 @@ class SBCRunner:
         sds = [self.params[f"{n}_sd"][i] for n in self.names]
         chols = [self.params[f"{n}_corr_chol"][i] for n in self.names]
         return simulate_response(self.spec, self.params["beta"][i], self.params["sigma"][i], sds, chols,
-                                 np.random.default_rng([self.seed, i]))
+                                 np.random.default_rng([self.random_seed, i]))
 
     def truth(self, i: int) -> dict[str, float]:
         """The true value of every quantity of simulation i (the log-likelihood at the truth included)."""
@@ -360,7 +385,7 @@ class SBCRunner:
         y, _ = self.simulate(i)
         truth = self.truth(i)
         data = self._collapsed_data(y)
-        seed = int(np.random.SeedSequence([self.seed, i, 2]).generate_state(1)[0] % (2**31))
+        seed = int(np.random.SeedSequence([self.random_seed, i, 2]).generate_state(1)[0] % (2**31))
         dt = self._sample(data, seed)
         post = dt["posterior"].to_dataset()
         draws = _scalar_parameters(post, self.names, self.spec)
@@ -378,7 +403,7 @@ class SBCRunner:
             flat = v.reshape(-1)
             record[f"rank:{q}"] = int(np.sum(flat[keep] < truth[q]))
             record[f"truth:{q}"] = truth[q]
-            for p in self.levels:
+            for p in self.ci_probs:
                 lo, hi = np.quantile(flat, [(1 - p) / 2, (1 + p) / 2])
                 record[f"in{_pct(p)}:{q}"] = bool(lo <= truth[q] <= hi)
             if np.ptp(flat) > 0:
@@ -401,23 +426,56 @@ class SBCRunner:
             records.append(rec)
             if on_result is not None:
                 on_result(rec)
-        return SBCResult.from_records(pd.DataFrame(records), self.n_ranks, self.quantities, self.levels)
+        return SBCResult.from_records(pd.DataFrame(records), self.n_ranks, self.quantities, self.ci_probs)
 
 
 def _pct(p: float) -> str:
     return f"{100 * p:g}"
 
 
+@renamed_kwargs(seed="random_seed", levels="ci_probs")
 def simulation_based_calibration(spec: ModelSpec, n_sims: int = 20, *, draws: int = 500, tune: int = 500,
-                                 chains: int = 2, n_ranks: int = 99, seed: int = 0, priors: dict | None = None,
-                                 sampler: str = "nutpie", levels: tuple[float, ...] = (0.5, 0.9)) -> "SBCResult":
+                                 chains: int = 2, n_ranks: int = 99, random_seed: int = 0, priors: dict | None = None,
+                                 sampler: str = "nutpie", ci_probs: tuple[float, ...] = (0.5, 0.9)) -> "SBCResult":
     """Run SBC for the collapsed model of ``spec``'s design; see :class:`SBCRunner`."""
-    runner = SBCRunner(spec, n_sims, draws=draws, tune=tune, chains=chains, n_ranks=n_ranks, seed=seed,
-                       priors=priors, sampler=sampler, levels=levels)
+    runner = SBCRunner(spec, n_sims, draws=draws, tune=tune, chains=chains, n_ranks=n_ranks, random_seed=random_seed,
+                       priors=priors, sampler=sampler, ci_probs=ci_probs)
     return runner.run()
 
 
 # --------------------------------------------------------------------------- the checks
+def _alpha_as_ci_prob(new: str = "ci_prob"):
+    """Decorator: accept the old ``alpha`` (1 − the band's probability) as ``new = 1 − alpha``, with a FutureWarning.
+
+    :func:`bayeslmm.deprecation.renamed_kwargs` for an argument whose value changes too:
+    ``alpha=0.05`` was the 95 % band, now ``ci_prob=0.95``.  ``new`` is keyword-only
+    in the decorated function, so an old positional ``alpha`` is a ``TypeError``, never
+    silently taken for a probability.
+    """
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            if "alpha" in kwargs:
+                if new in kwargs:
+                    raise BayesLMMError(f"{func.__qualname__}() got both `alpha` and `{new}`; `{new}` = 1 − alpha "
+                                        f"replaces `alpha`: pass only `{new}`")
+                warnings.warn(f"{func.__qualname__}(): `alpha` is replaced by `{new}` = 1 − alpha (alpha=0.05 is "
+                              f"{new}=0.95); `alpha` will be removed in a future release (see docs/vocabulary.md)",
+                              FutureWarning, stacklevel=2)
+                kwargs[new] = 1.0 - kwargs.pop("alpha")
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 < value < 1:
+        raise BayesLMMError(f"{name} must be a probability strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
 def _tail_prob(counts, n: int, p) -> np.ndarray:
     """Two-sided binomial tail probability of each count: 2·min(P(X ≤ c), P(X ≥ c)), at most 1."""
     lower = stats.binom.cdf(counts, n, p)
@@ -448,9 +506,9 @@ def ecdf_statistic(ranks, n_ranks: int) -> float:
 
 
 @lru_cache(maxsize=32)
-def _null_statistics(n: int, n_ranks: int, n_null: int, seed: int) -> np.ndarray:
+def _null_statistics(n: int, n_ranks: int, n_null: int, random_seed: int) -> np.ndarray:
     """The statistic over ``n_null`` samples of ``n`` exactly uniform ranks on 0..L (sorted)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_seed)
     z = np.arange(1, n_ranks + 1) / (n_ranks + 1)
     out = np.empty(n_null)
     chunk = max(1, 2_000_000 // max(n, n_ranks))
@@ -461,30 +519,37 @@ def _null_statistics(n: int, n_ranks: int, n_null: int, seed: int) -> np.ndarray
     return np.sort(out)
 
 
-def ecdf_test(ranks, n_ranks: int, alpha: float = 0.05, n_null: int = 10_000, seed: int = 1) -> dict:
-    """The ECDF uniformity test with simultaneous 1 − α bands (Säilynoja, Bürkner & Vehtari 2022).
+@_alpha_as_ci_prob()
+@renamed_kwargs(seed="random_seed")
+def ecdf_test(ranks, n_ranks: int, *, ci_prob: float = 0.95, n_null: int = 10_000, random_seed: int = 1) -> dict:
+    """The ECDF uniformity test with a simultaneous ``ci_prob`` band (Säilynoja, Bürkner & Vehtari 2022).
 
-    The band level γ is the α-quantile of the statistic under exact discrete uniformity
-    (simulated), so the whole ECDF stays inside the pointwise γ-level binomial bands
-    with probability ≥ 1 − α.  Returns the statistic, γ, the p-value (the statistic's
-    null CDF at the observed value) and whether the ECDF leaves the band.
+    The band level γ is the (1 − ci_prob)-quantile of the statistic under exact discrete
+    uniformity (simulated), so the whole ECDF stays inside the pointwise γ-level
+    binomial bands with probability ≥ ci_prob (their 1 − α with α = 1 − ci_prob; ``alpha``
+    is the old argument).  Returns the statistic, γ, the p-value (the statistic's null
+    CDF at the observed value) and whether the ECDF leaves the band.
     """
+    ci_prob = _probability("ci_prob", ci_prob)
     ranks = np.asarray(ranks, dtype=int)
-    null = _null_statistics(len(ranks), int(n_ranks), int(n_null), int(seed))
+    null = _null_statistics(len(ranks), int(n_ranks), int(n_null), int(random_seed))
     t = ecdf_statistic(ranks, n_ranks)
-    gamma = float(np.quantile(null, alpha))
+    gamma = float(np.quantile(null, 1.0 - ci_prob))
     p = (1 + np.searchsorted(null, t, side="right")) / (len(null) + 1)
     return {"statistic": t, "gamma": gamma, "p_value": float(min(1.0, p)), "outside_band": bool(t < gamma)}
 
 
-def ecdf_band(n: int, n_ranks: int, alpha: float = 0.05, n_null: int = 10_000, seed: int = 1):
-    """The simultaneous band of the ECDF of ``n`` ranks on 0..L at the points z_k = k/(L+1).
+@_alpha_as_ci_prob()
+@renamed_kwargs(seed="random_seed")
+def ecdf_band(n: int, n_ranks: int, *, ci_prob: float = 0.95, n_null: int = 10_000, random_seed: int = 1):
+    """The simultaneous ``ci_prob`` band of the ECDF of ``n`` ranks on 0..L at the points z_k = k/(L+1).
 
     Returns ``z``, ``lower`` and ``upper`` as fractions: the ECDF of uniform ranks lies
-    within [lower, upper] at every z at once with probability ≥ 1 − α.
+    within [lower, upper] at every z at once with probability ≥ ci_prob.
     """
-    null = _null_statistics(int(n), int(n_ranks), int(n_null), int(seed))
-    gamma = float(np.quantile(null, alpha))
+    ci_prob = _probability("ci_prob", ci_prob)
+    null = _null_statistics(int(n), int(n_ranks), int(n_null), int(random_seed))
+    gamma = float(np.quantile(null, 1.0 - ci_prob))
     z = np.arange(1, n_ranks + 1) / (n_ranks + 1)
     c = np.arange(n + 1)[:, None]
     inside = _tail_prob(c, n, z[None, :]) >= gamma                 # (n+1, L): counts inside the band
@@ -509,9 +574,10 @@ def chi2_uniformity(ranks, n_ranks: int, bins: int) -> tuple[float, float, np.nd
     return float(chi2), float(p), observed, expected
 
 
-def coverage_interval(k: int, n: int, ci: float = 0.99) -> tuple[float, float]:
-    """Clopper–Pearson interval of a proportion k/n at confidence ``ci``."""
-    r = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=ci, method="exact")
+@renamed_kwargs(ci="ci_prob")
+def coverage_interval(k: int, n: int, ci_prob: float = 0.99) -> tuple[float, float]:
+    """Clopper–Pearson interval of a proportion k/n with probability ``ci_prob``."""
+    r = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=ci_prob, method="exact")
     return float(r.low), float(r.high)
 
 
@@ -527,14 +593,17 @@ class SBCResult:
     records: pd.DataFrame
     n_ranks: int
     quantities: tuple[str, ...]
-    levels: tuple[float, ...] = (0.5, 0.9)
+    ci_probs: tuple[float, ...] = (0.5, 0.9)
+
+    levels = _old_attribute("levels", "ci_probs")
 
     @classmethod
-    def from_records(cls, records: pd.DataFrame, n_ranks: int, quantities=None, levels=(0.5, 0.9)) -> "SBCResult":
+    @renamed_kwargs(levels="ci_probs")
+    def from_records(cls, records: pd.DataFrame, n_ranks: int, quantities=None, ci_probs=(0.5, 0.9)) -> "SBCResult":
         if quantities is None:
             quantities = [c.split(":", 1)[1] for c in records.columns if c.startswith("rank:")]
         recs = records.sort_values("sim").reset_index(drop=True) if len(records) else records
-        return cls(records=recs, n_ranks=int(n_ranks), quantities=tuple(quantities), levels=tuple(levels))
+        return cls(records=recs, n_ranks=int(n_ranks), quantities=tuple(quantities), ci_probs=tuple(ci_probs))
 
     @property
     def ranks(self) -> pd.DataFrame:
@@ -552,33 +621,43 @@ class SBCResult:
             rows.append((q, chi2, p, obs.tolist()))
         return pd.DataFrame(rows, columns=["quantity", "chi2", "p_value", "counts"]).set_index("quantity")
 
-    def ecdf(self, alpha: float = 0.05, n_null: int = 10_000) -> pd.DataFrame:
-        """The ECDF test with simultaneous 1 − α bands per quantity."""
-        rows = [{"quantity": q, **ecdf_test(self.ranks[q], self.n_ranks, alpha, n_null)} for q in self.quantities]
+    @_alpha_as_ci_prob()
+    def ecdf(self, *, ci_prob: float = 0.95, n_null: int = 10_000) -> pd.DataFrame:
+        """The ECDF test with a simultaneous ``ci_prob`` band per quantity (:func:`ecdf_test`)."""
+        rows = [{"quantity": q, **ecdf_test(self.ranks[q], self.n_ranks, ci_prob=ci_prob, n_null=n_null)}
+                for q in self.quantities]
         return pd.DataFrame(rows).set_index("quantity")
 
-    def coverage(self, ci: float = 0.99) -> pd.DataFrame:
-        """Observed coverage of each central interval with its Clopper–Pearson ``ci`` interval."""
+    @renamed_kwargs(ci="ci_prob")
+    def coverage(self, ci_prob: float = 0.99) -> pd.DataFrame:
+        """Observed coverage of each central interval with its Clopper–Pearson interval of probability ``ci_prob``."""
         rows = []
         n = len(self.records)
         for q in self.quantities:
-            for p in self.levels:
+            for p in self.ci_probs:
                 k = int(self.records[f"in{_pct(p)}:{q}"].astype(bool).sum())
-                lo, hi = coverage_interval(k, n, ci)
+                lo, hi = coverage_interval(k, n, ci_prob)
                 rows.append((q, p, k, n, k / n, lo, hi, lo <= p <= hi))
         return pd.DataFrame(rows, columns=["quantity", "nominal", "covered", "n", "coverage", "ci_low", "ci_high",
                                            "consistent"])
 
-    def table(self, bins: int = 10, alpha: float = 0.05, ci: float = 0.99) -> pd.DataFrame:
-        """One row per quantity: chi-square p, ECDF p and band verdict, each coverage with its interval."""
+    @_alpha_as_ci_prob("band_ci_prob")
+    @renamed_kwargs(ci="coverage_ci_prob")
+    def table(self, bins: int = 10, *, band_ci_prob: float = 0.95, coverage_ci_prob: float = 0.99) -> pd.DataFrame:
+        """One row per quantity: chi-square p, ECDF p and band verdict, each coverage with its interval.
+
+        Two intervals, two probabilities: ``band_ci_prob`` of the ECDF test's simultaneous
+        band (formerly ``alpha`` = 1 − band_ci_prob) and ``coverage_ci_prob`` of each
+        coverage's Clopper–Pearson interval (formerly ``ci``).
+        """
         chi = self.uniformity(bins)
-        ec = self.ecdf(alpha)
-        cov = self.coverage(ci)
+        ec = self.ecdf(ci_prob=band_ci_prob)
+        cov = self.coverage(coverage_ci_prob)
         out = pd.DataFrame(index=pd.Index(self.quantities, name="quantity"))
         out["chi2_p"] = chi["p_value"]
         out["ecdf_p"] = ec["p_value"]
         out["ecdf_inside_band"] = ~ec["outside_band"]
-        for p in self.levels:
+        for p in self.ci_probs:
             c = cov[cov.nominal == p].set_index("quantity")
             out[f"cov{_pct(p)}"] = c["coverage"]
             out[f"cov{_pct(p)}_low"] = c["ci_low"]

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 _NUMBER_COLUMNS = ["mean", "sd", "median", "lower", "upper"]
+#: the printed columns, in order: the posterior summary, then the convergence diagnostics
+_PRINTED_COLUMNS = _NUMBER_COLUMNS + ["r_hat", "ess_bulk", "ess_tail"]
 
 
 def _num(v: float) -> str:
@@ -58,8 +60,10 @@ class BayesSummary:
     def tables(self) -> dict[str, pd.DataFrame]:
         """The summary's three tables: ``fixed``, ``random`` (sds and correlations) and ``residual``."""
         fit = self.fit
-        fe = fit.fixef(self.ci_prob)
-        vc = fit.varcorr(self.ci_prob)
+        # printed with the posterior's own words: mean and sd (the shared tables' estimate, std_error)
+        words = {"estimate": "mean", "std_error": "sd"}
+        fe = fit.fixef_table(self.ci_prob).rename(columns=words)[_PRINTED_COLUMNS]
+        vc = fit.varcorr_table(self.ci_prob).rename(columns=words)
         interval = fe.attrs["interval"]
         cols = [c for c in fe.columns]
         rand = vc[vc["grp"] != "Residual"]

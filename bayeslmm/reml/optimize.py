@@ -132,91 +132,106 @@ def minimize_bobyqa(
     lower = np.asarray(lower, dtype=float)
     _check_options(start, lower, ftol_rel=ftol_rel, xtol_rel=xtol_rel, ftol_abs=ftol_abs, xtol_abs=xtol_abs,
                    maxeval=maxeval, restarts=restarts, initial_step=initial_step)
-    n = len(start)
-    count = 0
-    best_x, best_f = start.copy(), np.inf
-
-    def wrapped(x, grad):
-        nonlocal count, best_x, best_f
-        count += 1
-        val = float(fun(np.asarray(x)))
-        if val < best_f:
-            best_f, best_x = val, np.array(x, dtype=float)
-        return val if np.isfinite(val) else 1e300
-
-    message = ""
-    warns: list[str] = []
-    x = start.copy()
+    tolerances = {"ftol_rel": ftol_rel, "xtol_rel": xtol_rel, "ftol_abs": ftol_abs, "xtol_abs": xtol_abs}
+    best = _Best(fun, start)
+    message, warns = "", []
     step = initial_step
     for _ in range(1 + restarts):
-        remaining = maxeval - count
+        remaining = maxeval - best.count
         if remaining <= 0:  # nlopt reads maxeval <= 0 as "no limit": stop here instead
             break
-        if n == 1:
-            # nlopt's BOBYQA needs at least two variables; pad with an inert one.  Its
-            # initial step must fit in its bounds [-1, 1] (BOBYQA refuses a step larger
-            # than half the width), whatever the step of the real coordinate
-            opt = nlopt.opt(nlopt.LN_BOBYQA, 2)
-            opt.set_lower_bounds([lower[0], -1.0])
-            opt.set_upper_bounds([np.inf, 1.0])
-            opt.set_min_objective(lambda z, g: wrapped(z[:1], g))
-            x0 = np.array([x[0], 0.0])
-            if step is not None:
-                opt.set_initial_step([step, 0.5])
-        else:
-            opt = nlopt.opt(nlopt.LN_BOBYQA, n)
-            opt.set_lower_bounds(lower)
-            opt.set_min_objective(wrapped)
-            x0 = x.copy()
-            if step is not None:
-                opt.set_initial_step(np.full(n, step))
-        opt.set_ftol_rel(ftol_rel)
-        opt.set_ftol_abs(ftol_abs)
-        opt.set_xtol_abs(xtol_abs)
-        opt.set_xtol_rel(xtol_rel)
-        opt.set_maxeval(remaining)
-        before = best_f
-        try:
-            opt.optimize(x0)
-            code = opt.last_optimize_result()
-            message = _RETURN_CODES.get(code, f"nlopt code {code}")
-            if code == nlopt.MAXEVAL_REACHED:
-                warns.append(f"optimizer stopped after {count} evaluations (maxeval={maxeval}) without "
-                             "converging; the best point found is kept: raise maxeval, or check the model")
-        except nlopt.RoundoffLimited:
-            message = "roundoff limited (the best point found is kept)"
-        except (nlopt.exception, RuntimeError) as exc:  # nlopt's C++ errors, "nlopt failure"
-            message = f"nlopt failed ({type(exc).__name__}: {exc}); the best point found is kept"
-            warns.append(f"the optimizer stopped with an error after {count} evaluations ({type(exc).__name__}); "
-                         "the best point found is kept")
-            x = best_x.copy()
+        before = best.f
+        message, failed = _one_pass(best, lower, step, tolerances, remaining, maxeval, warns)
+        if failed:
             break
-        x = best_x.copy()
-        step = 1e-3 * max(1.0, float(np.max(np.abs(x))))
-        if np.isfinite(before) and before - best_f <= ftol_abs:
+        step = 1e-3 * max(1.0, float(np.max(np.abs(best.x))))
+        if np.isfinite(before) and before - best.f <= ftol_abs:
             break  # the restart found nothing better
-    # a variance that ends a hair above its bound is usually on it: snap when no worse
-    for i in np.flatnonzero(np.isfinite(lower) & (best_x - lower < 1e-5) & (best_x > lower)):
-        trial = best_x.copy()
-        trial[i] = lower[i]
-        count += 1
-        val = float(fun(trial))
-        if val <= best_f:
-            best_f, best_x = val, trial
-    if not np.isfinite(best_f):
+    _snap_to_bounds(best, lower)
+    if not np.isfinite(best.f):
         warns.append("the objective was not finite anywhere the optimizer looked")
     return OptimizationRecord(
         optimizer="nlopt LN_BOBYQA",
         start=start,
-        end=np.maximum(best_x, lower),
-        objective=best_f,
-        n_evaluations=count,
+        end=np.maximum(best.x, lower),
+        objective=best.f,
+        n_evaluations=best.count,
         tolerances={"ftol_rel": ftol_rel, "ftol_abs": ftol_abs, "xtol_abs": xtol_abs,
                     "maxeval": maxeval, "restarts": restarts},
         message=message,
         warnings=tuple(warns),
         seconds=time.perf_counter() - t0,
     )
+
+
+class _Best:
+    """The objective as nlopt sees it, keeping count and the best point found so far."""
+
+    def __init__(self, fun: Callable[[np.ndarray], float], start: np.ndarray):
+        self.fun, self.count = fun, 0
+        self.x, self.f = start.copy(), np.inf
+
+    def __call__(self, x, grad=None) -> float:
+        self.count += 1
+        val = float(self.fun(np.asarray(x)))
+        if val < self.f:
+            self.f, self.x = val, np.array(x, dtype=float)
+        return val if np.isfinite(val) else 1e300
+
+
+def _bobyqa(best: _Best, lower: np.ndarray, step: float | None):
+    """An nlopt BOBYQA object over θ and its starting point (padded when θ has one entry)."""
+    n = len(lower)
+    if n == 1:
+        # nlopt's BOBYQA needs at least two variables; pad with an inert one.  Its
+        # initial step must fit in its bounds [-1, 1] (BOBYQA refuses a step larger
+        # than half the width), whatever the step of the real coordinate
+        opt = nlopt.opt(nlopt.LN_BOBYQA, 2)
+        opt.set_lower_bounds([lower[0], -1.0])
+        opt.set_upper_bounds([np.inf, 1.0])
+        opt.set_min_objective(lambda z, g: best(z[:1], g))
+        if step is not None:
+            opt.set_initial_step([step, 0.5])
+        return opt, np.array([best.x[0], 0.0])
+    opt = nlopt.opt(nlopt.LN_BOBYQA, n)
+    opt.set_lower_bounds(lower)
+    opt.set_min_objective(best)
+    if step is not None:
+        opt.set_initial_step(np.full(n, step))
+    return opt, best.x.copy()
+
+
+def _one_pass(best: _Best, lower, step, tolerances: dict, remaining: int, maxeval: int,
+              warns: list[str]) -> tuple[str, bool]:
+    """One BOBYQA pass from the best point: nlopt's message, and whether it failed."""
+    opt, x0 = _bobyqa(best, lower, step)
+    for name, value in tolerances.items():
+        getattr(opt, f"set_{name}")(value)
+    opt.set_maxeval(remaining)
+    try:
+        opt.optimize(x0)
+    except nlopt.RoundoffLimited:
+        return "roundoff limited (the best point found is kept)", False
+    except (nlopt.exception, RuntimeError) as exc:  # nlopt's C++ errors, "nlopt failure"
+        warns.append(f"the optimizer stopped with an error after {best.count} evaluations "
+                     f"({type(exc).__name__}); the best point found is kept")
+        return f"nlopt failed ({type(exc).__name__}: {exc}); the best point found is kept", True
+    code = opt.last_optimize_result()
+    if code == nlopt.MAXEVAL_REACHED:
+        warns.append(f"optimizer stopped after {best.count} evaluations (maxeval={maxeval}) without "
+                     "converging; the best point found is kept: raise maxeval, or check the model")
+    return _RETURN_CODES.get(code, f"nlopt code {code}"), False
+
+
+def _snap_to_bounds(best: _Best, lower: np.ndarray) -> None:
+    """A variance that ends a hair above its bound is usually on it: snap when no worse."""
+    for i in np.flatnonzero(np.isfinite(lower) & (best.x - lower < 1e-5) & (best.x > lower)):
+        trial = best.x.copy()
+        trial[i] = lower[i]
+        best.count += 1
+        val = float(best.fun(trial))
+        if val <= best.f:
+            best.f, best.x = val, trial
 
 
 def _check_options(start, lower, *, ftol_rel, xtol_rel, ftol_abs, xtol_abs, maxeval, restarts, initial_step):

@@ -10,7 +10,7 @@ first, with β profiled out and σ kept as a parameter:
 residual sum of squares r²(θ) come from :class:`~bayeslmm.reml.deviance.ProfiledDeviance`).
 For a parameter ψ (an sd σ‖T_k‖, a correlation of two rows of T, or σ) and a value v,
 the profile D_ψ(v) minimises D over everything else subject to ψ = v; the interval is
-the stretch around ψ̂ where D_ψ(v) − D(θ̂, σ̂) ≤ χ²₁(level).
+the stretch around ψ̂ where D_ψ(v) − D(θ̂, σ̂) ≤ χ²₁(ci_prob), the χ²₁ quantile of probability ci_prob.
 
 Each end is found by walking out from ψ̂ through a fixed ladder of values (fractions of
 the way to a boundary — an sd's 0, a correlation's ±1 — or growing multiples of ψ̂
@@ -102,13 +102,13 @@ class Profiler:
     """Profiles of the ML deviance of one model (see the module docstring)."""
 
     def __init__(self, fit, crossprods=None):
-        from .fit import fit_frequentist
+        from .solve import optimum  # below the results: a FreqFit's confint refits by ML here
 
         spec = fit.spec
         if crossprods is None:
             crossprods = crossproducts(spec)
         if fit.method != "ML":
-            fit = fit_frequentist(spec, reml=False, crossprods=crossprods)
+            fit = optimum(spec, reml=False, crossprods=crossprods)  # θ, objective and σ are all it needs
         self.spec = spec
         self.ml_fit = fit
         self.dev = ProfiledDeviance(spec, crossprods, reml=False)
@@ -238,8 +238,9 @@ class Profiler:
         return d - self.base
 
     # -- intervals ------------------------------------------------------------------------
-    def interval(self, p: VarParam, level: float) -> tuple[float, float, list[str]]:
-        """The profile interval of ψ at ``level`` (lme4's ``confint(method = "profile")``) and notes.
+    @renamed_kwargs(level="ci_prob")
+    def interval(self, p: VarParam, ci_prob: float) -> tuple[float, float, list[str]]:
+        """ψ's profile interval of probability ``ci_prob`` (lme4's ``confint(method = "profile")``) and notes.
 
         Each end is found by walking out from the estimate (every profile point warm-started
         from the previous one) until the profile crosses the χ²₁ cutoff, then solving for
@@ -247,7 +248,7 @@ class Profiler:
         up to a boundary (an sd at 0, a correlation at ±1) the interval ends there, and
         where it never reaches it upward the end is ``inf``; both are noted, as lme4 warns.
         """
-        cutoff = float(stats.chi2.ppf(level, 1))
+        cutoff = float(stats.chi2.ppf(ci_prob, 1))
         est = self.value(p, self.T_hat, self.sigma_hat)
         if p.block is not None and p.i != p.j:
             T = self.T_hat[p.block]

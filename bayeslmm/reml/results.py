@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ..deprecation import renamed_kwargs
-from ..errors import BayesLMMError
+from ..errors import BayesLMMError, DataError, ModelError
 from ..group_frames import check_ci_prob, coef_frames, frames_by_group, normal_quantile, with_intervals
 from ..spec import ModelSpec
 from .estimates import Estimates
@@ -45,6 +46,12 @@ class FreqFit:
     estimates: Estimates
     optimization: OptimizationRecord
     data_name: str | None = None
+
+    #: what this fit's point values are (the random effects': conditional modes b̂); see
+    #: :class:`bayeslmm.results_api.MixedFit`
+    point_estimate = "conditional mode"
+    #: the interval probability used when ``ci_prob`` is omitted
+    default_ci_prob = 0.95
 
     # -- scalars --------------------------------------------------------------
     @property
@@ -84,8 +91,8 @@ class FreqFit:
     # -- fixed effects --------------------------------------------------------
     @property
     def fixef(self) -> pd.Series:
-        """Fixed-effect estimates β̂."""
-        return pd.Series(self.estimates.beta, index=list(self.spec.fixed_names), name="Estimate")
+        """Fixed-effect estimates β̂: a Series indexed by coefficient, named ``estimate``."""
+        return pd.Series(self.estimates.beta, index=list(self.spec.fixed_names), name="estimate")
 
     @property
     def vcov(self) -> pd.DataFrame:
@@ -99,10 +106,55 @@ class FreqFit:
         return pd.Series(np.sqrt(np.diag(self.estimates.vcov_beta)), index=list(self.spec.fixed_names),
                          name="Std. Error")
 
-    def fixef_table(self) -> pd.DataFrame:
-        """Estimate, standard error and t value, as in lme4's summary."""
+    def fixef_table(self, ci_prob: float | None = None, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """β̂ with its standard error, interval, t value, df and p-value, one row per coefficient.
+
+        Columns ``estimate, std_error, lower, upper, t_value, df, p_value`` (lme4's
+        summary prints "Estimate", "Std. Error", "t value"; lmerTest adds "df" and
+        "Pr(>|t|)").  ``df`` is Satterthwaite's (``ddf="satterthwaite"``, lmerTest's
+        default) and the interval β̂ ± t_df·SE at ``ci_prob`` (default 0.95, in
+        ``attrs["ci_prob"]``); ``ddf="none"`` gives Wald's: normal quantiles and
+        infinite df.
+        """
+        from .inference import coefficient_tests
+
+        prob = check_ci_prob(ci_prob, self.default_ci_prob)
         est, se = self.fixef, self.fixef_se
-        return pd.DataFrame({"Estimate": est, "Std. Error": se, "t value": est / se})
+        tests = coefficient_tests(self, ddf)
+        q = np.where(np.isinf(tests["df"]), normal_quantile(prob), _t_quantile(prob, tests["df"].to_numpy()))
+        out = pd.DataFrame({"estimate": est, "std_error": se, "lower": est - q * se, "upper": est + q * se,
+                            "t_value": est / se, "df": tests["df"], "p_value": tests["p_value"]})
+        out.attrs.update(ci_prob=prob, ddf=ddf)
+        return out
+
+    # -- tests of the fixed effects (lmerTest's) -------------------------------------
+    @cached_property
+    def satterthwaite(self):
+        """Satterthwaite's pieces at this fit (:class:`~bayeslmm.reml.satterthwaite.Satterthwaite`), or
+        None where the deviance is not at a minimum; computed once, from the cross-products."""
+        from .inference import satterthwaite_for
+
+        return satterthwaite_for(self)
+
+    def anova(self, type: int = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """F test per fixed-effect term, as lmerTest's ``anova(m, type = , ddf = )``.
+
+        Type III (default): each term's hypothesis averaged over the other factors'
+        levels, covariates at 0; type II: each term adjusted for the terms that do not
+        contain it (see :mod:`bayeslmm.hypotheses`).  Columns ``sum_sq, mean_sq,
+        num_df, den_df, f_value, p_value`` (lmerTest's Sum Sq … Pr(>F)); ``ddf="none"``
+        gives Wald tests (infinite den_df, χ² p-values).
+        """
+        from .inference import anova_table
+
+        return anova_table(self, type=type, ddf=ddf)
+
+    def f_test(self, L, ddf: str = "satterthwaite") -> dict:
+        """F test of H₀: Lβ = 0 for a hypothesis matrix L (rows over ``fixef``'s columns), as
+        lmerTest's ``contest(m, L, joint = TRUE)``: ``F, num_df, den_df, p_value``."""
+        from .inference import f_test, with_p_value
+
+        return with_p_value(f_test(self, L, ddf))
 
     @property
     def theta_series(self) -> pd.Series:
@@ -138,11 +190,28 @@ class FreqFit:
         rows.append(("Residual", None, None, self.sigma**2, self.sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
+    def varcorr_table(self, ci_prob: float | None = None, method: str = "profile") -> pd.DataFrame:
+        """Every sd, correlation and σ with its interval, rows as :attr:`varcorr`.
+
+        Columns ``grp, var1, var2, estimate, lower, upper`` (estimate: the sd or the
+        correlation); the interval is :meth:`confint`'s with the same ``method``
+        (profile likelihood by default; ``"wald"`` gives NaN, as lme4).
+        ``attrs`` holds ``ci_prob``, ``method`` and confint's ``notes``.
+        """
+        ci = self.confint(check_ci_prob(ci_prob, self.default_ci_prob), method=method)
+        vc = self.varcorr
+        var = ci.iloc[: len(vc)]
+        out = pd.DataFrame({"grp": vc["grp"], "var1": vc["var1"], "var2": vc["var2"],
+                            "estimate": vc["sdcor"].to_numpy(), "lower": var["lower"].to_numpy(),
+                            "upper": var["upper"].to_numpy()})
+        out.attrs.update(ci.attrs)
+        return out
+
     # -- random effects ------------------------------------------------------
     def _condsd(self) -> list[np.ndarray]:
         if not self.estimates.b_condvar:
-            raise BayesLMMError("conditional variances were not computed for this fit: refit it with "
-                                "Model.fit(method='reml' or 'ml')")
+            raise ModelError("conditional variances were not computed for this fit: refit it with "
+                             "Model.fit(method='reml' or 'ml')")
         return [np.sqrt(np.maximum(np.diagonal(cv, axis1=1, axis2=2), 0.0)) for cv in self.estimates.b_condvar]
 
     def ranef(self, ci_prob: float | None = None) -> dict[str, pd.DataFrame]:
@@ -357,9 +426,72 @@ class FreqFit:
 
         ``bayeslmm.load(path)`` reads it back; see :mod:`bayeslmm.io` for what is stored.
         """
-        from ..io import save_fit
+        from .. import store
 
-        return save_fit(self, path)
+        return store.save(self, path)
+
+    #: the fields :meth:`to_record` stores in its own way; any other (added later) goes under "extra"
+    RECORD_FIELDS = frozenset({"spec", "method", "theta", "objective", "estimates", "optimization", "data_name"})
+
+    def to_record(self) -> tuple[dict, dict]:
+        """What a save holds of this fit: its JSON record (method, θ, the objective, the optimizer's
+        record) and no datasets; the estimates are recomputed at θ on loading (:meth:`from_record`)."""
+        from .. import store
+
+        opt = self.optimization
+        record = {
+            "kind": "FreqFit",
+            "data_name": self.data_name,
+            "spec": store.spec_record(self.spec),
+            "method": self.method,
+            "theta": [float(t) for t in self.theta],
+            "objective": float(self.objective),
+            "optimization": {
+                "optimizer": opt.optimizer,
+                "start": [float(t) for t in opt.start],
+                "end": [float(t) for t in opt.end],
+                "objective": float(opt.objective),
+                "n_evaluations": int(opt.n_evaluations),
+                "tolerances": store.jsonable(opt.tolerances, "the optimizer's tolerances"),
+                "message": opt.message,
+                "warnings": list(opt.warnings),
+                "seconds": float(opt.seconds),
+            },
+            "extra": store.extra_fields(self, self.RECORD_FIELDS),
+        }
+        return record, {}
+
+    @classmethod
+    def from_record(cls, record: dict, spec: ModelSpec, groups: dict | None = None,
+                    source: str = "the record") -> "FreqFit":
+        """The fit of :meth:`to_record`, for ``spec`` rebuilt from the stored data.
+
+        The estimates are recomputed at the stored θ by the fit's own route (the
+        factorisation is deterministic, so every number equals the saved fit's), and the
+        criterion there must equal the stored objective; otherwise a
+        :class:`~bayeslmm.errors.DataError` naming ``source`` (the file).  JSON keeps
+        floats' shortest round-trip repr, so θ and the objective come back bit for bit.
+        """
+        from .. import store
+        from ..crossprod import CrossProducts
+        from .solve import estimates_at
+
+        theta = np.array(record["theta"], dtype=float)
+        if theta.shape != (spec.n_theta,):
+            raise DataError(f"{source}: θ has {theta.size} entries, the model needs {spec.n_theta}")
+        again, estimates = estimates_at(spec, theta, reml=record["method"] == "REML",
+                                        crossprods=CrossProducts.from_spec(spec))
+        objective = float(record["objective"])
+        if not abs(again - objective) <= 1e-8 * max(1.0, abs(objective)):
+            raise DataError(f"{source}: the stored data give the objective {again!r} at the stored θ, not the "
+                            f"saved {objective!r}; the file's data or θ were altered")
+        o = record["optimization"]
+        opt = OptimizationRecord(optimizer=o["optimizer"], start=np.array(o["start"], dtype=float),
+                                 end=np.array(o["end"], dtype=float), objective=float(o["objective"]),
+                                 n_evaluations=int(o["n_evaluations"]), tolerances=dict(o["tolerances"]),
+                                 message=o["message"], warnings=tuple(o["warnings"]), seconds=float(o["seconds"]))
+        return cls(spec=spec, method=record["method"], theta=theta, objective=objective, estimates=estimates,
+                   optimization=opt, data_name=record["data_name"], **store.known_extra(cls, record))
 
     # -- presentation ----------------------------------------------------------
     def summary(self) -> "FreqSummary":
@@ -399,3 +531,11 @@ class FreqFit:
             },
             "notes": list(self.spec.notes),
         }
+
+
+def _t_quantile(prob: float, df: np.ndarray) -> np.ndarray:
+    """The two-sided ``prob`` quantile of t with ``df`` (NaN where df is not known)."""
+    from scipy import stats
+
+    with np.errstate(invalid="ignore"):
+        return stats.t.ppf((1 + prob) / 2, np.where(np.isfinite(df), df, np.nan))

@@ -8,6 +8,28 @@ import numpy as np
 import pandas as pd
 
 
+#: lme4's printed names of ``FreqFit.fixef_table``'s columns (summary's "Fixed effects:")
+LME4_FIXEF_LABELS = {"estimate": "Estimate", "std_error": "Std. Error", "df": "df", "t_value": "t value",
+                     "p_value": "Pr(>|t|)"}
+
+
+def _lme4_fixef_table(fit) -> pd.DataFrame:
+    """lmerTest's coefficient table: lme4's columns with Satterthwaite's df and p-values (as text)."""
+    table = fit.fixef_table()[list(LME4_FIXEF_LABELS)].rename(columns=LME4_FIXEF_LABELS)
+    table["df"] = [f"{v:.2f}" if np.isfinite(v) else "NA" for v in table["df"]]
+    table["Pr(>|t|)"] = [format_p_value(v) for v in table["Pr(>|t|)"]]
+    return table
+
+
+def format_p_value(p: float) -> str:
+    """As R's ``format.pval`` with 3 significant digits: ``< 2e-16`` below machine precision."""
+    if not np.isfinite(p):
+        return "NA"
+    if p < 2.2e-16:
+        return "< 2e-16"
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.2e}"
+
+
 def _fmt(x: float, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return ""
@@ -77,7 +99,7 @@ class FreqSummary:
                                         for k, c in zip(cols, cells)).rstrip())
         lines.append(fit.spec.counts_line())
         lines += ["", "Fixed effects:"]
-        fe = fit.fixef_table()
+        fe = _lme4_fixef_table(fit)
         lines += fe.to_string(float_format=lambda v: f"{v:.4f}").splitlines()
         if fit.spec.n_fixed > 1:
             v = fit.vcov.to_numpy()
@@ -103,7 +125,7 @@ class FreqSummary:
         fit = self.fit
         head = "<br>".join(html.escape(line) for line in self.header() if line)
         re = self.random_effects_table().to_html(index=False, float_format=lambda v: f"{v:.4g}")
-        fe = fit.fixef_table().to_html(float_format=lambda v: f"{v:.4f}")
+        fe = _lme4_fixef_table(fit).to_html(float_format=lambda v: f"{v:.4f}")
         flag = "<p><b>boundary (singular) fit</b></p>" if fit.singular else ""
         return (f"<div><p>{head}</p><h4>Random effects</h4>{re}"
                 f"<p>{html.escape(fit.spec.counts_line())}</p><h4>Fixed effects</h4>{fe}{flag}</div>")

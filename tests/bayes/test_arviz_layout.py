@@ -37,9 +37,9 @@ def test_correlations_are_stored_once_each(kernel_fit):
     assert np.isfinite(table["r_hat"].astype(float)).all()
     assert "Subject_corr[(Intercept),Days]" in table.index
     # the stored pair is the varcorr row
-    vc = kernel_fit.varcorr()
+    vc = kernel_fit.varcorr
     row = vc[(vc["grp"] == "Subject") & (vc["var2"] == "Days")]
-    assert row["mean"].item() == pytest.approx(float(post["Subject_corr"].mean()), rel=1e-12)
+    assert row["sdcor"].item() == pytest.approx(float(post["Subject_corr"].mean()), rel=1e-12)
 
 
 def test_three_columns_on_the_pytensor_graph_have_three_pairs():
@@ -98,4 +98,4 @@ def test_files_with_whole_matrices_load_as_pairs(kernel_fit, tmp_path):
     tree.to_netcdf(old_path, engine="h5netcdf")
     back = load(old_path)
     assert back.posterior["Subject_corr"].dims == ("chain", "draw", "Subject_pair")
-    np.testing.assert_allclose(back.varcorr()["mean"], kernel_fit.varcorr()["mean"], rtol=1e-12)
+    np.testing.assert_allclose(back.varcorr["sdcor"], kernel_fit.varcorr["sdcor"], rtol=1e-12)

@@ -32,10 +32,10 @@ def sleep_fit(sleep_model):
 def _check_against_lme4(fit, key):
     """Posterior means of β within 0.1 posterior sd of lme4's REML; sd medians within 10 %."""
     ref = REF[key]
-    fe = fit.fixef()
+    fe = fit.fixef_table()
     for name, value in ref["fixef"].items():
-        assert abs(fe.loc[name, "mean"] - value) < 0.1 * fe.loc[name, "sd"], name
-    vc = fit.varcorr()
+        assert abs(fe.loc[name, "estimate"] - value) < 0.1 * fe.loc[name, "std_error"], name
+    vc = fit.varcorr_table()
     for row in ref["varcorr"]:
         if row["var2"] is not None:
             continue
@@ -58,14 +58,14 @@ def test_exam_matches_lme4():
 
 def test_tables_line_up_with_reml(sleep_model, sleep_fit):
     reml = sleep_model.fit(method="reml")
-    fe = sleep_fit.fixef()
+    fe = sleep_fit.fixef_table()
     assert list(fe.index) == list(reml.fixef.index)
-    assert {"mean", "sd", "lower", "upper", "r_hat", "ess_bulk", "ess_tail"} <= set(fe.columns)
-    vc = sleep_fit.varcorr()
+    assert {"estimate", "std_error", "lower", "upper", "r_hat", "ess_bulk", "ess_tail"} <= set(fe.columns)
+    vc = sleep_fit.varcorr_table()
     assert list(zip(vc.grp, vc.var1.fillna(""), vc.var2.fillna(""))) == \
         list(zip(reml.varcorr.grp, reml.varcorr.var1.fillna(""), reml.varcorr.var2.fillna("")))
     assert vc.attrs["interval"] == "eti89"  # ArviZ 1.x default
-    assert sleep_fit.fixef(ci_prob=0.95).attrs["interval"] == "eti95"
+    assert sleep_fit.fixef_table(ci_prob=0.95).attrs["interval"] == "eti95"
     re = sleep_fit.ranef()["Subject"]
     lme4 = reml.ranef()["Subject"]
     assert re.shape == (18, 2)
@@ -139,7 +139,7 @@ def test_three_by_three_block_and_uncorrelated_block():
     unc = Model("Reaction ~ Days + (Days || Subject)", load_dataset("sleepstudy")).fit(
         method="nuts", random_seed=2, draws=300, tune=300, chains=2, warn=False, **FAST)
     assert "Subject_corr" not in unc.posterior
-    assert len(unc.varcorr()) == 3
+    assert len(unc.varcorr) == 3
 
 
 def test_priors_default_summary_and_overrides(sleep_model):
@@ -160,7 +160,7 @@ def test_priors_default_summary_and_overrides(sleep_model):
 def test_strong_prior_moves_the_posterior(sleep_model):
     fit = sleep_model.fit(method="nuts", random_seed=4, draws=500, tune=500, chains=2, warn=False,
                           priors={"Days": Prior("Normal", mu=0, sigma=0.01)}, **FAST)
-    assert abs(fit.fixef().loc["Days", "mean"]) < 0.05
+    assert abs(fit.fixef["Days"]) < 0.05
 
 
 @pytest.mark.parametrize("priors, match", [

@@ -60,8 +60,8 @@ def test_effect_draws_have_conditional_mean_and_variance(data, formula):
 
 
 def test_fused_effect_draws_equal_the_numpy_formula():
-    """kernel.draw_effects_small (used for q ≤ 2) is the numpy closed form below on the same normals."""
-    from bayeslmm.bayes.kernel import draw_effects_small
+    """compiled.draw_effects_small (used for q ≤ 2) is the numpy closed form below on the same normals."""
+    from bayeslmm.bayes.compiled import draw_effects_small
 
     rng = np.random.default_rng(4)
     J, S, r = 37, 11, 3

@@ -76,11 +76,11 @@ def test_from_pymc_reads_each_variable_where_the_fit_reports_it(slopes):
     dt = _prior_as_posterior(slopes.pymc_model())
     post = dt["posterior"].to_dataset()
     fit = slopes.fit_from_draws(dt, warn=False)
-    vc = fit.varcorr()
-    np.testing.assert_allclose(vc["mean"].iloc[0], post["Subject_sd"].sel(Subject_effect="(Intercept)").mean())
-    np.testing.assert_allclose(vc["mean"].iloc[2], post["Subject_corr"].sel(Subject_pair="(Intercept),Days").mean())
-    np.testing.assert_allclose(vc["mean"].iloc[3], post["sigma"].mean())
-    np.testing.assert_allclose(fit.fixef()["mean"], post["beta"].mean(("chain", "draw")))
+    vc = fit.varcorr_table()
+    np.testing.assert_allclose(vc["estimate"].iloc[0], post["Subject_sd"].sel(Subject_effect="(Intercept)").mean())
+    np.testing.assert_allclose(vc["estimate"].iloc[2], post["Subject_corr"].sel(Subject_pair="(Intercept),Days").mean())
+    np.testing.assert_allclose(vc["estimate"].iloc[3], post["sigma"].mean())
+    np.testing.assert_allclose(fit.fixef, post["beta"].mean(("chain", "draw")))
     re = fit.ranef()["Subject"]
     assert list(re.index) == list(slopes.spec.blocks[0].levels)
     np.testing.assert_allclose(re.to_numpy(), post["Subject"].mean(("chain", "draw")).to_numpy())
@@ -123,7 +123,7 @@ def test_draws_from_pm_sample_wrap_into_a_fit_like_fit_nuts(intercepts):
     assert (gap < 5).all(), gap
     assert mine.sampler == "pymc"
     assert mine.ranef()["Subject"].shape == (18, 1)
-    assert np.isfinite(mine.fixef()["mean"]).all() and len(mine.varcorr()) == 2
+    assert np.isfinite(mine.fixef).all() and len(mine.varcorr) == 2
 
 
 def test_posterior_predictive_stores_its_group_for_arviz(intercepts):

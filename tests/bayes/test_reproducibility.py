@@ -160,7 +160,7 @@ def test_saved_fit_reloads_to_the_same_numbers(fits, tmp_path, options):
         for var in fit.idata[group].dataset.data_vars:
             assert _values_equal(fit.idata[group].dataset[var].values, back.idata[group].dataset[var].values)
     assert str(back.summary()) == str(fit.summary())
-    assert back.fixef().equals(fit.fixef()) and back.varcorr().equals(fit.varcorr())
+    assert back.fixef_table().equals(fit.fixef_table()) and back.varcorr_table().equals(fit.varcorr_table())
     assert back.to_dict() == fit.to_dict()
 
 

@@ -45,7 +45,7 @@ def _spec(n_groups=12, n_per_group=6, seed=1):
 
 @pytest.fixture(scope="module")
 def runner():
-    r = SBCRunner(_spec(), N_SMOKE, draws=300, tune=300, chains=2, n_ranks=99, seed=2026)
+    r = SBCRunner(_spec(), N_SMOKE, draws=300, tune=300, chains=2, n_ranks=99, random_seed=2026)
     r.compile()
     return r
 
@@ -69,13 +69,13 @@ def test_sbc_smoke_ranks_uniform(smoke):
     threshold = 1e-3 / 14
     chi = result.uniformity(bins=5)
     assert (chi.p_value > threshold).all(), chi
-    ec = result.ecdf(alpha=0.05)
+    ec = result.ecdf(ci_prob=0.95)
     assert (ec.p_value > threshold).all(), ec
 
 
 def test_sbc_smoke_coverage_within_binomial_bounds(smoke):
     result, _ = smoke
-    cov = result.coverage(ci=1 - 1e-3 / 14)         # Clopper–Pearson, Bonferroni over 14 intervals
+    cov = result.coverage(ci_prob=1 - 1e-3 / 14)    # Clopper–Pearson, Bonferroni over 14 intervals
     assert set(cov.nominal) == {0.5, 0.9} and len(cov) == 14
     assert (cov.n == N_SMOKE).all()
     assert cov.consistent.all(), cov
@@ -129,13 +129,13 @@ def test_sbc_negative_control_detected(runner):
     compiled model, no recompilation.
     """
     wrong = {**fixed_priors(runner.spec), "g": {"sd": Prior("HalfNormal", sigma=[1.0, 4.0]), "eta": 1.0}}
-    control = runner.with_simulation_priors(wrong, seed=99)
+    control = runner.with_simulation_priors(wrong, random_seed=99)
     assert control._compiled is runner._compiled
     result = control.run()
-    ec = result.ecdf(alpha=0.05)
+    ec = result.ecdf(ci_prob=0.95)
     assert ec.loc["sd[g|x]", "outside_band"] and ec.loc["sd[g|x]", "p_value"] < 1e-3, ec
     assert result.ranks["sd[g|x]"].mean() > 65                 # uniform: 49.5
-    cov = result.coverage(ci=0.99).set_index(["quantity", "nominal"])
+    cov = result.coverage(ci_prob=0.99).set_index(["quantity", "nominal"])
     assert not cov.loc[("sd[g|x]", 0.9), "consistent"], cov
 
 
@@ -153,7 +153,7 @@ def test_draw_prior_matches_the_priors():
     priors = resolve_priors(spec, {**fixed_priors(spec), "g": {"sd": Prior("HalfNormal", sigma=[1.0, 0.5]),
                                                                "eta": 3.0}})
     n = 4000
-    d = draw_prior(spec, priors, n, seed=3)
+    d = draw_prior(spec, priors, n, random_seed=3)
     assert d["beta"].shape == (n, 2) and d["g_sd"].shape == (n, 2) and d["g_corr_chol"].shape == (n, 2, 2)
     # LKJ(η) on a 2×2 correlation: (r + 1)/2 ~ Beta(η, η)
     R = d["g_corr_chol"] @ np.swapaxes(d["g_corr_chol"], 1, 2)
@@ -186,7 +186,7 @@ def test_simulate_response_has_the_model_covariance():
 def test_marginal_loglik_matches_dense_normal_for_many_draws():
     spec = _spec(n_groups=5, n_per_group=3)
     runner_free = resolve_priors(spec, fixed_priors(spec))
-    d = draw_prior(spec, runner_free, 6, seed=8)
+    d = draw_prior(spec, runner_free, 6, random_seed=8)
     from bayeslmm.bayes.collapsed import CollapsedData
     from bayeslmm.crossprod import CrossProducts
 
@@ -206,12 +206,12 @@ def test_marginal_loglik_matches_dense_normal_for_many_draws():
 def test_ecdf_test_has_its_size_and_power():
     rng = np.random.default_rng(11)
     n, L = 200, 99
-    rejections = sum(ecdf_test(rng.integers(0, L + 1, n), L, alpha=0.05)["outside_band"] for _ in range(400))
+    rejections = sum(ecdf_test(rng.integers(0, L + 1, n), L, ci_prob=0.95)["outside_band"] for _ in range(400))
     assert 0.02 <= rejections / 400 <= 0.085          # simultaneous 95 % band: about 5 % of uniform samples leave it
     # ranks of a posterior too narrow by 30 % (truth ~ N(0,1), draws ~ N(0, 0.7²)): ∪-shaped
     truth = rng.standard_normal(n)
     ranks = (rng.normal(0, 0.7, (n, L)) < truth[:, None]).sum(axis=1)
-    out = ecdf_test(ranks, L, alpha=0.05)
+    out = ecdf_test(ranks, L, ci_prob=0.95)
     assert out["outside_band"] and out["p_value"] < 1e-3
     # a posterior shifted by half its sd: ranks lean to one side
     ranks = (rng.normal(0.5, 1.0, (n, L)) < truth[:, None]).sum(axis=1)
@@ -220,14 +220,14 @@ def test_ecdf_test_has_its_size_and_power():
 
 def test_ecdf_band_is_the_test():
     n, L = 150, 49
-    z, lower, upper = ecdf_band(n, L, alpha=0.05)
+    z, lower, upper = ecdf_band(n, L, ci_prob=0.95)
     assert np.all(lower <= z) and np.all(z <= upper) and np.all(lower >= 0) and np.all(upper <= 1)
     rng = np.random.default_rng(5)
     for _ in range(200):
         ranks = rng.integers(0, L + 1, n)
         ecdf = np.cumsum(np.bincount(ranks, minlength=L + 1))[:-1] / n
         outside = bool(np.any(ecdf < lower - 1e-12) | np.any(ecdf > upper + 1e-12))
-        assert outside == ecdf_test(ranks, L, alpha=0.05)["outside_band"]
+        assert outside == ecdf_test(ranks, L, ci_prob=0.95)["outside_band"]
     # the statistic is the smallest two-sided binomial tail probability
     ranks = np.array([0, 0, 0, 0, 49])                # 4 of 5 below rank 1, where 1/50 are expected
     p = 1 / 50
@@ -246,7 +246,7 @@ def test_chi2_uses_exact_expected_counts():
 
 
 def test_coverage_interval_is_clopper_pearson():
-    lo, hi = coverage_interval(45, 100, ci=0.99)
+    lo, hi = coverage_interval(45, 100, ci_prob=0.99)
     assert lo == pytest.approx(stats.beta.ppf(0.005, 45, 56), rel=1e-8)
     assert hi == pytest.approx(stats.beta.ppf(0.995, 46, 55), rel=1e-8)
     assert coverage_interval(0, 20, 0.99)[0] == 0.0 and coverage_interval(20, 20, 0.99)[1] == 1.0
@@ -277,8 +277,8 @@ def test_sbc_arguments_are_checked():
         SBCRunner(spec, 2, sampler="stan")
     with pytest.raises(BayesLMMError, match="n_sims"):
         SBCRunner(spec, 0)
-    with pytest.raises(BayesLMMError, match="levels"):
-        SBCRunner(spec, 2, levels=(0.5, 1.5))
+    with pytest.raises(BayesLMMError, match="ci_probs"):
+        SBCRunner(spec, 2, ci_probs=(0.5, 1.5))
     r = SBCRunner(spec, 2, draws=50, n_ranks=20)
     with pytest.raises(BayesLMMError, match="simulation index"):
         r.simulate(2)
@@ -287,8 +287,8 @@ def test_sbc_arguments_are_checked():
 @pytest.mark.slow
 def test_sbc_long():
     """200 simulations: ranks uniform (chi-square and ECDF) and coverage within 99.9 % bounds."""
-    result = simulation_based_calibration(_spec(), n_sims=200, draws=500, tune=500, chains=2, seed=7)
+    result = simulation_based_calibration(_spec(), n_sims=200, draws=500, tune=500, chains=2, random_seed=7)
     threshold = 0.01 / 14
     assert (result.uniformity(bins=10).p_value > threshold).all()
     assert (result.ecdf().p_value > threshold).all()
-    assert result.coverage(ci=1 - 1e-3 / 14).consistent.all()
+    assert result.coverage(ci_prob=1 - 1e-3 / 14).consistent.all()

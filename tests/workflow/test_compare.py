@@ -95,12 +95,13 @@ def test_rows_equal_the_underlying_tables(table, sleep_bayes, sleep_reml):
                                  "corr[Subject|(Intercept),Days]", "sigma"]
     fe, vc = sleep_reml.fixef_table(), sleep_reml.varcorr
     np.testing.assert_array_equal(table["estimate"].to_numpy(),
-                                  np.r_[fe["Estimate"].to_numpy(), vc["sdcor"].to_numpy()])
-    np.testing.assert_array_equal(table["se"].iloc[:2].to_numpy(), fe["Std. Error"].to_numpy())
+                                  np.r_[fe["estimate"].to_numpy(), vc["sdcor"].to_numpy()])
+    np.testing.assert_array_equal(table["se"].iloc[:2].to_numpy(), fe["std_error"].to_numpy())
     assert table["se"].iloc[2:].isna().all()
-    pfe, pvc = sleep_bayes.fixef(0.95), sleep_bayes.varcorr(0.95)
-    for col in ("mean", "median", "sd", "lower", "upper", "r_hat", "ess_bulk"):
-        target = "post_" + col if col in ("mean", "median", "sd", "lower", "upper") else col
+    pfe, pvc = sleep_bayes.fixef_table(0.95), sleep_bayes.varcorr_table(0.95)
+    for target, col in [("post_mean", "estimate"), ("post_median", "median"), ("post_sd", "std_error"),
+                        ("post_lower", "lower"), ("post_upper", "upper"), ("r_hat", "r_hat"),
+                        ("ess_bulk", "ess_bulk")]:
         np.testing.assert_allclose(table[target].to_numpy(), np.r_[pfe[col].to_numpy(), pvc[col].to_numpy()],
                                    rtol=1e-12)
     assert list(table["group"]) == ["fixed", "fixed", "Subject", "Subject", "Subject", "Residual"]
@@ -109,7 +110,7 @@ def test_rows_equal_the_underlying_tables(table, sleep_bayes, sleep_reml):
 def test_intervals_and_differences(table, sleep_reml):
     z = stats.norm.ppf(0.975)
     fe = sleep_reml.fixef_table()
-    np.testing.assert_allclose(table["lower"].iloc[:2], fe["Estimate"] - z * fe["Std. Error"])
+    np.testing.assert_allclose(table["lower"].iloc[:2], fe["estimate"] - z * fe["std_error"])
     prof = sleep_reml.confint(0.95)
     np.testing.assert_allclose(table["lower"].iloc[2:], prof["lower"].iloc[:4], rtol=1e-12)
     np.testing.assert_allclose(table["upper"].iloc[2:], prof["upper"].iloc[:4], rtol=1e-12)

@@ -42,12 +42,12 @@ REML_LINES = {
     ],
     "sleepstudy_bayes_vs_reml.py": [
         "REML criterion at convergence: 1743.6283",
-        "Days          10.4673      1.5458   6.7715",
+        "Days          10.4673      1.5458  17.00   6.7715  3.26e-06",
     ],
     "doctors_tutorial.py": [
         "407 doctors, 8,525 patients, 2 to 40 per doctor (mean 20.9)",
         "REML criterion at convergence: 55790.4488",
-        "wbc           -0.3108      0.0372  -8.3484",
+        "wbc           -0.3108      0.0372  8238.69  -8.3484   < 2e-16",
     ],
     "partial_pooling.py": [
         "48       2      32.811      31.256      32.202       0.623",

@@ -104,9 +104,9 @@ def assert_bayes_equal(a: BayesFit, b: BayesFit):
         xr.testing.assert_identical(a.idata[g].to_dataset(), b.idata[g].to_dataset())
         for v in a.idata[g].dataset.variables:
             assert a.idata[g].dataset[v].dtype == b.idata[g].dataset[v].dtype, (g, v)
-    frames_close(a.fixef(), b.fixef())
-    frames_close(a.fixef(ci_prob=0.5), b.fixef(ci_prob=0.5))
-    frames_close(a.varcorr(), b.varcorr())
+    frames_close(a.fixef_table(), b.fixef_table())
+    frames_close(a.fixef_table(ci_prob=0.5), b.fixef_table(ci_prob=0.5))
+    frames_close(a.varcorr_table(), b.varcorr_table())
     for name in a.ranef():
         frames_close(a.ranef()[name], b.ranef()[name])
     frames_close(a.ranef_table(), b.ranef_table())

@@ -26,8 +26,8 @@ def test_summary_shows_every_parameter(sleep_bayes):
     assert list(t["fixed"].index) == ["(Intercept)", "Days"]
     assert [n for _, n in t["random"].index] == ["sd (Intercept)", "sd Days", "corr (Intercept), Days"]
     assert list(t["residual"].index) == ["sd (sigma)"]
-    fe, vc = sleep_bayes.fixef(), sleep_bayes.varcorr()
-    np.testing.assert_array_equal(t["fixed"]["mean"], fe["mean"])
+    fe, vc = sleep_bayes.fixef_table(), sleep_bayes.varcorr_table()
+    np.testing.assert_array_equal(t["fixed"]["mean"], fe["estimate"])
     np.testing.assert_array_equal(t["random"]["ess_bulk"].to_numpy(), vc["ess_bulk"].iloc[:3].to_numpy())
     np.testing.assert_array_equal(t["residual"]["upper"].to_numpy(), vc["upper"].iloc[3:].to_numpy())
     text = str(s)
@@ -37,7 +37,7 @@ def test_summary_shows_every_parameter(sleep_bayes):
     # every number row has all eight columns, and the columns line up across sections
     rows = [line for line in text.splitlines() if line.startswith(("(Intercept)", "Days", "sigma"))]
     assert len(rows) == 3 and len({len(r) for r in rows}) == 1
-    assert f"{fe.loc['Days', 'mean']:.4g}" in text
+    assert f"{fe.loc['Days', 'estimate']:.4g}" in text
     html = sleep_bayes._repr_html_()
     assert html.count("<table") == 3 and "<h4>Random effects</h4>" in html and "corr (Intercept), Days" in html
 
@@ -56,7 +56,7 @@ def test_summary_interval_is_configurable(sleep_bayes):
 
 def test_bayes_coef_is_fixed_plus_random(sleep_bayes, sleep_reml):
     coef = sleep_bayes.coef()["Subject"]
-    beta = sleep_bayes.fixef()["mean"]
+    beta = sleep_bayes.fixef
     re = sleep_bayes.ranef()["Subject"]
     np.testing.assert_allclose(coef["Days"], beta["Days"] + re["Days"], rtol=1e-12)
     np.testing.assert_allclose(coef["(Intercept)"], beta["(Intercept)"] + re["(Intercept)"], rtol=1e-12)

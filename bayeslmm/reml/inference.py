@@ -1,0 +1,116 @@
+"""t and F tests of a REML/ML fit's fixed effects, with Satterthwaite's denominator df.
+
+What lmerTest adds to lme4 (Kuznetsova, Brockhoff & Christensen 2017): the
+coefficient table's df and p-values, F tests per model term (type III by default, or
+type II, as lmerTest's ``anova(m, type = )``) and of any hypothesis matrix L (its
+``contest``).  The df come from :mod:`bayeslmm.reml.satterthwaite`, the hypotheses per
+term from :mod:`bayeslmm.hypotheses`.  ``ddf="none"`` gives Wald tests (infinite df),
+which is what lme4's summary reports without lmerTest.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..errors import BayesLMMError, ModelError
+from ..hypotheses import find_term, type2_contrasts, type3_contrasts
+from .satterthwaite import Satterthwaite
+
+#: the denominator-df methods
+DDF_METHODS = ("satterthwaite", "none")
+
+
+def check_ddf(ddf: str) -> str:
+    if ddf not in DDF_METHODS:
+        raise BayesLMMError(f"ddf must be one of {list(DDF_METHODS)} (Satterthwaite's approximation, or "
+                            f"Wald tests with no df), got {ddf!r}")
+    return ddf
+
+
+def satterthwaite_for(fit) -> Satterthwaite | None:
+    """The fit's Satterthwaite pieces at its θ and σ; None (with a warning) where undefined."""
+    try:
+        return Satterthwaite(fit.spec, fit.theta, fit.sigma, reml=fit.method == "REML")
+    except ModelError as exc:
+        warnings.warn(f"no Satterthwaite degrees of freedom for this fit: {exc}", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def coefficient_tests(fit, ddf: str) -> pd.DataFrame:
+    """Per coefficient: df and the two-sided p-value of t = β̂/SE (normal where ``ddf="none"``)."""
+    t = (fit.fixef / fit.fixef_se).to_numpy()
+    p = fit.spec.n_fixed
+    sat = fit.satterthwaite if check_ddf(ddf) == "satterthwaite" else None
+    if ddf == "none":
+        df = np.full(p, np.inf)
+    else:
+        df = np.array([sat.df(row) for row in np.eye(p)]) if sat is not None else np.full(p, np.nan)
+    pval = np.where(np.isinf(df), 2 * stats.norm.sf(np.abs(t)), 2 * stats.t.sf(np.abs(t), df))
+    return pd.DataFrame({"df": df, "p_value": pval}, index=fit.fixef.index)
+
+
+def f_test(fit, L, ddf: str = "satterthwaite") -> dict:
+    """F test of H₀: Lβ = 0: F, numerator and denominator df, p-value."""
+    beta = fit.fixef.to_numpy()
+    if check_ddf(ddf) == "satterthwaite":
+        sat = fit.satterthwaite
+        if sat is None:
+            raise ModelError("Satterthwaite degrees of freedom are not defined for this fit (see the "
+                             "warning); use ddf='none' for a Wald test")
+        return sat.f_test(L, beta)
+    L = np.atleast_2d(np.asarray(L, dtype=float))
+    if L.ndim != 2 or L.shape[1] != len(beta):
+        raise BayesLMMError(f"a hypothesis matrix needs {len(beta)} columns (one per fixed effect: "
+                            f"{list(fit.fixef.index)}), got shape {np.shape(L)}")
+    M = L @ fit.vcov.to_numpy() @ L.T
+    F = float((L @ beta) @ np.linalg.solve(M, L @ beta)) / len(L)
+    return {"F": F, "num_df": len(L), "den_df": np.inf}
+
+
+def with_p_value(res: dict) -> dict:
+    """Add the upper-tail p-value: F(num_df, den_df), or χ²(num_df)/num_df for Wald (infinite df)."""
+    F, k, d = res["F"], res["num_df"], res["den_df"]
+    res["p_value"] = float(stats.chi2.sf(F * k, k) if np.isinf(d) else stats.f.sf(F, k, d))
+    return res
+
+
+def term_hypotheses(fit, type: int) -> dict[str, np.ndarray]:
+    """Each fixed-effect term's hypothesis rows (type III or II), in formula order."""
+    from ..formula.terms import factor_levels, fixed_terms, grid_design
+
+    if type not in (2, 3):
+        raise BayesLMMError(f"type must be 3 (lmerTest's default) or 2, got {type!r}")
+    spec = fit.spec
+    spec.require_rows("F tests per term")
+    terms = fixed_terms(spec)
+    if type == 2:
+        return {t.name: type2_contrasts(t, terms, spec.X) for t in terms if not t.is_intercept}
+    levels = factor_levels(spec, terms)
+    return {t.name: type3_contrasts(t, terms, levels, lambda g: grid_design(spec, g))
+            for t in terms if not t.is_intercept}
+
+
+def anova_table(fit, type: int = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
+    """lmerTest's ``anova(m, type=, ddf=)``: one F test per term."""
+    rows = {}
+    s2 = fit.sigma**2
+    for name, L in term_hypotheses(fit, type).items():
+        r = with_p_value(f_test(fit, L, ddf))
+        rows[name] = {"sum_sq": r["F"] * r["num_df"] * s2, "mean_sq": r["F"] * s2, "num_df": r["num_df"],
+                      "den_df": r["den_df"], "f_value": r["F"], "p_value": r["p_value"]}
+    out = pd.DataFrame.from_dict(rows, orient="index",
+                                 columns=["sum_sq", "mean_sq", "num_df", "den_df", "f_value", "p_value"])
+    out.attrs.update(type=type, ddf=ddf)
+    return out
+
+
+def term_test(fit, term: str, type: int = 3, ddf: str = "satterthwaite") -> dict:
+    """One term's F test (its name as in the formula, variables in any order)."""
+    from ..formula.terms import fixed_terms
+
+    name = find_term(fixed_terms(fit.spec), term).name
+    return with_p_value(f_test(fit, term_hypotheses(fit, type)[name], ddf))
