@@ -42,15 +42,30 @@ def satterthwaite_for(fit) -> Satterthwaite | None:
 
 def coefficient_tests(fit, ddf: str) -> pd.DataFrame:
     """Per coefficient: df and the two-sided p-value of t = β̂/SE (normal where ``ddf="none"``)."""
-    t = (fit.fixef / fit.fixef_se).to_numpy()
-    p = fit.spec.n_fixed
-    sat = fit.satterthwaite if check_ddf(ddf) == "satterthwaite" else None
-    if ddf == "none":
-        df = np.full(p, np.inf)
+    out = contrast_tests(fit, np.eye(fit.spec.n_fixed), ddf)[["df", "p_value"]]
+    out.index = fit.fixef.index
+    return out
+
+
+def contrast_tests(fit, L, ddf: str = "satterthwaite") -> pd.DataFrame:
+    """One t test per row ℓ of L: ``estimate`` ℓβ̂, ``std_error`` √(ℓCℓᵀ), ``df``, ``t_value``,
+    two-sided ``p_value`` (unadjusted).  The building block of coefficient tables, marginal
+    means and contrasts."""
+    L = np.atleast_2d(np.asarray(L, dtype=float))
+    beta = fit.fixef.to_numpy()
+    if L.ndim != 2 or L.shape[1] != len(beta) or not np.all(np.isfinite(L)):
+        raise BayesLMMError(f"a hypothesis matrix needs {len(beta)} finite columns (one per fixed effect: "
+                            f"{list(fit.fixef.index)}), got shape {np.shape(L)}")
+    est = L @ beta
+    se = np.sqrt(np.einsum("ia,ab,ib->i", L, fit.vcov.to_numpy(), L))
+    if check_ddf(ddf) == "none":
+        df = np.full(len(L), np.inf)
     else:
-        df = np.array([sat.df(row) for row in np.eye(p)]) if sat is not None else np.full(p, np.nan)
-    pval = np.where(np.isinf(df), 2 * stats.norm.sf(np.abs(t)), 2 * stats.t.sf(np.abs(t), df))
-    return pd.DataFrame({"df": df, "p_value": pval}, index=fit.fixef.index)
+        sat = fit.satterthwaite
+        df = np.array([sat.df(row) for row in L]) if sat is not None else np.full(len(L), np.nan)
+    t = est / se
+    p = np.where(np.isinf(df), 2 * stats.norm.sf(np.abs(t)), 2 * stats.t.sf(np.abs(t), df))
+    return pd.DataFrame({"estimate": est, "std_error": se, "df": df, "t_value": t, "p_value": p})
 
 
 def f_test(fit, L, ddf: str = "satterthwaite") -> dict:
