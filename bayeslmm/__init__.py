@@ -18,6 +18,7 @@ _LAZY = {
     "load": "bayeslmm.io",
     "Model": "bayeslmm.model",
     "caterpillar_plot": "bayeslmm.plots",
+    "conditional_effects_plot": "bayeslmm.plots",
     "ppc_plot": "bayeslmm.plots",
     "shrinkage_plot": "bayeslmm.plots",
     "variance_plot": "bayeslmm.plots",

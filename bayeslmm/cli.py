@@ -5,6 +5,12 @@ DATA is a CSV or Parquet file, or the name of a bundled dataset
 partition (:mod:`bayeslmm.outofcore`), when DATA is a glob, a folder of several
 files or above ``DASK_BYTES`` on disk, or when ``--dask`` asks for it.
 
+The REML/ML summary is lmerTest's: the fixed effects with Satterthwaite's denominator
+df and p-values (``df`` and ``p_value`` of each coefficient in the JSON, under
+``fixef_table``).  ``--anova 3`` (or ``2``) adds the F test of each fixed-effect term,
+type III (lmerTest's default) or type II, to what is printed, to the JSON (``anova``)
+and to ``--out`` (``anova.csv``).
+
 ``--method both`` fits the model by REML and by NUTS, prints both summaries and then
 the side-by-side table of :func:`bayeslmm.compare`.  ``--out DIR`` writes into DIR
 (created if needed) what was printed (``summary.txt``), each fit's results as JSON
@@ -22,8 +28,8 @@ Nothing is lost and no traceback is printed:
 * Each fit's files are written as soon as the fit is done (``summary.txt`` and
   ``--json`` are rewritten after each step), every file under a temporary name then
   renamed, so none is ever half-written.
-* An output that cannot be made (the comparison, a table or a plot: an error of the
-  model's or an internal one) is reported as a warning on stderr and listed as
+* An output that cannot be made (the comparison, the F tests, a table or a plot: an
+  error of the model's or an internal one) is reported as a warning on stderr and listed as
   skipped; the rest is still written and the exit status is 0.
 * Any other failure ends with one ``bayeslmm: error:`` line: exit status 2 for bad
   input or options, 1 for the environment (disk full, read-only, out of memory) or an
@@ -144,9 +150,14 @@ def _parser() -> argparse.ArgumentParser:
                         "effects' only, as lme4's Wald confint), or none at all; default: compare()'s (profile "
                         "unless the model is very large)")
     f.add_argument("--ci-prob", type=float, default=None, metavar="P",
-                   help="probability of the intervals (posterior summary, comparison table, caterpillar plots); "
-                        "default: ArviZ's 0.89 for the posterior and the comparison, 0.95 for REML/ML "
-                        "caterpillar plots")
+                   help="probability of the intervals (posterior summary, comparison table, caterpillar plots, "
+                        "the REML/ML fixef_table in the JSON); default: ArviZ's 0.89 for the posterior and the "
+                        "comparison, 0.95 for REML/ML caterpillar plots and fixef_table")
+    f.add_argument("--anova", type=int, choices=[3, 2], default=None, metavar="TYPE",
+                   help="reml, ml, both: also print the F test of each fixed-effect term with Satterthwaite's "
+                        "denominator df, as lmerTest's anova(m, type = TYPE): 3 for type III (lmerTest's "
+                        "default: each term averaged over the other factors' levels) or 2 for type II; "
+                        "written to --json ('anova') and --out (anova.csv) too. Default: not printed")
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     f.add_argument("--out", metavar="DIR",
                    help="write the results (summary.txt, JSON, saved fits, comparison and pooling tables as CSV) "
@@ -287,9 +298,11 @@ def _check_probability(option: str, p: float | None) -> None:
         raise BayesLMMError(f"{option} must be a probability strictly between 0 and 1, got {p!r}")
 
 
-def output_names(keys: list[str], groups: list[str], comparison: bool) -> list[str]:
-    """The files ``--out`` writes for fits ``keys`` ("reml", "ml", "nuts") of a model with grouping factors ``groups``."""
+def output_names(keys: list[str], groups: list[str], comparison: bool, anova: bool = False) -> list[str]:
+    """The files ``--out`` writes for fits ``keys`` ("reml", "ml", "nuts") of a model with grouping factors
+    ``groups`` (``anova``: the F tests per term of the REML/ML fit, ``--anova``)."""
     names = ["summary.txt"] + [f"{key}.{ext}" for key in keys for ext in ("json", "nc")]
+    names += ["anova.csv"] if anova and set(keys) & {"reml", "ml"} else []
     names += ["comparison.csv"] if comparison else []
     for group in groups:
         g = _safe_name(group)
@@ -315,6 +328,7 @@ class _Run:
         self.created_folder = False
         self.fits: dict[str, object] = {}  # "reml" | "ml" | "nuts" -> fit, in the order fitted
         self.comparison = None
+        self.anovas: dict[str, pd.DataFrame] = {}  # "reml" | "ml" -> F tests per term (--anova)
         self.printed: list[str] = []
         self.written: list[str] = []
         self.skipped: list[str] = []
@@ -346,6 +360,9 @@ class _Run:
         _check_out_dir(args.out)
         _check_probability("--ci-prob", args.ci_prob)
         _check_probability("--target-accept", args.target_accept)
+        if args.anova is not None and args.method == "nuts":
+            raise BayesLMMError("--anova tests the fixed effects of a REML or ML fit; use --method reml, ml or "
+                                "both, or leave --anova out")
         self.stage = "reading the data"
         model = _build_model(args)
         self.stage = "preparing the outputs"
@@ -355,6 +372,8 @@ class _Run:
             self.stage = f"fitting by {key.upper()}"
             fit = model.fit(method=key)
             self._add_fit(key, fit, str(fit.summary()))
+            if args.anova is not None:
+                self._anova(key, fit)
         if args.method in ("nuts", "both"):
             self.stage = "sampling by NUTS"
             fit = model.fit(method="nuts", draws=args.draws, tune=args.tune, chains=args.chains,
@@ -388,7 +407,7 @@ class _Run:
             _probe_writable(self.folder, f"--out {self.args.out!r}")
             keys = {"reml": ["reml"], "ml": ["ml"], "nuts": ["nuts"], "both": ["reml", "nuts"]}[self.args.method]
             groups = list(dict.fromkeys(b.group for b in model.spec.blocks))
-            planned = output_names(keys, groups, self.args.method == "both")
+            planned = output_names(keys, groups, self.args.method == "both", self.args.anova is not None)
             present = {p.name for p in self.folder.iterdir()}
             replaced = [n for n in planned if n in present]
             others = len(present - set(planned))
@@ -407,9 +426,45 @@ class _Run:
         self.show(summary)
         with self._writing(f"the {key.upper()} fit's files"):
             self._write_summary()
-            self._attempt(f"{key}.json", lambda p: p.write_text(json.dumps(fit_dict(fit, self.args.ci_prob),
-                                                                              indent=2) + "\n"))
+            self._write_fit_json(key, fit)
             self._attempt(f"{key}.nc", lambda p: fit.save(p), atomic=False)  # save() writes atomically itself
+            self._write_json()
+
+    def _write_fit_json(self, key: str, fit) -> None:
+        self._attempt(f"{key}.json", lambda p: p.write_text(json.dumps(
+            fit_dict(fit, self.args.ci_prob, self.anovas.get(key)), indent=2) + "\n"))
+
+    def _anova(self, key: str, fit) -> None:
+        """``--anova``: the F tests per term of the REML/ML fit, printed after its summary and written.
+
+        Run after the fit's own files are written, so an interrupt here loses nothing
+        of the fit.  F tests that cannot be made (a model read out of memory has no
+        rows to build the terms' hypotheses from) are warned about and skipped, as
+        the comparison is.
+        """
+        self.stage = f"testing each term of the {key.upper()} fit"
+        try:
+            table = fit.anova(type=self.args.anova)
+        except (MemoryError, RecursionError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001  (the fit is done and written: report and go on)
+            self.check_not_interrupted()  # (an interrupt turned into another exception)
+            lost = ["anova.csv"] if self.folder is not None else []
+            lost += [f"the F tests in --json {self.args.json}"] if self.args.json else []
+            kind = "" if isinstance(exc, BayesLMMError) else f"internal error, please report: {type(exc).__name__}: "
+            warnings.warn(f"the F tests per term (--anova) were not made ({kind}{exc})"
+                          + (f"; skipped: {', '.join(lost)}" if lost else ""), stacklevel=2)
+            if self.folder is not None:
+                self.skipped.append("anova.csv")
+            return
+        self.check_not_interrupted()
+        self.anovas[key] = table
+        self.show("")
+        self.show(format_anova(table))
+        with self._writing("the F tests"):
+            self._write_summary()
+            self._attempt("anova.csv", lambda p: table.rename_axis("term").to_csv(p))
+            self._write_fit_json(key, fit)
             self._write_json()
 
     @contextlib.contextmanager
@@ -465,7 +520,8 @@ class _Run:
             raise OSError(exc.errno, f"--json {path!r}: could not write the results ({exc.strerror or exc})") from exc
 
     def _json(self) -> dict:
-        return _json_results(self.fits, self.comparison, self.args.ci_prob, keyed=self.args.method == "both")
+        return _json_results(self.fits, self.comparison, self.args.ci_prob, keyed=self.args.method == "both",
+                             anovas=self.anovas)
 
     def _attempt(self, name: str, make, atomic: bool = True) -> None:
         """Write one --out file; an output that cannot be made is warned about and listed as skipped."""
@@ -519,21 +575,72 @@ def comparison_records(comparison) -> dict:
             for k, row in frame.iterrows()}
 
 
-def fit_dict(fit, ci_prob: float | None = None) -> dict:
-    """``fit.to_dict()``; for a NUTS fit with the posterior intervals at ``ci_prob`` when given."""
+def _records(table: pd.DataFrame) -> dict:
+    """``{row: {column: value}}`` with plain numbers (integer columns stay integers) and nulls for NaN
+    and infinities."""
+    columns = {c: table[c].tolist() for c in table.columns}  # per column: its own type
+    return {str(k): {c: _plain(values[i]) for c, values in columns.items()} for i, k in enumerate(table.index)}
+
+
+def fit_dict(fit, ci_prob: float | None = None, anova: pd.DataFrame | None = None) -> dict:
+    """``fit.to_dict()``; for a NUTS fit with the posterior intervals at ``ci_prob`` when given.
+
+    A REML/ML fit's dict also holds ``fixef_table`` (per coefficient ``estimate``,
+    ``std_error``, ``lower``, ``upper``, ``t_value``, ``df``, ``p_value``: lmerTest's
+    coefficient table, Satterthwaite's df) with ``fixef_table_attrs`` (``ddf``,
+    ``ci_prob``), and, given ``anova`` (:meth:`FreqFit.anova`'s table), ``anova`` (per
+    term ``sum_sq``, ``mean_sq``, ``num_df``, ``den_df``, ``f_value``, ``p_value``)
+    with ``anova_attrs`` (``type``, ``ddf``).  Unknown values (df where Satterthwaite's
+    approximation is not defined) are null.
+    """
+    from .reml.results import FreqFit
+
     out = fit.to_dict()
     if ci_prob is not None and "posterior" in out:
         table = fit.summary_table(ci_prob)
         out["interval"] = table.attrs["interval"]
         out["posterior"] = {k: {c: float(v) for c, v in row.items()} for k, row in table.iterrows()}
+    if isinstance(fit, FreqFit):
+        table = fit.fixef_table(ci_prob)
+        out["fixef_table"] = _records(table)
+        out["fixef_table_attrs"] = {"ddf": table.attrs["ddf"], "ci_prob": table.attrs["ci_prob"]}
+    if anova is not None:
+        out["anova"] = _records(anova)
+        out["anova_attrs"] = {"type": anova.attrs["type"], "ddf": anova.attrs["ddf"]}
     return out
 
 
-def _json_results(fits: dict, comparison, ci_prob: float | None = None, keyed: bool = False) -> dict:
+#: how lmerTest titles its ANOVA tables
+_ANOVA_TYPES = {3: "Type III", 2: "Type II"}
+_DDF_TITLES = {"satterthwaite": "with Satterthwaite's method", "none": "with Wald tests (no denominator df)"}
+
+
+def format_anova(table: pd.DataFrame) -> str:
+    """:meth:`FreqFit.anova`'s table printed as lmerTest prints ``anova(m)``."""
+    from .reml.summary import format_p_value
+
+    kind = _ANOVA_TYPES.get(table.attrs.get("type"), f"Type {table.attrs.get('type')}")
+    ddf = table.attrs.get("ddf", "satterthwaite")
+    title = f"{kind} Analysis of Variance Table {_DDF_TITLES.get(ddf, f'with {ddf} denominator df')}"
+    shown = pd.DataFrame({
+        "Sum Sq": [f"{v:.5g}" for v in table["sum_sq"]],
+        "Mean Sq": [f"{v:.5g}" for v in table["mean_sq"]],
+        "NumDF": [f"{int(v)}" for v in table["num_df"]],
+        "DenDF": [f"{v:.2f}" if math.isfinite(v) else ("Inf" if v > 0 else "NA") for v in table["den_df"]],
+        "F value": [f"{v:.4f}" for v in table["f_value"]],
+        "Pr(>F)": [format_p_value(v) for v in table["p_value"]],
+    }, index=table.index)
+    return title + "\n" + shown.to_string()
+
+
+def _json_results(fits: dict, comparison, ci_prob: float | None = None, keyed: bool = False,
+                  anovas: dict | None = None) -> dict:
     """One fit's results, or (``keyed``, for ``--method both``) the fits by method and the comparison."""
+    anovas = anovas or {}
     if len(fits) == 1 and not keyed:
-        return fit_dict(next(iter(fits.values())), ci_prob)
-    out = {key: fit_dict(fit, ci_prob) for key, fit in fits.items()}
+        key, fit = next(iter(fits.items()))
+        return fit_dict(fit, ci_prob, anovas.get(key))
+    out = {key: fit_dict(fit, ci_prob, anovas.get(key)) for key, fit in fits.items()}
     if comparison is not None:
         out["comparison"] = comparison_records(comparison)
         out["comparison_ci_prob"] = comparison.attrs["ci_prob"]

@@ -18,6 +18,7 @@ fixed, so the products ``B_j[r,a] B_j[s,b]`` are laid out once in a sparse matri
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 from dataclasses import dataclass
 from functools import cached_property
@@ -210,3 +211,31 @@ def _pair_products(B: sp.csr_matrix, n1: int, q1: int) -> tuple[sp.csr_matrix, n
     P = sp.csr_matrix((v[e1] * v[e2], (out_row, w_col)), shape=(len(uniq), n1 * q1 * q1))
     P.sum_duplicates()
     return P, uniq // m, uniq % m
+
+
+#: each spec's cross-products, kept while the spec lives (fits do not keep them: files stay small)
+_BY_SPEC: "weakref.WeakKeyDictionary[ModelSpec, CrossProducts]" = weakref.WeakKeyDictionary()
+
+
+def remember(spec: ModelSpec, crossprods: CrossProducts) -> None:
+    """Keep ``crossprods`` as ``spec``'s, for the computations after a fit (profiles, df)."""
+    _BY_SPEC[spec] = crossprods
+
+
+def crossproducts_of(spec: ModelSpec, what: str = "this computation") -> CrossProducts:
+    """The spec's cross-products: remembered, or computed once from its rows.
+
+    A spec built out of memory has no rows: its cross-products are those its ``Model``
+    computed, remembered while that spec lives; a fit reloaded from a file in another
+    session has none, and ``what`` is refused with a clear error.
+    """
+    try:
+        return _BY_SPEC[spec]
+    except KeyError:
+        pass
+    if not getattr(spec, "rows_in_memory", True):
+        raise ModelError(f"this model was built out of memory and its cross-products are not at hand (a fit "
+                         f"loaded from a file keeps none); {what} needs them: rebuild the Model from the "
+                         "data and fit it again")
+    cp = _BY_SPEC[spec] = CrossProducts.from_spec(spec)
+    return cp

@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from .crossprod import CrossProducts
+from .crossprod import CrossProducts, crossproducts_of, remember
 from .errors import BayesLMMError, ModelError
 from .exactfit import NEAR_EXACT_RATIO, check_exact_fit
 from .formula import build_spec
@@ -68,6 +68,7 @@ class Model:
             self.formula = formula
             self.spec, self.crossprods = build_out_of_core(formula, data, groups=groups, missing=missing,
                                                            rank_deficient=rank_deficient)
+            remember(self.spec, self.crossprods)  # the fits' profiles and df need them; no rows to redo them
             return
         if isinstance(data, str):
             from .datasets import load_dataset
@@ -80,8 +81,9 @@ class Model:
 
     @cached_property
     def crossprods(self) -> CrossProducts:
-        """The cross-product blocks, computed on first use and shared by every fit."""
-        return CrossProducts.from_spec(self.spec)
+        """The cross-product blocks, computed on first use and shared by every fit (and by their
+        profiles and df, through :func:`bayeslmm.crossprod.crossproducts_of`)."""
+        return crossproducts_of(self.spec)
 
     def fit(self, method: str = "reml", **options):
         """Fit the model.

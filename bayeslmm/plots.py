@@ -1,4 +1,5 @@
-"""Figures of a fitted model: shrinkage, caterpillar, variance components, posterior predictive check.
+"""Figures of a fitted model: shrinkage, caterpillar, variance components, posterior predictive check,
+conditional effects.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no
 global figure registry, no ``plt.show()``), so it works under the Agg backend, in
@@ -8,7 +9,7 @@ scripts and in notebooks (a figure displays itself there) alike; save it with
 
 The plotted artists carry a ``gid`` naming what they show (``"no_pooling"``,
 ``"partial_pooling"``, ``"shrinkage_arrow"``, ``"population"``, ``"ellipse"``,
-``"interval"``, ``"estimate"``, ``"posterior"``, ``"reml"``, ``"y"``, ``"y_rep"``), so a
+``"interval"``, ``"estimate"``, ``"posterior"``, ``"reml"``, ``"y"``, ``"y_rep"``, ``"data"``), so a
 figure's content can be read back.
 """
 
@@ -24,7 +25,7 @@ from .errors import BayesLMMError, ModelError
 from .group_frames import check_ci_prob
 from .pooling import group_design, pooling_table, resolve_fit
 
-__all__ = ["caterpillar_plot", "ppc_plot", "shrinkage_plot", "variance_plot"]
+__all__ = ["caterpillar_plot", "conditional_effects_plot", "ppc_plot", "shrinkage_plot", "variance_plot"]
 
 _NO_POOL = "C0"
 _PARTIAL = "C3"
@@ -307,7 +308,7 @@ def _group_intervals(fit, group, ci_prob):
     gd = group_design(fit.spec, group)
     prob = check_ci_prob(ci_prob, fit.default_ci_prob)
     frame = fit.ranef(ci_prob=prob)[gd.group]
-    est = frame[frame.columns.get_level_values(0)[0]]  # the point values: "estimate" or "mean"
+    est = frame["estimate"]  # the point values: conditional modes or posterior means
     return gd, est, frame["lower"], frame["upper"], prob
 
 
@@ -515,3 +516,344 @@ def ppc_plot(bayes_fit, n_draws: int = 50, random_seed: int | None = None, *, ax
     ax.legend(fontsize="small")
     fig.draw_index = index
     return fig
+
+
+# ------------------------------------------------------------- conditional effects
+#: what ``interval=`` may ask for: the uncertainty of the mean, or of a new observation (NUTS only)
+_INTERVALS = ("mean", "prediction")
+
+
+def conditional_effects_plot(fit, x: str, by: str | None = None, *, kind: str = "marginal",
+                             ci_prob: float | None = None, at: dict | None = None, n_points: int = 100,
+                             interval: str = "mean", data: bool = True, random_seed: int | None = None, ax=None):
+    """The predicted response across one predictor, one curve per level of another, with intervals.
+
+    What brms's ``conditional_effects(fit, "x:by")`` and bambi's
+    ``interpret.plot_predictions(model, idata, conditional=["x", "by"])`` draw, for both
+    engines (bambi's band is the HDI by default; this one is equal-tailed).
+
+    Parameters
+    ----------
+    fit : FreqFit, BayesFit or Model
+        As for :func:`bayeslmm.pooling_table` (a Model is fitted by REML).
+    x : str
+        A predictor of the fixed effects (a column of the data).  Numeric: ``n_points``
+        values from its smallest to its largest value in the data, drawn as a line with
+        a band.  A factor: its levels, drawn as points with error bars.
+    by : str, optional
+        A second predictor: one curve per level of a factor (dodged sideways when ``x``
+        is a factor), or, for a numeric ``by``, three curves at its mean − 1 sd, mean
+        and mean + 1 sd in the data (brms's choice).  With ``kind="conditional"`` a
+        grouping factor (``"Subject"``) too: one curve per group.
+    kind : {"marginal", "conditional"}
+        ``"marginal"``: the population-level prediction Xβ (random effects at 0).
+        ``"conditional"``: one group's prediction Xβ + Zb; name the group in ``at``
+        (``at={"Subject": "308"}``) or use the grouping factor as ``by``.
+    ci_prob : float, optional
+        Interval probability (the fit's ``default_ci_prob``: REML/ML 0.95, NUTS 0.89).
+    at : dict, optional
+        Values of the other predictors (and, for ``kind="conditional"``, of the
+        grouping factors).  The predictors not named are held as brms holds them: a
+        numeric one at its mean over the rows fitted, a factor at its reference (first)
+        level — not averaged over its levels (for that, see marginal means).
+    n_points : int
+        Grid size of a numeric ``x`` (at least 2).
+    interval : {"mean", "prediction"}
+        ``"mean"``: the interval of the predicted mean.  REML/ML: the Wald confidence
+        interval x'β̂ ± z·√(x'Cx) with C = ``fit.vcov`` and z the normal quantile; for
+        ``kind="conditional"`` it holds the uncertainty of β̂ only, not that of the
+        group's b̂.  NUTS: the equal-tailed posterior interval of the draws of the mean
+        (``fit.predict(grid, kind, ci_prob=...)``).  ``"prediction"`` (NUTS only): the
+        equal-tailed interval of posterior predictive draws (σε added; with
+        ``kind="marginal"`` not the groups' spread), brms's ``method = "posterior_predict"``.
+    data : bool
+        Also draw the observed responses against ``x``, coloured by a factor ``by``
+        (with ``kind="conditional"``, the rows of the groups in ``at`` only).
+    random_seed : int, optional
+        Seed of the predictive noise for ``interval="prediction"``.
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        ``fig.conditional_effects`` is the DataFrame plotted: the grid's columns
+        (``x``, ``by`` and every held value), ``estimate`` (REML/ML: ``fit.predict``;
+        NUTS: the posterior mean of ``fit.predict``), ``lower``, ``upper`` and, for a
+        factor ``x``, ``position`` (the horizontal place drawn); its ``attrs`` say
+        the kind, ``ci_prob``, interval, method and held values.  Artists: lines or
+        points ``gid="estimate"``, bands or bars ``gid="interval"``, data
+        ``gid="data"``, one per curve in the table's order.
+    """
+    fit = resolve_fit(fit)
+    if kind not in ("marginal", "conditional"):
+        raise BayesLMMError(f"`kind` must be 'marginal' (population level) or 'conditional' (one group's), "
+                            f"got {kind!r}")
+    if interval not in _INTERVALS:
+        raise BayesLMMError(f"`interval` must be one of {list(_INTERVALS)}, got {interval!r}")
+    if isinstance(n_points, bool) or not isinstance(n_points, Integral) or n_points < 2:
+        raise BayesLMMError(f"`n_points` must be an integer of at least 2, got {n_points!r}")
+    prob = check_ci_prob(ci_prob, fit.default_ci_prob)
+    spec = fit.spec
+    roles = _effect_roles(spec, kind)
+    _check_varied(spec, roles, x, by, kind)
+    held = _held_values(spec, roles, at, {x, by})
+    xs, bys = _axis_values(spec, roles, x, n_points), _by_values(spec, roles, by)
+    grid = _effects_grid(spec, x, xs, by, bys, held)
+    table = _effects_table(fit, grid, kind, prob, interval, random_seed)
+    table.attrs.update(kind=kind, ci_prob=prob, interval=interval, method=fit.method, held=held)
+    fig, (axis,) = _new_axes(ax, panel_size=(6.5, 4.3))
+    if roles[x]:
+        offsets = _dodge(len(bys))
+        table["position"] = np.concatenate([np.arange(len(xs)) + off for off in offsets])
+        _effects_points(axis, table, xs, by, bys)
+    else:
+        _effects_lines(axis, table, x, by, bys)
+    if data:
+        _effects_data(axis, spec, roles, x, xs, by, bys, held, kind)
+    _effects_labels(axis, fit, x, by, kind, prob, interval, held)
+    fig.conditional_effects = table
+    return fig
+
+
+def _effect_roles(spec, kind: str) -> dict[str, bool | None]:
+    """The data's columns a prediction uses: ``True`` a factor, ``False`` numeric, ``None`` a grouping factor.
+
+    A numeric column the formula wraps in ``C()`` counts as a factor.  Grouping
+    factors are listed for ``kind="conditional"`` only: the marginal prediction
+    does not use them.
+    """
+    from .formula.parse import parse_formula, referenced_names
+    from .formula.terms import fixed_terms
+
+    if spec.data is None:
+        raise ModelError("this model did not keep its data (cross-products computed out of memory), so its "
+                         "predictions cannot be put on a grid: refit from a DataFrame to plot conditional effects")
+    parsed = parse_formula(spec.formula)
+    columns = set(map(str, spec.data.columns))
+    response = {n for n, _ in referenced_names(spec.response)}
+    exprs = [parsed.fixed] + ([b.lhs for b in parsed.bars] if kind == "conditional" else [])
+    used = [n for e in exprs for n, _ in referenced_names(e) if n in columns and n not in response]
+    categoric = {n for t in fixed_terms(spec) for f in t.factors for n, _ in referenced_names(f)}
+    roles: dict[str, bool | None] = {n: n in categoric or not _is_numeric(spec.data[n]) for n in dict.fromkeys(used)}
+    if kind == "conditional":
+        for block in spec.blocks:
+            for g in block.group.split(":"):
+                roles.setdefault(g, None)
+    return roles
+
+
+def _is_numeric(s) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+
+
+def _check_varied(spec, roles, x, by, kind) -> None:
+    """``x`` a fixed-effect predictor, ``by`` another (or a grouping factor when conditional), or clear errors."""
+    from .formula.parse import referenced_names
+
+    predictors = [n for n, r in roles.items() if r is not None]
+    groups = [n for b in spec.blocks for n in b.group.split(":")]
+    response = {spec.response, *(n for n, _ in referenced_names(spec.response))}
+
+    def what(name):
+        if not isinstance(name, str):
+            return f"must be a column name, got {type(name).__name__}"
+        if name in response:
+            return f"{name!r} is the response, which the plot shows on the y axis"
+        if name in groups and kind == "marginal":
+            return (f"{name!r} is a grouping factor, which the marginal (population) prediction does not use; "
+                    "pass kind='conditional' to draw the groups' curves")
+        return f"{name!r} is not a predictor of the fixed effects ({predictors})"
+
+    if x not in predictors:
+        raise BayesLMMError(f"`x`: {what(x)}")
+    if by is not None and (by not in roles or by == x):
+        raise BayesLMMError("`by` must differ from `x`" if by == x else f"`by`: {what(by)}")
+
+
+def _levels(s) -> list:
+    """A factor's levels as formulae orders them: a categorical's categories present, otherwise sorted."""
+    import pandas as pd
+
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return [c for c in s.cat.categories if (s == c).any()]
+    return sorted(pd.unique(s.dropna()).tolist())
+
+
+def _held_values(spec, roles, at, varied) -> dict:
+    """Every other column's value: ``at``'s, else a numeric one's mean and a factor's reference level."""
+    from collections.abc import Mapping
+
+    if at is None:
+        at = {}
+    if not isinstance(at, Mapping):
+        raise BayesLMMError(f"`at` must be a dict of column → value, got {type(at).__name__}")
+    for key in at:
+        if key in varied:
+            raise BayesLMMError(f"`at` names {key!r}, which the plot varies (`x` or `by`); leave it out of `at`")
+        if key not in roles:
+            raise BayesLMMError(f"`at` names {key!r}, which this prediction does not use; it uses {list(roles)}"
+                                + (" (grouping factors need kind='conditional')"
+                                   if any(key in b.group.split(":") for b in spec.blocks) else ""))
+    held = {}
+    for name, role in roles.items():
+        if name in varied:
+            continue
+        if name in at:
+            held[name] = _at_value(spec.data[name], name, at[name], numeric=role is False)
+        elif role is None:
+            raise BayesLMMError(f"kind='conditional' predicts one group's curve: name its level of {name!r} in "
+                                f"`at` (at={{{name!r}: {str(_levels(spec.data[name])[0])!r}}}) or pass by={name!r}")
+        else:
+            held[name] = _levels(spec.data[name])[0] if role else float(spec.data[name].mean())
+    return held
+
+
+def _at_value(column, name, value, numeric: bool):
+    """``value`` checked against the data: a finite number for a numeric column, a known level otherwise."""
+    if numeric:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+            raise BayesLMMError(f"`at[{name!r}]` must be a finite number ({name!r} is numeric), got {value!r}")
+        return float(value)
+    levels = _levels(column)
+    match = [lv for lv in levels if str(lv) == str(value)]
+    if not match:
+        shown = ", ".join(map(str, levels[:10])) + (" ..." if len(levels) > 10 else "")
+        raise BayesLMMError(f"`at[{name!r}]` = {value!r} is not a level of {name!r} in the data (levels: {shown})")
+    return match[0]
+
+
+def _axis_values(spec, roles, x, n_points) -> list:
+    """The grid of ``x``: its levels, or ``n_points`` values from its minimum to its maximum."""
+    s = spec.data[x]
+    if roles[x]:
+        return _levels(s)
+    return list(np.linspace(float(s.min()), float(s.max()), n_points))
+
+
+def _by_values(spec, roles, by) -> list:
+    """The curves: ``[None]`` without ``by``, a factor's levels, a numeric one's mean − sd, mean, mean + sd."""
+    if by is None:
+        return [None]
+    s = spec.data[by]
+    if roles[by] is not False:
+        return _levels(s)
+    mean, sd = float(s.mean()), float(s.std(ddof=1))
+    return [mean - sd, mean, mean + sd]
+
+
+def _effects_grid(spec, x, xs, by, bys, held):
+    """One row per (by, x) pair, ``by`` outermost, with every held value."""
+    import pandas as pd
+
+    rows = {x: [v for _ in bys for v in xs]}
+    if by is not None:
+        rows[by] = [b for b in bys for _ in xs]
+    n = len(rows[x])
+    rows.update({name: [value] * n for name, value in held.items()})
+    grid = pd.DataFrame(rows)
+    for name in grid.columns:  # a categorical column keeps its categories, so predict matches them
+        if isinstance(spec.data[name].dtype, pd.CategoricalDtype):
+            grid[name] = pd.Categorical(grid[name], categories=spec.data[name].cat.categories)
+    return grid
+
+
+def _effects_table(fit, grid, kind, prob, interval, random_seed):
+    """The grid with ``estimate, lower, upper`` from the fit's own predictions."""
+    from .formula.terms import grid_design
+    from .group_frames import normal_quantile
+
+    table = grid.copy()
+    if fit.point_estimate == "posterior mean":  # the fit has draws: their mean and equal-tailed interval
+        pred = fit.predict(grid, kind=kind, new_groups="error", ci_prob=prob)
+        table["estimate"] = pred["mean"].to_numpy()
+        if interval == "prediction":
+            pred = fit.predict(grid, kind=kind, new_groups="error", predictive=True, ci_prob=prob,
+                               random_seed=random_seed)
+        table["lower"], table["upper"] = pred["lower"].to_numpy(), pred["upper"].to_numpy()
+        return table
+    if interval == "prediction":
+        raise BayesLMMError(f"interval='prediction' needs posterior predictive draws (a NUTS fit); a {fit.method} fit "
+                            "gives the confidence interval of the mean (interval='mean')")
+    est = fit.predict(grid, kind=kind, new_groups="error").to_numpy()
+    X = grid_design(fit.spec, grid)
+    se = np.sqrt(np.einsum("np,pq,nq->n", X, fit.vcov.to_numpy(), X))
+    z = normal_quantile(prob)
+    table["estimate"], table["lower"], table["upper"] = est, est - z * se, est + z * se
+    return table
+
+
+def _curve_label(by, value) -> str | None:
+    if by is None:
+        return None
+    return f"{by} = {value:.3g}" if isinstance(value, float) else f"{by} = {value}"
+
+
+def _dodge(n_curves: int) -> np.ndarray:
+    """Sideways offsets of the curves at a factor's level, centred, within ±0.2."""
+    if n_curves == 1:
+        return np.zeros(1)
+    return np.linspace(-0.2, 0.2, n_curves)
+
+
+def _curves(table, by, bys):
+    """``(k, value, rows)`` of each curve, in ``bys`` order (the grid's)."""
+    n = len(table) // len(bys)
+    return [(k, b, table.iloc[k * n:(k + 1) * n]) for k, b in enumerate(bys)]
+
+
+def _effects_lines(ax, table, x, by, bys):
+    for k, b, rows in _curves(table, by, bys):
+        xs = rows[x].to_numpy(dtype=float)
+        ax.fill_between(xs, rows["lower"].to_numpy(), rows["upper"].to_numpy(), color=f"C{k}", alpha=0.2,
+                        lw=0, gid="interval")
+        ax.plot(xs, rows["estimate"].to_numpy(), color=f"C{k}", lw=1.8, gid="estimate", label=_curve_label(by, b))
+
+
+def _effects_points(ax, table, xs, by, bys):
+    for k, b, rows in _curves(table, by, bys):
+        pos = rows["position"].to_numpy()
+        ax.vlines(pos, rows["lower"].to_numpy(), rows["upper"].to_numpy(), color=f"C{k}", lw=1.6, gid="interval")
+        ax.scatter(pos, rows["estimate"].to_numpy(), s=36, color=f"C{k}", zorder=3, gid="estimate",
+                   label=_curve_label(by, b))
+    ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
+    ax.set_xlim(-0.6, len(xs) - 0.4)
+
+
+def _effects_data(ax, spec, roles, x, xs, by, bys, held, kind):
+    """The observed responses against ``x``: a factor ``by``'s colours; only the groups in ``at`` when conditional."""
+    d = spec.data
+    keep = np.ones(len(d), dtype=bool)
+    if kind == "conditional":
+        for name, role in roles.items():
+            if role is None and name in held:
+                keep &= (d[name].astype(str) == str(held[name])).to_numpy()
+    y = np.asarray(spec.y, dtype=float)
+    coloured = by is not None and roles[by] is not False
+    offsets = _dodge(len(bys)) if roles[x] else np.zeros(len(bys))
+    position = {str(v): i for i, v in enumerate(xs)}
+    for k, b in enumerate(bys if coloured else [None]):
+        rows = keep & ((d[by].astype(str) == str(b)).to_numpy() if coloured else True)
+        if roles[x]:
+            xv = np.array([position[str(v)] for v in d[x][rows]], dtype=float) + offsets[k]
+        else:
+            xv = d[x].to_numpy(dtype=float)[rows]
+        ax.scatter(xv, y[rows], s=9, color=f"C{k}" if coloured else "0.45", alpha=0.35, zorder=1, gid="data",
+                   label=("data" if k == 0 else None) if not coloured else None)
+
+
+def _effects_labels(ax, fit, x, by, kind, prob, interval, held):
+    what = {"mean": "interval of the mean", "prediction": "prediction interval"}[interval]
+    level = "population" if kind == "marginal" else "conditional"
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{fit.spec.response} ({level} prediction)")
+    title = f"Conditional effect of {x}" + (f" by {by}" if by is not None else "")
+    title += f" ({fit.method}, {prob:.0%} {what})"
+    if held:  # what the curves are conditional on belongs with them, not hidden in the docs
+        title += "\nat " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                     for k, v in held.items())
+    ax.set_title(title, fontsize="medium")
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:
+        _legend(ax, len(handles), outside=len(handles) > 8)

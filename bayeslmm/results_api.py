@@ -9,7 +9,8 @@ so: :attr:`MixedFit.point_estimate`.
 
 Arguments an engine has beyond the protocol's come after them, with defaults:
 ``FreqFit.confint`` and ``FreqFit.varcorr_table`` take ``method`` ("profile" or
-"wald"); ``BayesFit`` has no such choice (its intervals are the posterior's
+"wald"), and ``FreqFit.marginal_means`` and ``FreqFit.contrasts`` take ``ddf`` (the
+denominator df); ``BayesFit`` has no such choice (its intervals are the posterior's
 equal-tailed ones), so it takes no ``method``.
 """
 
@@ -26,8 +27,12 @@ VARCORR_COLUMNS = ["grp", "var1", "var2", "vcov", "sdcor"]
 FIXEF_TABLE_COLUMNS = ["estimate", "std_error", "lower", "upper"]
 #: the first columns of every ``varcorr_table``
 VARCORR_TABLE_COLUMNS = ["grp", "var1", "var2", "estimate", "lower", "upper"]
+#: the first columns of every ``ranef_table`` (one row per effect)
+RANEF_TABLE_COLUMNS = ["grpvar", "term", "grp", "estimate", "std_error"]
 #: the columns of every ``confint``
 CONFINT_COLUMNS = ["estimate", "lower", "upper"]
+#: the columns every ``marginal_means`` and ``contrasts`` have after the grid's (factors, or ``contrast``)
+MARGINAL_COLUMNS = ["estimate", "std_error", "lower", "upper"]
 
 
 @runtime_checkable
@@ -89,6 +94,13 @@ class MixedFit(Protocol):
 
     def predict(self, newdata=None, kind: str = "conditional", new_groups: str = "population"):
         """Predicted means for ``newdata`` (the training rows when omitted)."""
+
+    def marginal_means(self, spec, by=None, at=None, ci_prob: float | None = None) -> pd.DataFrame:
+        """emmeans' marginal means of factor(s) ``spec``: their columns, ``estimate, std_error, lower, upper``."""
+
+    def contrasts(self, spec, method="pairwise", by=None, at=None, adjust: str | None = None,
+                  ci_prob: float | None = None) -> pd.DataFrame:
+        """Contrasts of the marginal means: ``by…, contrast, estimate, std_error, lower, upper`` and more."""
 
     def summary(self):
         """The printed summary (text with ``print``, HTML in a notebook)."""

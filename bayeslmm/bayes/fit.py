@@ -129,60 +129,18 @@ def fit_bayes(
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
     check_memory(spec, chains, draws, parameterization, effects, log_likelihood)
     t0 = time.perf_counter()
-    # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
-    scale = ResponseScale.of(spec, crossprods)
-    if use_kernel:
-        built, kd = kernel_model(spec, crossprods, prior_set, scale)
-        t1 = time.perf_counter()
-        dt = sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
-        t2 = time.perf_counter()
-        post = kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
-    else:
-        ensure_pytensor_compiledir()  # before PyTensor is first imported
-        built = build_pymc_model(spec, crossprods, prior_set, parameterization, scale=scale)
-        t1 = time.perf_counter()
-        dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth,
-                     progressbar)
-        t2 = time.perf_counter()
-        post = dt["posterior"].to_dataset()
-        keep = [v for v in post.data_vars if v not in built.internal]
-        post = post[keep]
-        if built.collapsed is not None:  # the effects are drawn below in y's units, from y's arrays
-            built.collapsed = CollapsedData.from_crossprods(crossprods)
-    post = scale.to_data_units(post, built.names)
+    built, dt, post, t1 = _sample_posterior(spec, crossprods, prior_set, use_kernel, parameterization, draws, tune,
+                                            chains, cores, seed, sampler, target_accept, max_treedepth,
+                                            progressbar)
+    t2 = time.perf_counter()
     mode = "draws"
     if parameterization == "collapsed":
-        first = spec.blocks[0]
-        mode = _effects_mode(effects, first.n_effects * chains * draws, log_likelihood)
-        if mode == "draws":
-            post = _add_first_block(spec, built, post, seed)
-        else:
-            dt[EFFECTS_GROUP] = xr.DataTree(_first_block_summary(built, post, seed, first))
-            dt[CONDITIONAL_GROUP] = xr.DataTree(_conditional_arrays(built.collapsed))
-            if warn and effects == "auto":
-                warnings.warn(
-                    f"the draws of {first.group}'s {first.n_effects:,} random effects were not stored "
-                    f"({first.n_effects * chains * draws:.2g} values, more than {MAX_EFFECT_VALUES:.0e}): "
-                    f"idata['{EFFECTS_GROUP}'] holds each effect's posterior mean, sd and quantiles, and "
-                    "bayeslmm.bayes.fit.effect_draws(fit, levels) redraws chosen levels exactly; pass "
-                    "effects='draws' to store them all", UserWarning, stacklevel=3)
+        mode = _effects_mode(effects, spec.blocks[0].n_effects * chains * draws, log_likelihood)
+        post = _store_effects(spec, built, dt, post, seed, mode, warn and effects == "auto")
     dt["posterior"] = xr.DataTree(post)
     if spec.rows_in_memory:
         _add_data_groups(dt, spec)
-    n_values = spec.n_obs * chains * draws
-    if not spec.rows_in_memory:  # built out of memory (bayeslmm.outofcore): no rows to evaluate it on
-        if warn:
-            warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
-                          "stored: the model was built out of memory (cross-products only)", UserWarning,
-                          stacklevel=3)
-    elif mode == "summary":
-        pass  # the log-likelihood is conditional on the effects, whose draws were not kept
-    elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
-        dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
-    elif log_likelihood is None and warn:
-        warnings.warn(f"the pointwise log-likelihood was not stored: {spec.n_obs} rows × {chains * draws} draws "
-                      f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
-                      "to store it for LOO", UserWarning, stacklevel=3)
+    _store_loglik(spec, built, dt, post, mode, spec.n_obs * chains * draws, log_likelihood, warn)
     t3 = time.perf_counter()
     fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
                    sampler=sampler, seed=seed, data_name=data_name,
@@ -193,6 +151,67 @@ def fit_bayes(
         diagnostics.warn(diag, stacklevel=4)
     return fit
 
+
+def _sample_posterior(spec, crossprods, prior_set, use_kernel, parameterization, draws, tune, chains, cores, seed,
+                      sampler, target_accept, max_treedepth, progressbar):
+    """Build and sample by the kernel or the PyMC graph: (built model, DataTree, posterior in y's units,
+    the time the build ended)."""
+    # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
+    scale = ResponseScale.of(spec, crossprods)
+    if use_kernel:
+        built, kd = kernel_model(spec, crossprods, prior_set, scale)
+        t1 = time.perf_counter()
+        dt = sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
+        post = kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
+    else:
+        ensure_pytensor_compiledir()  # before PyTensor is first imported
+        built = build_pymc_model(spec, crossprods, prior_set, parameterization, scale=scale)
+        t1 = time.perf_counter()
+        dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth,
+                     progressbar)
+        post = dt["posterior"].to_dataset()
+        post = post[[v for v in post.data_vars if v not in built.internal]]
+        if built.collapsed is not None:  # the effects are drawn below in y's units, from y's arrays
+            built.collapsed = CollapsedData.from_crossprods(crossprods)
+    return built, dt, scale.to_data_units(post, built.names), t1
+
+
+def _store_effects(spec, built, dt, post, seed: int, mode: str, warn: bool) -> xr.Dataset:
+    """The integrated-out block's effects: every draw in the posterior, or per-level summaries in
+    their own group (with a warning when that was chosen for the user)."""
+    if mode == "draws":
+        return _add_first_block(spec, built, post, seed)
+    first = spec.blocks[0]
+    dt[EFFECTS_GROUP] = xr.DataTree(_first_block_summary(built, post, seed, first))
+    dt[CONDITIONAL_GROUP] = xr.DataTree(_conditional_arrays(built.collapsed))
+    if warn:
+        n_values = first.n_effects * post.sizes["chain"] * post.sizes["draw"]
+        warnings.warn(
+            f"the draws of {first.group}'s {first.n_effects:,} random effects were not stored "
+            f"({n_values:.2g} values, more than {MAX_EFFECT_VALUES:.0e}): "
+            f"idata['{EFFECTS_GROUP}'] holds each effect's posterior mean, sd and quantiles, and "
+            "bayeslmm.bayes.fit.effect_draws(fit, levels) redraws chosen levels exactly; pass "
+            "effects='draws' to store them all", UserWarning, stacklevel=4)
+    return post
+
+
+def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihood, warn: bool) -> None:
+    """The pointwise log-likelihood, when the rows are in memory, the effects' draws were kept and the
+    user asked for it or it is small enough; each omission the user did not ask for is said."""
+    if not spec.rows_in_memory:  # built out of memory (bayeslmm.outofcore): no rows to evaluate it on
+        if warn:
+            warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
+                          "stored: the model was built out of memory (cross-products only)", UserWarning,
+                          stacklevel=4)
+    elif mode == "summary":
+        pass  # the log-likelihood is conditional on the effects, whose draws were not kept
+    elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
+        dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
+    elif log_likelihood is None and warn:
+        draws = n_values // spec.n_obs
+        warnings.warn(f"the pointwise log-likelihood was not stored: {spec.n_obs} rows × {draws} draws "
+                      f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
+                      "to store it for LOO", UserWarning, stacklevel=4)
 
 BACKENDS = ("auto", "kernel", "pytensor")
 #: levels × columns from which the kernel samples chains on several threads

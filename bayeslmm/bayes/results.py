@@ -411,8 +411,9 @@ class BayesFit:
         Keyed by the group as written in the formula; a factor's blocks
         (``(1|g) + (0 + x|g)``) share one frame, columns in model order (as
         ``FreqFit.ranef``).  With ``ci_prob``, each frame has two column levels,
-        ``("mean" | "lower" | "upper", column)``: the means and the equal-tailed
-        posterior interval (``frame["mean"]`` is the frame returned without it).
+        ``("estimate" | "lower" | "upper", column)``, as ``FreqFit.ranef``'s: the
+        posterior means and the equal-tailed posterior interval (``frame["estimate"]``
+        is the frame returned without it).
         A fit that kept its effects as summaries (``effects="summary"``) has the
         50, 90 and 95 % intervals only, and says so for others.
         """
@@ -421,7 +422,7 @@ class BayesFit:
         prob = posterior_ci_prob(ci_prob)
         parts = [self._effect_intervals(k, prob) for k in range(len(self.names))]
         return with_intervals(self.spec, [p[0] for p in parts], [p[2] for p in parts], [p[3] for p in parts],
-                              "mean", prob)
+                              "estimate", prob)
 
     def coef(self) -> dict[str, pd.DataFrame]:
         """Posterior means of fixed plus random effects per level, like lme4's ``coef`` (and ``FreqFit.coef``).
@@ -434,16 +435,19 @@ class BayesFit:
         return coef_frames(self.spec, fe, [self.effect_means(k) for k in range(len(self.names))])
 
     def ranef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
-        """Long table: ``grpvar`` (the group as written), ``term``, ``grp`` (the level), posterior
-        ``mean``, ``sd`` and the equal-tailed ``ci_prob`` interval ``lower``, ``upper`` of each effect."""
+        """Long table, one row per effect: ``grpvar`` (the group as written), ``term``, ``grp`` (the
+        level), ``estimate`` and ``std_error`` (the posterior mean and sd: the columns every fit's
+        ``ranef_table`` starts with), the equal-tailed ``ci_prob`` interval ``lower``, ``upper``, and
+        ``mean``, ``sd`` (the same numbers under ArviZ's names)."""
         prob = posterior_ci_prob(ci_prob)
         parts = []
         for k, block in enumerate(self.spec.blocks):
             mean, sd, lo, hi = self._effect_intervals(k, prob)
             for a, col in enumerate(block.columns):
                 parts.append(pd.DataFrame({"grpvar": block.group, "term": col, "grp": list(block.levels),
-                                           "mean": mean[:, a], "sd": sd[:, a],
-                                           "lower": lo[:, a], "upper": hi[:, a]}))
+                                           "estimate": mean[:, a], "std_error": sd[:, a],
+                                           "lower": lo[:, a], "upper": hi[:, a], "mean": mean[:, a],
+                                           "sd": sd[:, a]}))
         out = pd.concat(parts, ignore_index=True)
         out.attrs["ci_prob"] = prob
         return out
@@ -784,3 +788,38 @@ class BayesFit:
 
     def _repr_html_(self) -> str:
         return self.summary()._repr_html_()
+
+    # -- marginal means and contrasts (emmeans') -------------------------------------
+    def _beta_draws(self) -> np.ndarray:
+        """β's draws, one row per (chain, draw), columns in ``fixef``'s order."""
+        beta = self.posterior["beta"].sel(coef=list(self.spec.fixed_names))
+        return beta.stack(sample=("chain", "draw")).transpose("sample", "coef").to_numpy()
+
+    def marginal_means(self, spec, by=None, at=None, ci_prob: float | None = None) -> pd.DataFrame:
+        """The posterior of the estimated marginal means of the factor(s) ``spec`` (emmeans' reference grid).
+
+        The grid as ``FreqFit.marginal_means`` (other factors averaged with equal
+        weights, covariates at their means or ``at``, ``by`` groups; see
+        :mod:`bayeslmm.marginal`); each mean's draws are ℓβ over β's draws.  One row per
+        mean: the factors' columns, ``estimate`` (posterior mean), ``std_error``
+        (posterior sd), the equal-tailed ``ci_prob`` interval ``lower, upper`` (default
+        ArviZ's 0.89), ``median`` and ``pd`` (probability of direction, max(P(> 0), P(< 0))).
+        """
+        from ..marginal import posterior_means, reference_grid
+
+        grid = reference_grid(self.spec, spec, by, at)
+        return posterior_means(grid, self._beta_draws(), posterior_ci_prob(ci_prob))
+
+    def contrasts(self, spec, method="pairwise", by=None, at=None, adjust: str | None = None,
+                  ci_prob: float | None = None) -> pd.DataFrame:
+        """The posterior of contrasts of :meth:`marginal_means` (``method`` as ``FreqFit.contrasts``).
+
+        Columns ``by…, contrast, estimate, std_error, lower, upper, median, pd``.  No
+        multiplicity adjustment: each contrast's marginal posterior is reported as it
+        is (intervals and ``pd`` are per contrast, not simultaneous), so ``adjust`` must
+        be None or "none" — anything else is an error rather than silently ignored.
+        """
+        from ..marginal import posterior_contrasts, reference_grid
+
+        grid = reference_grid(self.spec, spec, by, at)
+        return posterior_contrasts(grid, method, self._beta_draws(), posterior_ci_prob(ci_prob), adjust)

@@ -1,17 +1,19 @@
 """Classic mixed-model data sets, bundled with the package (no network needed).
 
-Five data sets exported from the R packages lme4 1.1-31 and mlmRev 1.0-8:
-``sleepstudy``, ``exam``, ``Dyestuff``, ``Penicillin`` and ``InstEval``.  Columns that
-are factors in R come back as :class:`pandas.Categorical` with R's level order, so that
-conditional modes, level listings and reference fits line up with lme4's.  The
-provenance of each data set (source, citation, columns, licence) is in this
-package's ``README.md`` and is returned by :func:`dataset_info`.
+Seven data sets exported from the R packages lme4 1.1-31, mlmRev 1.0-8 and lmerTest
+3.1-3: ``sleepstudy``, ``exam``, ``Dyestuff``, ``Penicillin``, ``InstEval``, ``ham`` and
+``carrots``.  Columns that are factors in R come back as :class:`pandas.Categorical`
+with R's level order, so that conditional modes, level listings and reference fits
+line up with lme4's and lmerTest's.  Missing values stay missing: ``carrots`` has 3
+rows without a ``Preference`` (fit it with ``missing="drop"``).  The provenance of
+each data set (source, citation, columns, licence) is in this package's
+``README.md`` and is returned by :func:`dataset_info`.
 
 Examples
 --------
 >>> from bayeslmm.datasets import list_datasets, load_dataset
 >>> list_datasets()
-['sleepstudy', 'exam', 'Dyestuff', 'Penicillin', 'InstEval']
+['sleepstudy', 'exam', 'Dyestuff', 'Penicillin', 'InstEval', 'ham', 'carrots']
 >>> load_dataset("sleepstudy").shape
 (180, 3)
 """
@@ -86,6 +88,17 @@ _REGISTRY: tuple[_Dataset, ...] = (
             "dept": _Factor(),
         },
     ),
+    _Dataset(
+        "ham", "ham.csv", "lmerTest 3.1-3", "ham", (648, 6),
+        {name: _Factor() for name in ("Consumer", "Product", "Information", "Gender")},
+    ),
+    _Dataset(
+        "carrots", "carrots.csv", "lmerTest 3.1-3", "carrots", (1236, 14),
+        {
+            name: _Factor()
+            for name in ("Consumer", "Frequency", "Gender", "Age", "Homesize", "Work", "Income", "Product")
+        },
+    ),
 )
 
 _BY_KEY = {d.name.lower(): d for d in _REGISTRY}
@@ -97,8 +110,9 @@ def list_datasets() -> list[str]:
     Returns
     -------
     list of str
-        ``["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval"]``.  Any of
-        them, in any letter case, is accepted by :func:`load_dataset`.
+        ``["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval", "ham",
+        "carrots"]``.  Any of them, in any letter case, is accepted by
+        :func:`load_dataset`.
     """
     return [d.name for d in _REGISTRY]
 
@@ -120,9 +134,15 @@ def _lookup(name: str) -> _Dataset:
 
 
 def _as_factor(column: pd.Series, spec: _Factor, where: str) -> pd.Categorical:
-    """Rebuild an R factor: categories in R's level order, values as in the CSV."""
+    """Rebuild an R factor: categories in R's level order, values as in the CSV.
+
+    Missing values stay missing (R's NA in a factor).  A numeric-code column with
+    missing values reads as float; its levels are the integers the CSV holds.
+    """
     if spec.levels is None:
-        levels = np.sort(column.unique())  # numeric codes sort numerically
+        levels = np.sort(column.dropna().unique())  # numeric codes sort numerically
+        if levels.dtype.kind == "f" and np.all(levels == np.round(levels)):
+            levels = levels.astype(np.int64)  # "1","2",... with NAs: pandas read floats
     else:
         levels = np.asarray(spec.levels)
         unknown = set(column.unique()) - set(spec.levels)
@@ -150,7 +170,9 @@ def load_dataset(name: str) -> pd.DataFrame:
         values as written in the CSV (integers for numeric codes such as
         ``sleepstudy["Subject"]``, strings for letter codes such as
         ``Dyestuff["Batch"]``); R's ordered factors (``InstEval`` ``studage`` and
-        ``lectage``) are ordered.  Other columns keep the type read from the CSV.
+        ``lectage``) are ordered.  Other columns keep the type read from the CSV
+        (a numeric column with missing values, such as ``carrots["Preference"]``,
+        is float with NaN; nothing is dropped or filled in).
 
     Raises
     ------
@@ -160,7 +182,10 @@ def load_dataset(name: str) -> pd.DataFrame:
     Notes
     -----
     Sizes: sleepstudy 180 x 3, exam 4,059 x 10, Dyestuff 30 x 2, Penicillin
-    144 x 3, InstEval 73,421 x 7.  See :func:`dataset_info` for the provenance.
+    144 x 3, InstEval 73,421 x 7, ham 648 x 6, carrots 1,236 x 14.  Only carrots has
+    missing values, as lmerTest's has: 3 rows without Preference, 3 without
+    Sweetness, 3 without Crisp (8 rows in all), and the 72 rows of 6 consumers
+    without Income.  See :func:`dataset_info` for the provenance.
 
     Examples
     --------
@@ -205,8 +230,8 @@ def dataset_info(name: str) -> str:
     -------
     str
         The source R package and version, the original citation, the number of rows,
-        each column and its meaning, and the licence (GPL, as distributed with lme4
-        and mlmRev).  The same text is in ``bayeslmm/datasets/README.md``.
+        each column and its meaning, and the licence (GPL, as distributed with lme4,
+        mlmRev and lmerTest).  The same text is in ``bayeslmm/datasets/README.md``.
 
     Raises
     ------

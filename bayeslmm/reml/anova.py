@@ -27,6 +27,9 @@ from ..errors import BayesLMMError, ModelError
 def anova(*fits, refit: bool = True, names: list[str] | None = None):
     """Compare nested REML/ML fits: npar, AIC, BIC, logLik, deviance, Chisq, Df, Pr(>Chisq).
 
+    With one fit, its F tests per term instead (``fit.anova()``: type III, Satterthwaite's
+    df), as lmerTest's ``anova(m)``.
+
     Parameters
     ----------
     *fits : FreqFit
@@ -50,8 +53,11 @@ def anova(*fits, refit: bool = True, names: list[str] | None = None):
 
     if len(fits) == 1 and isinstance(fits[0], (list, tuple)):
         fits = tuple(fits[0])
+    if len(fits) == 1 and isinstance(fits[0], FreqFit):  # lmerTest's anova(m): F tests per term
+        return fits[0].anova()
     if len(fits) < 2:
-        raise BayesLMMError("anova needs at least two fits to compare (anova(fit1, fit2, ...))")
+        raise BayesLMMError("anova needs a REML/ML fit (F tests per term, as lmerTest's anova(m)) or at least "
+                            "two fits to compare (anova(fit1, fit2, ...))")
     for k, f in enumerate(fits):
         if not isinstance(f, FreqFit):
             raise BayesLMMError(f"anova compares REML/ML fits; argument {k + 1} is a {type(f).__name__} "

@@ -1,11 +1,14 @@
-"""t and F tests of a REML/ML fit's fixed effects, with Satterthwaite's denominator df.
+"""t and F tests of a REML/ML fit's fixed effects, with Satterthwaite's or Kenward–Roger's df.
 
 What lmerTest adds to lme4 (Kuznetsova, Brockhoff & Christensen 2017): the
 coefficient table's df and p-values, F tests per model term (type III by default, or
 type II, as lmerTest's ``anova(m, type = )``) and of any hypothesis matrix L (its
-``contest``).  The df come from :mod:`bayeslmm.reml.satterthwaite`, the hypotheses per
-term from :mod:`bayeslmm.hypotheses`.  ``ddf="none"`` gives Wald tests (infinite df),
-which is what lme4's summary reports without lmerTest.
+``contest``).  The df come from :mod:`bayeslmm.reml.satterthwaite`, or with
+``ddf="kenward-roger"`` (REML fits only) from :mod:`bayeslmm.reml.kenward_roger`, which
+also adjusts the covariance of β̂ (the SEs and F statistics use Φ_A, as lmerTest's
+``ddf = "Kenward-Roger"``); the hypotheses per term from :mod:`bayeslmm.hypotheses`.
+``ddf="none"`` gives Wald tests (infinite df), which is what lme4's summary reports
+without lmerTest.
 """
 
 from __future__ import annotations
@@ -18,17 +21,26 @@ from scipy import stats
 
 from ..errors import BayesLMMError, ModelError
 from ..hypotheses import find_term, type2_contrasts, type3_contrasts
+from .kenward_roger import KenwardRoger
 from .satterthwaite import Satterthwaite
 
 #: the denominator-df methods
-DDF_METHODS = ("satterthwaite", "none")
+DDF_METHODS = ("satterthwaite", "kenward-roger", "none")
 
 
 def check_ddf(ddf: str) -> str:
     if ddf not in DDF_METHODS:
-        raise BayesLMMError(f"ddf must be one of {list(DDF_METHODS)} (Satterthwaite's approximation, or "
-                            f"Wald tests with no df), got {ddf!r}")
+        raise BayesLMMError(f"ddf must be one of {list(DDF_METHODS)} (Satterthwaite's approximation, "
+                            f"Kenward-Roger's, or Wald tests with no df), got {ddf!r}")
     return ddf
+
+
+def kenward_roger_for(fit) -> KenwardRoger:
+    """The fit's Kenward–Roger pieces at its θ and σ; REML fits only."""
+    if fit.method != "REML":
+        raise ModelError("Kenward-Roger degrees of freedom are defined for REML fits only: refit with "
+                         "method='reml', or use ddf='satterthwaite' with this ML fit")
+    return KenwardRoger(fit.spec, fit.theta, fit.sigma)
 
 
 def satterthwaite_for(fit) -> Satterthwaite | None:
@@ -41,8 +53,9 @@ def satterthwaite_for(fit) -> Satterthwaite | None:
 
 
 def coefficient_tests(fit, ddf: str) -> pd.DataFrame:
-    """Per coefficient: df and the two-sided p-value of t = β̂/SE (normal where ``ddf="none"``)."""
-    out = contrast_tests(fit, np.eye(fit.spec.n_fixed), ddf)[["df", "p_value"]]
+    """Per coefficient: SE, df and the two-sided p-value of t = β̂/SE (normal where ``ddf="none"``;
+    the SE is Kenward–Roger's adjusted one where ``ddf="kenward-roger"``)."""
+    out = contrast_tests(fit, np.eye(fit.spec.n_fixed), ddf)[["std_error", "df", "p_value"]]
     out.index = fit.fixef.index
     return out
 
@@ -50,16 +63,19 @@ def coefficient_tests(fit, ddf: str) -> pd.DataFrame:
 def contrast_tests(fit, L, ddf: str = "satterthwaite") -> pd.DataFrame:
     """One t test per row ℓ of L: ``estimate`` ℓβ̂, ``std_error`` √(ℓCℓᵀ), ``df``, ``t_value``,
     two-sided ``p_value`` (unadjusted).  The building block of coefficient tables, marginal
-    means and contrasts."""
+    means and contrasts.  With ``ddf="kenward-roger"`` C is Kenward–Roger's adjusted Φ_A."""
     L = np.atleast_2d(np.asarray(L, dtype=float))
     beta = fit.fixef.to_numpy()
     if L.ndim != 2 or L.shape[1] != len(beta) or not np.all(np.isfinite(L)):
         raise BayesLMMError(f"a hypothesis matrix needs {len(beta)} finite columns (one per fixed effect: "
                             f"{list(fit.fixef.index)}), got shape {np.shape(L)}")
     est = L @ beta
-    se = np.sqrt(np.einsum("ia,ab,ib->i", L, fit.vcov.to_numpy(), L))
-    if check_ddf(ddf) == "none":
+    vcov = fit.kenward_roger.vcov if check_ddf(ddf) == "kenward-roger" else fit.vcov.to_numpy()
+    se = np.sqrt(np.einsum("ia,ab,ib->i", L, vcov, L))
+    if ddf == "none":
         df = np.full(len(L), np.inf)
+    elif ddf == "kenward-roger":
+        df = np.array([fit.kenward_roger.df(row) for row in L])
     else:
         sat = fit.satterthwaite
         df = np.array([sat.df(row) for row in L]) if sat is not None else np.full(len(L), np.nan)
@@ -69,9 +85,12 @@ def contrast_tests(fit, L, ddf: str = "satterthwaite") -> pd.DataFrame:
 
 
 def f_test(fit, L, ddf: str = "satterthwaite") -> dict:
-    """F test of H₀: Lβ = 0: F, numerator and denominator df, p-value."""
+    """F test of H₀: Lβ = 0: F, numerator and denominator df (Kenward–Roger's adds ``F_unscaled`` and
+    its ``scale`` λ: F = λ·F_unscaled)."""
     beta = fit.fixef.to_numpy()
-    if check_ddf(ddf) == "satterthwaite":
+    if check_ddf(ddf) == "kenward-roger":
+        return fit.kenward_roger.f_test(L, beta)
+    if ddf == "satterthwaite":
         sat = fit.satterthwaite
         if sat is None:
             raise ModelError("Satterthwaite degrees of freedom are not defined for this fit (see the "
@@ -110,12 +129,14 @@ def term_hypotheses(fit, type: int) -> dict[str, np.ndarray]:
 
 
 def anova_table(fit, type: int = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
-    """lmerTest's ``anova(m, type=, ddf=)``: one F test per term."""
+    """lmerTest's ``anova(m, type=, ddf=)``: one F test per term.  With Kenward–Roger's df the
+    sums of squares are of the unscaled F (lmerTest's "Mean Sq"), ``f_value`` the scaled one."""
     rows = {}
     s2 = fit.sigma**2
     for name, L in term_hypotheses(fit, type).items():
         r = with_p_value(f_test(fit, L, ddf))
-        rows[name] = {"sum_sq": r["F"] * r["num_df"] * s2, "mean_sq": r["F"] * s2, "num_df": r["num_df"],
+        ms = r.get("F_unscaled", r["F"]) * s2
+        rows[name] = {"sum_sq": ms * r["num_df"], "mean_sq": ms, "num_df": r["num_df"],
                       "den_df": r["den_df"], "f_value": r["F"], "p_value": r["p_value"]}
     out = pd.DataFrame.from_dict(rows, orient="index",
                                  columns=["sum_sq", "mean_sq", "num_df", "den_df", "f_value", "p_value"])

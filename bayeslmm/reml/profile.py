@@ -76,21 +76,11 @@ def variance_parameters(spec) -> list[VarParam]:
     return out
 
 
-_CROSSPRODUCTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def crossproducts(spec):
     """The spec's cross-products, computed once per spec (a fit does not keep them)."""
-    from ..crossprod import CrossProducts
+    from ..crossprod import crossproducts_of
 
-    if not getattr(spec, "rows_in_memory", True):
-        raise BayesLMMError("this model was built out of memory and keeps no rows; profile intervals need "
-                            "the cross-products of an in-memory model")
-    try:
-        return _CROSSPRODUCTS[spec]
-    except KeyError:
-        cp = _CROSSPRODUCTS[spec] = CrossProducts.from_spec(spec)
-        return cp
+    return crossproducts_of(spec, "profile intervals")
 
 
 def _unit(w: np.ndarray) -> np.ndarray | None:

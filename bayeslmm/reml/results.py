@@ -113,14 +113,16 @@ class FreqFit:
         summary prints "Estimate", "Std. Error", "t value"; lmerTest adds "df" and
         "Pr(>|t|)").  ``df`` is Satterthwaite's (``ddf="satterthwaite"``, lmerTest's
         default) and the interval β̂ ± t_df·SE at ``ci_prob`` (default 0.95, in
-        ``attrs["ci_prob"]``); ``ddf="none"`` gives Wald's: normal quantiles and
-        infinite df.
+        ``attrs["ci_prob"]``); ``ddf="kenward-roger"`` (REML fits) gives Kenward–Roger's
+        df and adjusted SEs, as lmerTest's ``summary(m, ddf = "Kenward-Roger")``;
+        ``ddf="none"`` gives Wald's: normal quantiles and infinite df.
         """
         from .inference import coefficient_tests
 
         prob = check_ci_prob(ci_prob, self.default_ci_prob)
-        est, se = self.fixef, self.fixef_se
+        est = self.fixef
         tests = coefficient_tests(self, ddf)
+        se = tests["std_error"]
         q = np.where(np.isinf(tests["df"]), normal_quantile(prob), _t_quantile(prob, tests["df"].to_numpy()))
         out = pd.DataFrame({"estimate": est, "std_error": se, "lower": est - q * se, "upper": est + q * se,
                             "t_value": est / se, "df": tests["df"], "p_value": tests["p_value"]})
@@ -136,14 +138,24 @@ class FreqFit:
 
         return satterthwaite_for(self)
 
+    @cached_property
+    def kenward_roger(self):
+        """Kenward–Roger's pieces at this REML fit (:class:`~bayeslmm.reml.kenward_roger.KenwardRoger`:
+        the adjusted covariance ``vcov`` and the df); computed once, from the cross-products.
+        Raises ModelError for an ML fit."""
+        from .inference import kenward_roger_for
+
+        return kenward_roger_for(self)
+
     def anova(self, type: int = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
         """F test per fixed-effect term, as lmerTest's ``anova(m, type = , ddf = )``.
 
         Type III (default): each term's hypothesis averaged over the other factors'
         levels, covariates at 0; type II: each term adjusted for the terms that do not
         contain it (see :mod:`bayeslmm.hypotheses`).  Columns ``sum_sq, mean_sq,
-        num_df, den_df, f_value, p_value`` (lmerTest's Sum Sq … Pr(>F)); ``ddf="none"``
-        gives Wald tests (infinite den_df, χ² p-values).
+        num_df, den_df, f_value, p_value`` (lmerTest's Sum Sq … Pr(>F)); ``ddf="kenward-roger"``
+        gives Kenward–Roger's scaled F and df (REML fits; ``mean_sq`` is of the unscaled F,
+        as lmerTest); ``ddf="none"`` gives Wald tests (infinite den_df, χ² p-values).
         """
         from .inference import anova_table
 
@@ -151,7 +163,8 @@ class FreqFit:
 
     def f_test(self, L, ddf: str = "satterthwaite") -> dict:
         """F test of H₀: Lβ = 0 for a hypothesis matrix L (rows over ``fixef``'s columns), as
-        lmerTest's ``contest(m, L, joint = TRUE)``: ``F, num_df, den_df, p_value``."""
+        lmerTest's ``contest(m, L, joint = TRUE)``: ``F, num_df, den_df, p_value`` (``ddf`` as in
+        :meth:`anova`; Kenward–Roger's adds ``F_unscaled`` and ``scale``)."""
         from .inference import f_test, with_p_value
 
         return with_p_value(f_test(self, L, ddf))
@@ -234,8 +247,10 @@ class FreqFit:
     def ranef_table(self, ci_prob: float | None = None) -> pd.DataFrame:
         """Long table like R's ``as.data.frame(ranef(fit, condVar = TRUE))``.
 
-        Columns ``grpvar, term, grp, condval, condsd``; with ``ci_prob``, also
-        ``lower, upper`` = condval ± z·condsd.
+        Columns ``grpvar, term, grp, estimate, std_error`` (the conditional mode and
+        conditional sd: the columns every fit's ``ranef_table`` starts with); with
+        ``ci_prob``, ``lower, upper`` = estimate ± z·std_error; then ``condval, condsd``
+        (the same numbers under lme4's names).
         """
         sds = self._condsd()
         z = None if ci_prob is None else normal_quantile(check_ci_prob(ci_prob, 0.95))
@@ -243,9 +258,10 @@ class FreqFit:
         for block, b, sd in zip(self.spec.blocks, self.estimates.b, sds):
             for a, name in enumerate(block.columns):
                 part = pd.DataFrame({"grpvar": block.group, "term": name, "grp": list(block.levels),
-                                     "condval": b[:, a], "condsd": sd[:, a]})
+                                     "estimate": b[:, a], "std_error": sd[:, a]})
                 if z is not None:
                     part["lower"], part["upper"] = b[:, a] - z * sd[:, a], b[:, a] + z * sd[:, a]
+                part["condval"], part["condsd"] = b[:, a], sd[:, a]
                 parts.append(part)
         out = pd.concat(parts, ignore_index=True)
         if ci_prob is not None:
@@ -531,6 +547,52 @@ class FreqFit:
             },
             "notes": list(self.spec.notes),
         }
+
+    # -- marginal means and contrasts (emmeans') -------------------------------------
+    def marginal_means(self, spec, by=None, at=None, ci_prob: float | None = None,
+                       ddf: str = "satterthwaite") -> pd.DataFrame:
+        """Estimated marginal means of the factor(s) ``spec``, as emmeans' ``emmeans(m, spec, by =, at =)``.
+
+        ``spec``: ``"Product"``, ``"Product:Information"`` or a list; the other
+        factors averaged with equal weights, covariates at their means unless
+        ``at={"x": value}``; ``by``: means within levels of other factors (see
+        :mod:`bayeslmm.marginal`).  One row per mean: the factors' columns, then
+        ``estimate, std_error, lower, upper, t_value, df, p_value`` (t against 0);
+        ``df`` Satterthwaite's by default; ``ddf="kenward-roger"`` gives Kenward–Roger's df
+        and adjusted SEs (emmeans' own default for lmer fits), ``"none"`` Wald's, as
+        :meth:`fixef_table`; unadjusted t intervals at ``ci_prob`` (default 0.95).
+        """
+        from ..marginal import freq_means, reference_grid
+        from .inference import contrast_tests
+
+        grid = reference_grid(self.spec, spec, by, at)
+        out = freq_means(grid, lambda L: contrast_tests(self, L, ddf), check_ci_prob(ci_prob, self.default_ci_prob))
+        out.attrs["ddf"] = ddf
+        return out
+
+    def contrasts(self, spec, method="pairwise", by=None, at=None, adjust: str | None = None,
+                  ci_prob: float | None = None, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """Contrasts of :meth:`marginal_means`, as emmeans' ``contrast(emmeans(m, spec, by =), method, adjust =)``.
+
+        ``method``: ``"pairwise"`` (every difference mᵢ − mⱼ, i < j, named ``"1 - 2"``
+        by the levels as written), ``"trt.vs.ctrl"`` (each mean minus the first), a
+        dict ``{name: weights}`` or a matrix of weights over the means of a ``by``
+        group.  ``adjust``: "tukey" (the default for pairwise, as emmeans), "sidak"
+        (the default for trt.vs.ctrl, where emmeans uses its Dunnett approximation),
+        "bonferroni", "holm" or "none" (the default for your own weights), applied
+        within each ``by`` group to the p-values *and* the intervals (Tukey's:
+        β-difference ± q/√2·SE, as emmeans; Holm's intervals are Bonferroni's).
+        Columns ``by…, contrast, estimate, std_error, lower, upper, t_value, df,
+        p_value``; ``attrs`` hold ``ci_prob, adjust, ddf, at``.
+        """
+        from ..marginal import freq_contrasts, reference_grid
+        from .inference import contrast_tests
+
+        grid = reference_grid(self.spec, spec, by, at)
+        out = freq_contrasts(grid, method, lambda L: contrast_tests(self, L, ddf),
+                             check_ci_prob(ci_prob, self.default_ci_prob), adjust)
+        out.attrs["ddf"] = ddf
+        return out
 
 
 def _t_quantile(prob: float, df: np.ndarray) -> np.ndarray:

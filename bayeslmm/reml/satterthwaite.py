@@ -19,8 +19,8 @@ the mean of the νᵢ when they are all equal, 2 when E ≤ q or some νᵢ ≤ 
 
 Derivatives: σ enters in closed form; θ by central differences of the blocked
 factorisation with Richardson's extrapolation over steps h = 4e-3 and h/2 (error
-O(h⁴); θ is on σ's scale).  That is 2 + 4k + 4k(k−1) factorisations for k θ's, and
-nothing touches the rows.  On ham, a balanced design whose exact ν is 240, a single
+O(h⁴); θ is on σ's scale).  That is 1 + 2·(2k + k(k−1)) factorisations for k θ's
+(InstEval's three variances: 25), and nothing touches the rows.  On ham, a balanced design whose exact ν is 240, a single
 step of 1e-4 gave 239.990 (rounding), 1e-2 gave 240.003 (truncation).
 """
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg as sla
 
-from ..crossprod import CrossProducts
+from ..crossprod import CrossProducts, crossproducts_of
 from ..errors import BayesLMMError, ModelError
 from ..spec import ModelSpec
 from .deviance import ProfiledDeviance
@@ -86,10 +86,13 @@ class Satterthwaite:
         if not (np.isfinite(sigma) and sigma > 0):
             raise BayesLMMError(f"sigma must be a positive number, got {sigma!r}")
         self.spec, self.theta, self.sigma = spec, theta, float(sigma)
+        if crossprods is None:
+            crossprods = crossproducts_of(spec, "Satterthwaite's degrees of freedom")
         dev = ProfiledDeviance(spec, crossprods, reml=reml)
         self._k = (spec.n_obs - spec.n_fixed) if reml else spec.n_obs
         centre = _at(dev, theta)
-        coarse, fine = _differences(dev, theta, THETA_STEP), _differences(dev, theta, THETA_STEP / 2)
+        coarse = _differences(dev, theta, THETA_STEP, centre)
+        fine = _differences(dev, theta, THETA_STEP / 2, centre)
         d_r, dd_a, dd_r, d_vcov = ((4 * b - a) / 3 for a, b in zip(coarse, fine))  # Richardson: O(h⁴)
         s, k = self.sigma, len(theta)
         # deviance = a(θ) + K log(2πσ²) + r²(θ)/σ², with K = n − p (REML) or n (ML)
@@ -139,23 +142,32 @@ class Satterthwaite:
         return L
 
 
-def _differences(dev: ProfiledDeviance, theta: np.ndarray, h: float):
-    """Central differences in θ with step h: ∂r², ∂²a, ∂²r² and ∂(R_X R_Xᵀ)⁻¹ (a = the log-determinants)."""
+def _differences(dev: ProfiledDeviance, theta: np.ndarray, h: float, centre: _Point):
+    """Central differences in θ with step h: ∂r², ∂²a, ∂²r² and ∂(R_X R_Xᵀ)⁻¹ (a = the log-determinants).
+
+    A mixed second derivative reuses the axis points and adds two, θ ± h(eᵢ + eⱼ):
+    f(++) + f(−−) − f(+ᵢ) − f(−ᵢ) − f(+ⱼ) − f(−ⱼ) + 2f = 2h² ∂ᵢⱼf + O(h⁴), even in h like
+    the other differences, so Richardson's step halving applies to it too.
+    """
     k = len(theta)
     e = np.eye(k) * h
-    centre = _at(dev, theta)
     plus = [_at(dev, theta + e[i]) for i in range(k)]
     minus = [_at(dev, theta - e[i]) for i in range(k)]
     d_r = np.array([(plus[i].pwrss - minus[i].pwrss) / (2 * h) for i in range(k)])
     dd = np.zeros((2, k, k))
+    for which, name in enumerate(("logdet", "pwrss")):
+        f0 = getattr(centre, name)
+        fp = np.array([getattr(pt, name) for pt in plus])
+        fm = np.array([getattr(pt, name) for pt in minus])
+        dd[which][np.diag_indices(k)] = (fp - 2 * f0 + fm) / h**2
     for i in range(k):
-        for which, name in enumerate(("logdet", "pwrss")):
-            dd[which, i, i] = (getattr(plus[i], name) - 2 * getattr(centre, name) + getattr(minus[i], name)) / h**2
         for j in range(i):
-            corners = [_at(dev, theta + si * e[i] + sj * e[j]) for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+            both = _at(dev, theta + e[i] + e[j]), _at(dev, theta - e[i] - e[j])
             for which, name in enumerate(("logdet", "pwrss")):
-                v = [getattr(c, name) for c in corners]
-                dd[which, i, j] = dd[which, j, i] = (v[0] - v[1] - v[2] + v[3]) / (4 * h**2)
+                f0 = getattr(centre, name)
+                axis = sum(getattr(pt, name) for pt in (plus[i], minus[i], plus[j], minus[j]))
+                dd[which, i, j] = dd[which, j, i] = (sum(getattr(pt, name) for pt in both) - axis
+                                                     + 2 * f0) / (2 * h**2)
     d_vcov = np.array([(plus[i].unscaled_vcov - minus[i].unscaled_vcov) / (2 * h) for i in range(k)])
     return d_r, dd[0], dd[1], d_vcov
 

@@ -15,8 +15,8 @@ from scipy import stats
 from bayeslmm import BayesLMMError, Model, load
 from bayeslmm.bayes.results import BayesFit
 from bayeslmm.reml.results import FreqFit
-from bayeslmm.results_api import (CONFINT_COLUMNS, FIXEF_TABLE_COLUMNS, VARCORR_COLUMNS, VARCORR_TABLE_COLUMNS,
-                                  MixedFit)
+from bayeslmm.results_api import (CONFINT_COLUMNS, FIXEF_TABLE_COLUMNS, RANEF_TABLE_COLUMNS, VARCORR_COLUMNS,
+                                  VARCORR_TABLE_COLUMNS, MixedFit)
 
 SPLIT = "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"
 CROSSED = "diameter ~ 1 + (1 | plate) + (1 | sample)"
@@ -93,12 +93,15 @@ def test_varcorr_rows_and_fixef_names_agree(fits, formula, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_ranef_intervals_honour_ci_prob(fits, kind):
     fit = fits(SPLIT, kind)
-    est = {"posterior mean": "mean", "conditional mode": "estimate"}[fit.point_estimate]
+    est = "estimate"
     wide, narrow = fit.ranef(ci_prob=0.9)["Subject"], fit.ranef(ci_prob=0.5)["Subject"]
     assert wide.attrs["ci_prob"] == 0.9 and list(wide.columns.get_level_values(0).unique()) == [est, "lower", "upper"]
     pd.testing.assert_frame_equal(wide[est], fit.ranef()["Subject"])
     assert (narrow["upper"] - narrow["lower"] < wide["upper"] - wide["lower"]).all().all()
     table = fit.ranef_table(ci_prob=0.9)
+    assert list(table.columns[:7]) == RANEF_TABLE_COLUMNS + ["lower", "upper"]
+    np.testing.assert_allclose(table["estimate"].to_numpy(), np.concatenate(
+        [wide["estimate"][c].to_numpy() for c in ["(Intercept)", "Days"]]), rtol=1e-12)
     first = table[table.term == "Days"]
     np.testing.assert_allclose(first.lower.to_numpy(), wide["lower"]["Days"].to_numpy(), rtol=1e-12)
     if isinstance(fit, BayesFit):  # equal-tailed: the draws' 5 % and 95 % quantiles

@@ -1,6 +1,7 @@
 """anova(): likelihood-ratio tests, AIC and BIC against lme4's anova on sleepstudy and exam."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bayeslmm import BayesLMMError, Model, ModelError, anova
@@ -98,7 +99,9 @@ def test_ml_fits_are_used_as_they_are(sleep_fits):
 
 def test_bad_arguments(sleep_fits):
     with pytest.raises(BayesLMMError, match="at least two"):
-        anova(sleep_fits["m1"])
+        anova()
+    with pytest.raises(BayesLMMError, match="at least two"):
+        anova("m1")
     with pytest.raises(BayesLMMError, match="argument 2"):
         anova(sleep_fits["m1"], "m2")
     with pytest.raises(BayesLMMError, match="distinct names"):
@@ -106,3 +109,10 @@ def test_bad_arguments(sleep_fits):
     other = Model("Reaction ~ Days + (1 | Subject)", load_dataset("sleepstudy").iloc[:150])
     with pytest.raises(ModelError, match="same rows"):
         anova(sleep_fits["m1"], other.fit())
+
+
+def test_one_fit_gives_its_f_tests_per_term(sleep_fits):
+    """lmerTest's anova(m): type III F tests with Satterthwaite's df (sleepstudy: Days, 17 df)."""
+    one = anova(sleep_fits["m2"])
+    pd.testing.assert_frame_equal(one, sleep_fits["m2"].anova())
+    assert list(one.index) == ["Days"] and one.loc["Days", "den_df"] == pytest.approx(17, rel=1e-4)

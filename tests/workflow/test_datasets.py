@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,12 @@ SHAPES = {
     "Dyestuff": (30, 2),
     "Penicillin": (144, 3),
     "InstEval": (73421, 7),
+    "ham": (648, 6),
+    "carrots": (1236, 14),
 }
+
+# missing values per column, as in lmerTest's own data (R's NA); every other column has none
+MISSING = {"carrots": {"Income": 72, "Preference": 3, "Sweetness": 3, "Crisp": 3}}
 
 # column -> (number of levels, first levels in R's order, category dtype kind, ordered)
 FACTORS = {
@@ -45,6 +52,23 @@ FACTORS = {
         "service": (2, [0, 1], "i", False),
         "dept": (14, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15], "i", False),
     },
+    "ham": {  # R: factor levels "1".."81", "1".."4", "1","2", "1","2"
+        "Consumer": (81, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], "i", False),
+        "Product": (4, [1, 2, 3, 4], "i", False),
+        "Information": (2, [1, 2], "i", False),
+        "Gender": (2, [1, 2], "i", False),
+    },
+    "carrots": {  # levels as str(carrots) in R with lmerTest 3.1-3 prints them
+        "Consumer": (103, [168, 169, 171, 172], "i", False),
+        "Frequency": (5, [1, 2, 3, 4, 5], "i", False),
+        "Gender": (2, [1, 2], "i", False),
+        "Age": (4, [1, 2, 3, 4], "i", False),
+        "Homesize": (2, [1, 3], "i", False),
+        "Work": (7, [1, 2, 3, 4, 5, 6, 7], "i", False),
+        "Income": (4, [1, 2, 3, 4], "i", False),
+        "Product": (12, ["Bolero_E", "Bolero_L", "Major_E", "Major_L", "Navar_E", "Navar_L", "Nelson_E",
+                         "Nelson_L", "Turbo_E", "Turbo_L", "Yukon_E", "Yukon_L"], "O", False),
+    },
 }
 
 NUMERIC = {
@@ -53,6 +77,9 @@ NUMERIC = {
     "Dyestuff": {"Yield": "i"},
     "Penicillin": {"diameter": "i"},
     "InstEval": {"y": "i"},
+    "ham": {"Informed.liking": "i", "Age": "i"},
+    # integer scores in R; float here because of the missing values
+    "carrots": {"Preference": "f", "Sweetness": "f", "Bitter": "i", "Crisp": "f", "sens1": "f", "sens2": "f"},
 }
 
 
@@ -65,7 +92,7 @@ def _kind(index: pd.Index) -> str:
 
 
 def test_list_datasets():
-    assert list_datasets() == ["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval"]
+    assert list_datasets() == ["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval", "ham", "carrots"]
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -73,7 +100,8 @@ def test_shape_and_columns(name):
     df = load_dataset(name)
     assert isinstance(df, pd.DataFrame)
     assert df.shape == SHAPES[name]
-    assert not df.isna().any().any()
+    missing = df.isna().sum()
+    assert missing[missing > 0].to_dict() == MISSING.get(name, {})
     assert set(FACTORS[name]) | set(NUMERIC[name]) == set(df.columns)
 
 
@@ -170,6 +198,8 @@ def test_non_string_name(bad):
         ("dyestuff", "lme4 1.1-31", ["Davies", "Goldsmith", "30 rows"]),
         ("Penicillin", "lme4 1.1-31", ["Davies", "144 rows"]),
         ("InstEval", "lme4 1.1-31", ["ETH", "73,421 rows"]),
+        ("ham", "lmerTest 3.1-3", ["Næs", "Food Quality and Preference", "648 rows"]),
+        ("carrots", "lmerTest 3.1-3", ["Brockhoff", "1,236 rows", "missing"]),
     ],
 )
 def test_dataset_info(name, package, needles):
@@ -191,9 +221,46 @@ def test_data_files_ship_with_the_package():
     data = resources.files("bayeslmm.datasets") / "data"
     names = {p.name for p in data.iterdir()}
     assert {"sleepstudy.csv", "exam.csv", "Dyestuff.csv", "Penicillin.csv",
-            "InstEval.csv.gz"} <= names
+            "InstEval.csv.gz", "ham.csv", "carrots.csv"} <= names
     gz = (data / "InstEval.csv.gz").read_bytes()
     assert len(gz) < 500_000  # kept small: about 375 kB
     header = gzip.decompress(gz).split(b"\n", 1)[0]
     assert header == b'"s","d","studage","lectage","service","dept","y"'
     assert (resources.files("bayeslmm.datasets") / "README.md").is_file()
+
+
+def test_lmertest_data_match_their_known_values():
+    ham = load_dataset("ham")
+    assert (pd.crosstab(ham["Consumer"], [ham["Product"], ham["Information"]]) == 1).all().all()  # 4 x 2 each
+    assert ham["Informed.liking"].between(1, 9).all()
+    carrots = load_dataset("carrots")
+    assert (carrots.groupby("Consumer", observed=True).size() == 12).all()  # 103 consumers x 12 carrots
+    # the rows R has NA in, kept with their other values (R: which(is.na(carrots$Preference)) 235 631 1204)
+    assert carrots.index[carrots["Preference"].isna()].tolist() == [234, 630, 1203]
+    assert carrots.loc[234, "Product"] == "Nelson_E" and carrots.loc[234, "Sweetness"] == 3
+    assert carrots.groupby("Consumer", observed=True)["Income"].apply(lambda s: s.isna().all()).sum() == 6
+    assert carrots["sens2"].iloc[0] == pytest.approx(-2.541967427, abs=1e-12)
+
+
+LMERTEST = json.loads((Path(__file__).resolve().parents[1] / "data" / "lmertest_reference.json").read_text())
+
+
+def test_ham_fit_reproduces_lmertest():
+    """The bundled ham, as loaded, gives lmerTest 3.1-3's REML fit (lme4 1.1-31 inside).
+
+    Reached: REML criterion 1.4e-14 relative (and not above lme4's), θ 3e-7, σ 8e-9,
+    Product's type III F (3.829) 6e-8; the tolerances are 1e-9, 1e-5, 1e-5 and 1e-3.
+    """
+    from bayeslmm import Model
+
+    ref = LMERTEST["models"]["ham_product"]
+    assert ref["formula"] == "Informed.liking ~ Product*Information + (1 | Consumer) + (1 | Product:Consumer)"
+    formula = "Informed.liking ~ Product*Information + (1|Consumer) + (1|Consumer:Product)"
+    fit = Model(formula, load_dataset("ham")).fit(method="reml")
+    assert fit.objective == pytest.approx(ref["REMLcrit"], rel=1e-9)
+    assert fit.objective <= ref["REMLcrit"] + 1e-9
+    # lme4's θ order: the 324-level Consumer:Product term first, then Consumer (81 levels)
+    np.testing.assert_allclose(fit.theta, ref["theta"], rtol=1e-5)
+    assert fit.sigma == pytest.approx(ref["sigma"], rel=1e-5)
+    f_product = ref["anova_type3_satterthwaite"]["Product"]["F value"]
+    assert fit.anova().loc["Product", "f_value"] == pytest.approx(f_product, rel=1e-3)
