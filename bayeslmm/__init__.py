@@ -26,6 +26,13 @@ _LAZY = {
     "FreqFit": "bayeslmm.reml.results",
     "anova": "bayeslmm.reml.anova",
     "ModelSpec": "bayeslmm.spec",
+    "VarIdent": "bayeslmm.residual",
+    "VarPower": "bayeslmm.residual",
+    "VarExp": "bayeslmm.residual",
+    "VarFixed": "bayeslmm.residual",
+    "CorAR1": "bayeslmm.residual",
+    "CorCAR1": "bayeslmm.residual",
+    "CorCompSymm": "bayeslmm.residual",
     "RandomBlock": "bayeslmm.spec",
 }
 

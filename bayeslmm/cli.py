@@ -11,6 +11,14 @@ df and p-values (``df`` and ``p_value`` of each coefficient in the JSON, under
 type III (lmerTest's default) or type II, to what is printed, to the JSON (``anova``)
 and to ``--out`` (``anova.csv``).
 
+``--variance``, ``--correlation`` and ``--weights`` give the residuals a structure, R = σ² Λ_R(ρ)
+(:mod:`bayeslmm.residual`; nlme's ``weights =`` and ``correlation =``), written as small
+expressions: ``--variance "ident(Sex)" | "power(Time)" | "exp(x)" | "fixed(Time)"``,
+``--correlation "ar1(Mare)" | "ar1(Mare, time=Day)" | "car1(Subject, time=t)" |
+"compsymm(Subject)"``, ``--weights COLUMN`` (precision weights, Var = σ²/w).  REML/ML only;
+the JSON carries the estimates under ``residual_params`` and the structure under
+``residual_structure``.
+
 ``--method both`` fits the model by REML and by NUTS, prints both summaries and then
 the side-by-side table of :func:`bayeslmm.compare`.  ``--out DIR`` writes into DIR
 (created if needed) what was printed (``summary.txt``), each fit's results as JSON
@@ -120,6 +128,17 @@ SAMPLER_HELP = (
     "log-posterior where it applies, else on the PyMC model). pymc: PyMC's own NUTS on the PyMC model")
 
 
+VARIANCE_HELP = (
+    "reml, ml: a residual variance function, as nlme's weights =: ident(G) a residual sd per level of column G "
+    "(varIdent(form = ~1 | G)); power(V) sd proportional to |V|^power (varPower); exp(V) sd proportional to "
+    "exp(expon * V) (varExp); fixed(V) variance proportional to V (varFixed)")
+CORRELATION_HELP = (
+    "reml, ml: a residual correlation within the levels of a grouping column G, as nlme's correlation =: ar1(G) "
+    "AR(1) in row order, ar1(G, time=T) by an integer time column T (corAR1); car1(G, time=T) continuous-time "
+    "AR(1) by a numeric time T (corCAR1); compsymm(G) one correlation within each group (corCompSymm). G must "
+    "be a random-effect grouping factor or nested in each one")
+
+
 EXIT_STATUS = ("Exit status: 0 done (outputs that could not be made are warned about and listed as skipped), "
                "1 a failure of the environment (disk full, read-only, out of memory) or an internal error, "
                "2 bad input or options, 130 interrupted (Ctrl-C).")
@@ -163,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the results (summary.txt, JSON, saved fits, comparison and pooling tables as CSV) "
                         "and the plots (PNG) into the folder DIR, created if needed; each fit's files are "
                         "written as soon as it is done")
+    f.add_argument("--variance", metavar="EXPR", default=None, help=VARIANCE_HELP)
+    f.add_argument("--correlation", metavar="EXPR", default=None, help=CORRELATION_HELP)
+    f.add_argument("--weights", metavar="COLUMN", default=None,
+                   help="reml, ml: known precision weights in COLUMN (positive): Var(y_i) = sigma^2 / w_i, as lme4's "
+                        "and nlme's weights")
     f.add_argument("--missing", default="raise", choices=["raise", "drop"],
                    help="rows with missing values: raise an error (default) or drop them")
     f.add_argument("--dask", action="store_true",
@@ -365,6 +389,7 @@ class _Run:
                                 "both, or leave --anova out")
         self.stage = "reading the data"
         model = _build_model(args)
+        _refuse_nuts_with_residual(model, args.method)
         self.stage = "preparing the outputs"
         self._prepare_outputs(model)
         if args.method in ("reml", "ml", "both"):
@@ -550,14 +575,120 @@ def _list_datasets() -> int:
 def _build_model(args: argparse.Namespace):
     from .model import Model
 
+    residual = {"variance": parse_variance(args.variance), "correlation": parse_correlation(args.correlation),
+                "weights": _weights_column(args.weights)}
     if use_dask(args.data, args.dask):
-        model = Model(args.formula, args.data, missing=args.missing)
+        model = Model(args.formula, args.data, missing=args.missing, **residual)
         name = Path(args.data).name
     else:
         data, name = read_data(args.data)
-        model = Model(args.formula, data, missing=args.missing)
+        _check_residual_columns(residual, data)
+        model = Model(args.formula, data, missing=args.missing, **residual)
     model.data_name = name
     return model
+
+
+def _refuse_nuts_with_residual(model, method: str) -> None:
+    """The command line fits residual structures by REML/ML: say so before REML runs (``both``).
+
+    The Bayesian engine samples them (explicit parameterisation, O(N) per gradient), but what
+    the command line writes after a NUTS fit — the comparison, posterior predictive checks,
+    LOO — assumes R = σ²I; until those know the structure, Python is the place for it.
+    """
+    from .errors import ModelError
+
+    if method in ("nuts", "both") and model.spec.residual is not None:
+        raise ModelError("residual structures are fitted by REML/ML in this release of the command line; fit "
+                         "with --method reml or ml (from Python, Model(...).fit(method='nuts') samples them: "
+                         "docs/bayes.md), or drop --variance/--correlation/--weights")
+
+
+# -- residual structures from the command line -------------------------------------------------
+_EXPRESSION = re.compile(r"^\s*([A-Za-z0-9_]+)\s*\((.*)\)\s*$", re.S)
+#: expression name -> structure (correlations: and whether time= is needed: True, optional: False, not taken: None)
+_VARIANCE_NAMES = {"ident": "VarIdent", "power": "VarPower", "exp": "VarExp", "fixed": "VarFixed"}
+_CORRELATION_NAMES = {"ar1": ("CorAR1", False), "car1": ("CorCAR1", True), "compsymm": ("CorCompSymm", None)}
+_VARIANCE_FORMS = '"ident(G)", "power(V)", "exp(V)" or "fixed(V)"'
+_CORRELATION_FORMS = '"ar1(G)", "ar1(G, time=T)", "car1(G, time=T)" or "compsymm(G)"'
+
+
+def _split_expression(text: str, option: str, forms: str) -> tuple[str, str, dict[str, str]]:
+    """``name(column, key=value, ...)`` -> (name, column, keywords); an ``option`` error otherwise."""
+    match = _EXPRESSION.match(text)
+    if match is None:
+        raise BayesLMMError(f"{option} {text!r} is not an expression like {forms}: a name, then a column in "
+                            "parentheses")
+    name, inner = match.group(1).lower(), match.group(2)
+    parts = [p.strip() for p in inner.split(",")]
+    if any(p == "" for p in parts):
+        raise BayesLMMError(f"{option} {text!r}: an empty argument; write {forms}")
+    positional = [p for p in parts if "=" not in p]
+    keywords = {}
+    for p in parts:
+        if "=" in p:
+            key, _, value = (x.strip() for x in p.partition("="))
+            if not key or not value or key in keywords:
+                raise BayesLMMError(f"{option} {text!r}: {p!r} is not a keyword=column argument given once; "
+                                    f"write {forms}")
+            keywords[key] = value
+    if len(positional) != 1 or parts[0] != positional[0]:
+        raise BayesLMMError(f"{option} {text!r} needs exactly one column first, then keywords; write {forms}")
+    return name, positional[0], keywords
+
+
+def parse_variance(text: str | None):
+    """``--variance``: ``"ident(G)"`` -> ``VarIdent("G")``; ``power``, ``exp``, ``fixed`` likewise; None -> None."""
+    from . import residual
+
+    if text is None:
+        return None
+    name, column, keywords = _split_expression(text, "--variance", _VARIANCE_FORMS)
+    if name not in _VARIANCE_NAMES:
+        raise BayesLMMError(f"--variance {text!r}: unknown variance function {name!r}; write {_VARIANCE_FORMS}")
+    if keywords:
+        raise BayesLMMError(f"--variance {text!r}: {name}() takes one column and no keywords "
+                            f"(got {', '.join(keywords)}=); write {_VARIANCE_FORMS}")
+    return getattr(residual, _VARIANCE_NAMES[name])(column)
+
+
+def parse_correlation(text: str | None):
+    """``--correlation``: ``"ar1(G)"``, ``"ar1(G, time=T)"``, ``"car1(G, time=T)"``, ``"compsymm(G)"`` -> the
+    structure of :mod:`bayeslmm.residual`; None -> None."""
+    from . import residual
+
+    if text is None:
+        return None
+    name, group, keywords = _split_expression(text, "--correlation", _CORRELATION_FORMS)
+    if name not in _CORRELATION_NAMES:
+        raise BayesLMMError(f"--correlation {text!r}: unknown correlation structure {name!r}; write "
+                            f"{_CORRELATION_FORMS}")
+    structure, needs_time = _CORRELATION_NAMES[name]
+    unknown = set(keywords) - ({"time"} if needs_time is not None else set())
+    if unknown:
+        raise BayesLMMError(f"--correlation {text!r}: {name}() does not take {', '.join(sorted(unknown))}=; write "
+                            f"{_CORRELATION_FORMS}")
+    if needs_time and "time" not in keywords:
+        raise BayesLMMError(f"--correlation {text!r}: {name}() needs a numeric time column, as "
+                            f"\"{name}({group}, time=T)\"")
+    cls = getattr(residual, structure)
+    return cls(group, keywords["time"]) if "time" in keywords else cls(group)
+
+
+def _check_residual_columns(residual: dict, data: pd.DataFrame) -> None:
+    """Name the data's columns when --variance/--correlation/--weights name one it lacks."""
+    from .residual import columns_of
+
+    missing = [c for c in columns_of(**residual) if c not in data.columns]
+    if missing:
+        shown = ", ".join(map(str, list(data.columns)[:30])) + (", ..." if len(data.columns) > 30 else "")
+        raise DataError(f"--variance/--correlation/--weights name column(s) {missing} that DATA does not have; "
+                        f"its columns: {shown}")
+
+
+def _weights_column(text: str | None) -> str | None:
+    if text is not None and not text.strip():
+        raise BayesLMMError("--weights needs the name of a column of positive precision weights")
+    return None if text is None else text.strip()
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -600,6 +731,9 @@ def fit_dict(fit, ci_prob: float | None = None, anova: pd.DataFrame | None = Non
         table = fit.summary_table(ci_prob)
         out["interval"] = table.attrs["interval"]
         out["posterior"] = {k: {c: float(v) for c, v in row.items()} for k, row in table.iterrows()}
+    residual = getattr(fit.spec, "residual", None)
+    if residual is not None:  # the structure as written (its parameters are out["residual_params"])
+        out["residual_structure"] = residual_structure(residual)
     if isinstance(fit, FreqFit):
         table = fit.fixef_table(ci_prob)
         out["fixef_table"] = _records(table)
@@ -608,6 +742,17 @@ def fit_dict(fit, ci_prob: float | None = None, anova: pd.DataFrame | None = Non
         out["anova"] = _records(anova)
         out["anova_attrs"] = {"type": anova.attrs["type"], "ddf": anova.attrs["ddf"]}
     return out
+
+
+def residual_structure(residual) -> dict:
+    """A fit's residual structure for the JSON: ``variance`` and ``correlation`` as
+    ``{"type": "CorAR1", "group": ..., "time": ...}`` (or null) and ``weights`` (the column, "array" or null)."""
+    from .residual import describe
+
+    weights = residual.weights_name or ("array" if residual.weights is not None else None)
+    return {"variance": describe(residual.variance.structure if residual.variance else None),
+            "correlation": describe(residual.correlation.structure if residual.correlation else None),
+            "weights": weights}
 
 
 #: how lmerTest titles its ANOVA tables

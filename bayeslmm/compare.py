@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BayesLMMError, ModelError
+from .results_api import varcorr_rows
 
 #: ``intervals="auto"`` profiles when :func:`~bayeslmm.reml.profile.profile_work` is at most
 #: this (a rule on the model's size, not on time: the same table on every machine).  A
@@ -98,7 +99,7 @@ def _fmt(v: float) -> str:
 
 def _same_model(bayes, freq) -> None:
     a, b = bayes.spec, freq.spec
-    same = (a.fixed_names == b.fixed_names and a.n_obs == b.n_obs
+    same = (a.fixed_names == b.fixed_names and a.n_obs == b.n_obs and getattr(b, "residual", None) is None
             and [(x.group, x.columns, x.correlated) for x in a.blocks]
             == [(x.group, x.columns, x.correlated) for x in b.blocks])
     if same and getattr(a, "rows_in_memory", True) and getattr(b, "rows_in_memory", True):
@@ -110,15 +111,15 @@ def _same_model(bayes, freq) -> None:
 
 
 def _var_labels(vc: pd.DataFrame) -> list[str]:
-    out = []
-    for g, v1, v2 in zip(vc["grp"], vc["var1"], vc["var2"]):
-        if g == "Residual":
-            out.append("sigma")
-        elif v2 is None or (isinstance(v2, float) and np.isnan(v2)):
-            out.append(f"sd[{g}|{v1}]")
-        else:
-            out.append(f"corr[{g}|{v1},{v2}]")
-    return out
+    """compare's row names of ``varcorr``: ``sd[Subject|(Intercept)]``, ``corr[Subject|(Intercept),Days]``, ``sigma``."""
+    formats = {"sigma": "sigma", "sd": "sd[{grp}|{v1}]", "cor": "corr[{grp}|{v1},{v2}]"}
+    return [formats[kind].format(grp=grp, v1=v1, v2=v2) for kind, grp, v1, v2 in varcorr_rows(vc)]
+
+
+def _var_terms(vc: pd.DataFrame) -> list[str]:
+    """The ``term`` column of ``varcorr``'s rows: the effect, the pair ``v1,v2``, or nothing for σ."""
+    formats = {"sigma": "", "sd": "{v1}", "cor": "{v1},{v2}"}
+    return [formats[kind].format(v1=v1, v2=v2) for kind, _, v1, v2 in varcorr_rows(vc)]
 
 
 def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = "auto") -> ReportFrame:
@@ -149,8 +150,32 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     and ``varcorr``; columns ``group, term, post_mean, post_median, post_sd,
     post_lower, post_upper, r_hat, ess_bulk, estimate, se, lower, upper, diff_sd``.
     """
-    from .bayes.results import BayesFit
     from .group_frames import posterior_ci_prob
+
+    bayes_fit, freq_fit = _checked_pair(bayes_fit, freq_fit, intervals)
+    prob = posterior_ci_prob(ci_prob)
+    post, pfe = _posterior_rows(bayes_fit, prob)
+    fe, vc = freq_fit.fixef_table(prob, ddf="none"), freq_fit.varcorr  # Wald, as documented above
+    freq, method, notes = _frequentist_rows(freq_fit, fe, vc, intervals, prob)
+    table = pd.DataFrame({
+        "group": ["fixed"] * len(fe) + list(vc["grp"]), "term": list(fe.index) + _var_terms(vc),
+        "post_mean": post["estimate"].to_numpy(), "post_median": post["median"].to_numpy(),
+        "post_sd": post["std_error"].to_numpy(), "post_lower": post["lower"].to_numpy(),
+        "post_upper": post["upper"].to_numpy(), "r_hat": post["r_hat"].to_numpy(),
+        "ess_bulk": post["ess_bulk"].to_numpy(), **freq,
+    }, index=[f"beta[{n}]" for n in fe.index] + _var_labels(vc))
+    table["diff_sd"] = (table["post_mean"] - table["estimate"]) / table["post_sd"]
+    table.attrs.update(ci_prob=prob, interval=pfe.attrs.get("interval"), freq_method=freq_fit.method,
+                       freq_intervals=method)
+    if freq_fit.singular:
+        notes.append(f"the {freq_fit.method} fit is singular (a variance on its boundary); the posterior keeps "
+                     "it away from 0 and diff_sd is large there by construction")
+    return ReportFrame.of(table, _heading(bayes_fit, freq_fit, prob, method), notes, hide=["group", "term"])
+
+
+def _checked_pair(bayes_fit, freq_fit, intervals):
+    """(the NUTS fit, the REML/ML fit), in either order given; both of one model, ``intervals`` known."""
+    from .bayes.results import BayesFit
     from .reml.results import FreqFit
 
     if isinstance(bayes_fit, FreqFit) and isinstance(freq_fit, BayesFit):
@@ -161,53 +186,42 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     if not isinstance(intervals, str) or intervals not in INTERVALS:
         raise BayesLMMError(f"intervals must be one of {', '.join(map(repr, INTERVALS))}, got {intervals!r}")
     _same_model(bayes_fit, freq_fit)
-    prob = posterior_ci_prob(ci_prob)
-    notes: list[str] = []
+    return bayes_fit, freq_fit
 
-    # posterior side
+
+def _posterior_rows(bayes_fit, prob: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The posterior's fixed effects then its varcorr rows, one frame (and the fixed effects' own)."""
     pfe = bayes_fit.fixef_table(prob)
     pvc = bayes_fit.varcorr_table(prob)
     post = pd.concat([pfe.reset_index(drop=True), pvc[pfe.columns].reset_index(drop=True)], ignore_index=True)
+    return post, pfe
 
-    # frequentist side: Wald intervals of the fixed effects here, the variances' below
-    fe = freq_fit.fixef_table(prob, ddf="none")  # Wald, as documented above
-    vc = freq_fit.varcorr
+
+def _frequentist_rows(freq_fit, fe: pd.DataFrame, vc: pd.DataFrame, intervals: str, prob: float):
+    """The columns ``estimate, se, lower, upper`` (fixed effects, then varcorr's rows), method words, notes.
+
+    Wald intervals of the fixed effects come with ``fe``; the variances' are computed
+    by :func:`_variance_intervals` as ``intervals`` asks.
+    """
     n_var = len(vc)
     est = np.concatenate([fe["estimate"].to_numpy(), vc["sdcor"].to_numpy()])
     se = np.concatenate([fe["std_error"].to_numpy(), np.full(n_var, np.nan)])
     lower = np.concatenate([fe["lower"].to_numpy(), np.full(n_var, np.nan)])
     upper = np.concatenate([fe["upper"].to_numpy(), np.full(n_var, np.nan)])
-    method, var_notes = _variance_intervals(freq_fit, intervals, prob, lower[len(fe):], upper[len(fe):])
-    notes += var_notes
+    method, notes = _variance_intervals(freq_fit, intervals, prob, lower[len(fe):], upper[len(fe):])
     if intervals == "none":
         lower[:], upper[:] = np.nan, np.nan
         method = "no intervals"
         notes.append("no frequentist intervals (intervals='none'); intervals='profile' computes them")
+    return {"estimate": est, "se": se, "lower": lower, "upper": upper}, method, notes
 
-    groups = list(fe.index.map(lambda _: "fixed")) + ["Residual" if g == "Residual" else g for g in vc["grp"]]
-    terms = list(fe.index) + [(v1 if v2 is None or (isinstance(v2, float) and np.isnan(v2)) else f"{v1},{v2}")
-                              if g != "Residual" else "" for g, v1, v2 in zip(vc["grp"], vc["var1"], vc["var2"])]
-    index = [f"beta[{n}]" for n in fe.index] + _var_labels(vc)
-    table = pd.DataFrame({
-        "group": groups, "term": terms,
-        "post_mean": post["estimate"].to_numpy(), "post_median": post["median"].to_numpy(),
-        "post_sd": post["std_error"].to_numpy(), "post_lower": post["lower"].to_numpy(),
-        "post_upper": post["upper"].to_numpy(), "r_hat": post["r_hat"].to_numpy(),
-        "ess_bulk": post["ess_bulk"].to_numpy(),
-        "estimate": est, "se": se, "lower": lower, "upper": upper,
-    }, index=index)
-    table["diff_sd"] = (table["post_mean"] - table["estimate"]) / table["post_sd"]
-    table.attrs.update(ci_prob=prob, interval=pfe.attrs.get("interval"), freq_method=freq_fit.method,
-                       freq_intervals=method)
+
+def _heading(bayes_fit, freq_fit, prob: float, method: str) -> list[str]:
     pst = bayes_fit.posterior
-    heading = [f"Posterior (NUTS, {pst.sizes['chain']} chains × {pst.sizes['draw']} draws) beside {freq_fit.method}: "
-               f"{bayes_fit.spec.formula}",
-               f"Intervals at {prob:.0%}: posterior equal-tailed; {freq_fit.method} {method}.",
-               "diff_sd = (posterior mean − estimate) / posterior sd"]
-    if freq_fit.singular:
-        notes.append(f"the {freq_fit.method} fit is singular (a variance on its boundary); the posterior keeps "
-                     "it away from 0 and diff_sd is large there by construction")
-    return ReportFrame.of(table, heading, notes, hide=["group", "term"])
+    return [f"Posterior (NUTS, {pst.sizes['chain']} chains × {pst.sizes['draw']} draws) beside {freq_fit.method}: "
+            f"{bayes_fit.spec.formula}",
+            f"Intervals at {prob:.0%}: posterior equal-tailed; {freq_fit.method} {method}.",
+            "diff_sd = (posterior mean − estimate) / posterior sd"]
 
 
 def _variance_intervals(freq_fit, intervals: str, prob: float, lower: np.ndarray, upper: np.ndarray):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .crossprod import CrossProducts, crossproducts_of, remember
-from .errors import BayesLMMError, ModelError
+from .errors import BayesLMMError, DataError, ModelError, did_you_mean
 from .exactfit import NEAR_EXACT_RATIO, check_exact_fit
 from .formula import build_spec
 from .spec import ModelSpec
@@ -42,6 +42,16 @@ class Model:
     rank_deficient : {"drop", "error"}
         Fixed-effect columns that are linear combinations of others are dropped
         with a warning (lme4's behaviour) or raise.
+    variance, correlation : optional
+        A residual structure, R = σ² Λ_R(ρ) instead of σ² I, as nlme's ``weights =`` and
+        ``correlation =``: ``variance=VarIdent("Sex")``, ``VarPower("Time")``,
+        ``VarExp("x")``, ``VarFixed("x")``; ``correlation=CorAR1("Mare")``,
+        ``CorCAR1("g", "t")``, ``CorCompSymm("g")`` (:mod:`bayeslmm.residual`).  Fitted
+        by REML/ML, and by NUTS on the explicit PyMC graph (docs/bayes.md, "Residual
+        structures"); the columns they read must have no missing values.
+    weights : str or array, optional
+        Known precision weights, Var(y_i) = σ²/w_i (lme4's ``weights``): a column name or
+        one positive value per row used.
 
     Examples
     --------
@@ -58,11 +68,17 @@ class Model:
         groups: Mapping[str, str] | Sequence[str] | str | None = None,
         missing: str = "raise",
         rank_deficient: str = "drop",
+        variance=None,
+        correlation=None,
+        weights=None,
     ):
         self.data_name = None
         from .outofcore import build_out_of_core, is_dask_dataframe, is_parquet_source
 
         if is_dask_dataframe(data) or is_parquet_source(data):
+            if not (variance is None and correlation is None and weights is None):
+                raise ModelError("residual structures (variance=, correlation=, weights=) need the rows in "
+                                 "memory in this release; build the model from a pandas DataFrame")
             if isinstance(data, str):
                 self.data_name = data
             self.formula = formula
@@ -78,6 +94,8 @@ class Model:
         self.formula = formula
         self.spec: ModelSpec = build_spec(formula, data, groups=groups, missing=missing,
                                           rank_deficient=rank_deficient)
+        if not (variance is None and correlation is None and weights is None):
+            self.spec = _with_residual(self.spec, data, variance, correlation, weights)
 
     @cached_property
     def crossprods(self) -> CrossProducts:
@@ -158,6 +176,13 @@ class Model:
             _warn_if_exact(fit)
         return fit
 
+    def _refuse_residual(self, what: str) -> None:
+        """What would build the model with R = σ²I refuses rather than drop a structure silently."""
+        if self.spec.residual is not None:
+            raise ModelError(f"{what} would have R = σ²I: this model's residual structure is sampled by "
+                             "fit(method='nuts') only in this release (docs/bayes.md); drop "
+                             "variance=/correlation=/weights= for the σ²I model")
+
     def _check_response(self) -> None:
         """Refuse a response whose squares overflow or that the effects reproduce exactly (every method)."""
         check_magnitude(self.spec, self.crossprods)
@@ -176,6 +201,7 @@ class Model:
         """
         from .bayes.predictive import prior_predictive
 
+        self._refuse_residual("prior predictive draws")
         self.spec.require_rows("prior predictive draws of the response")
         return prior_predictive(self.spec, self.crossprods, draws=draws, priors=priors, random_seed=random_seed)
 
@@ -191,6 +217,7 @@ class Model:
         from .bayes.model import pymc_model
         from .bayes.priors import resolve_priors
 
+        self._refuse_residual("the PyMC model")
         return pymc_model(self.spec, self.crossprods, resolve_priors(self.spec, priors), parameterization)
 
     def fit_from_draws(self, idata, priors: dict | None = None, random_seed: int = 0, warn: bool = True):
@@ -226,6 +253,7 @@ class Model:
         """
         from .interop import to_bambi
 
+        self._refuse_residual("a bambi model")
         return to_bambi(self.spec, priors=priors, drop_correlations=drop_correlations)
 
     def prior_summary(self, priors: dict | None = None):
@@ -239,6 +267,31 @@ class Model:
         groups = ", ".join(f"{b.group} ({b.n_levels} levels, {', '.join(b.columns)})" for b in s.blocks)
         return (f"Model({s.formula!r}: {s.n_obs} observations, fixed effects {list(s.fixed_names)}, "
                 f"random effects by {groups})")
+
+
+def _with_residual(spec: ModelSpec, data: pd.DataFrame, variance, correlation, weights) -> ModelSpec:
+    """The spec with its residual structure bound to the rows it uses (:mod:`bayeslmm.residual`)."""
+    from dataclasses import replace
+
+    from .residual import bind_residual, check_nested, columns_of
+
+    cols = columns_of(variance, correlation, weights)
+    unknown = [c for c in cols if c not in data.columns]
+    if unknown:
+        names = [str(c) for c in data.columns]
+        raise DataError(f"the residual structure names {unknown[0]!r}, which is not a column of the data; "
+                        f"columns: {names[:20]}{did_you_mean(str(unknown[0]), names)}")
+    frame = data[cols]
+    if len(frame) != spec.n_obs:  # rows dropped for missing values: take the ones used
+        if not data.index.is_unique:
+            raise DataError("rows were dropped for missing values and the data's index has duplicate labels, "
+                            "so the residual structure's rows cannot be matched; reset the index first")
+        frame = frame.loc[spec.row_index]
+    if weights is not None and not isinstance(weights, str) and len(np.ravel(weights)) == len(data) != spec.n_obs:
+        weights = pd.Series(np.ravel(weights), index=data.index).loc[spec.row_index].to_numpy()
+    res = bind_residual(variance, correlation, weights, frame.reset_index(drop=True))
+    check_nested(res, spec.blocks)
+    return replace(spec, residual=res)
 
 
 _FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step",

@@ -16,6 +16,7 @@ equal-tailed ones), so it takes no ``method``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -109,18 +110,28 @@ class MixedFit(Protocol):
         """Write the fit to a file that ``bayeslmm.load`` reads back."""
 
 
+def varcorr_rows(varcorr: pd.DataFrame) -> Iterator[tuple[str, str, str | None, str | None]]:
+    """``(kind, group, var1, var2)`` for each row of ``varcorr``, in its order.
+
+    ``kind`` is ``"sigma"`` (the residual row: both variables None), ``"sd"``
+    (``var2`` None) or ``"cor"``; a missing variable reads None whether the frame
+    holds None or NaN (pandas stores None as NaN).  The one walker of these rows:
+    the labels of :func:`confint_labels` and of ``compare`` format what it yields.
+    """
+    for grp, v1, v2 in zip(varcorr["grp"], varcorr["var1"], varcorr["var2"]):
+        if grp == "Residual":
+            yield "sigma", grp, None, None
+        elif v2 is None or (isinstance(v2, float) and np.isnan(v2)):
+            yield "sd", grp, v1, None
+        else:
+            yield "cor", grp, v1, v2
+
+
 def confint_labels(varcorr: pd.DataFrame) -> list[str]:
     """lme4's ``confint(oldNames = FALSE)`` names of ``varcorr``'s rows.
 
     ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject`` (the later column
     first, as lme4), ``sigma``.
     """
-    labels = []
-    for grp, v1, v2 in zip(varcorr["grp"], varcorr["var1"], varcorr["var2"]):
-        if grp == "Residual":
-            labels.append("sigma")
-        elif v2 is None or (isinstance(v2, float) and np.isnan(v2)):
-            labels.append(f"sd_{v1}|{grp}")
-        else:
-            labels.append(f"cor_{v2}.{v1}|{grp}")
-    return labels
+    formats = {"sigma": "sigma", "sd": "sd_{v1}|{grp}", "cor": "cor_{v2}.{v1}|{grp}"}
+    return [formats[kind].format(grp=grp, v1=v1, v2=v2) for kind, grp, v1, v2 in varcorr_rows(varcorr)]

@@ -173,50 +173,17 @@ def simulate_doctors(
     >>> len(df), df["doctor"].nunique()
     (8525, 407)
     """
-    n_doctors = _int_arg("n_doctors", n_doctors, 1)
-    low = _int_arg("min_patients", min_patients, 1)
-    high = _int_arg("max_patients", max_patients, 1)
-    if high < low:
-        raise BayesLMMError(
-            f"`max_patients` ({high}) must be at least `min_patients` ({low})."
-        )
-    if target_patients is not None:
-        target_patients = _int_arg("target_patients", target_patients, 1)
-        if not n_doctors * low <= target_patients <= n_doctors * high:
-            raise BayesLMMError(
-                f"`target_patients` = {target_patients} cannot be reached by {n_doctors} "
-                f"doctors seeing {low} to {high} patients each; it must lie in "
-                f"[{n_doctors * low}, {n_doctors * high}]."
-            )
-    coef = dict(DOCTORS_BETA)
-    if beta is not None:
-        if not isinstance(beta, Mapping):
-            raise BayesLMMError(f"`beta` must be a mapping of coefficient names, got {beta!r}.")
-        unknown = set(beta) - set(coef)
-        if unknown:
-            raise BayesLMMError(
-                f"`beta` has unknown coefficient(s) {sorted(map(str, unknown))}; "
-                f"known: {list(coef)}."
-            )
-        coef.update({k: _float_arg(f"beta[{k!r}]", v) for k, v in beta.items()})
+    n_doctors, low, high, target_patients = _doctors_design(n_doctors, min_patients, max_patients,
+                                                            target_patients)
+    coef = _doctors_beta(beta)
     sd_intercept = _float_arg("sd_intercept", sd_intercept, nonneg=True)
     sigma = _float_arg("sigma", sigma, positive=True)
     rng = _rng(random_seed)
 
     counts = _patient_counts(rng, n_doctors, low, high, target_patients)
     codes = np.repeat(np.arange(n_doctors), counts)
-    n = codes.size
-    covariates = {
-        "age": np.clip(rng.normal(60.0, 10.0, n), 20.0, 95.0),
-        "married": (rng.random(n) < 0.6).astype(np.int64),
-        "sex": (rng.random(n) < 0.5).astype(np.int64),
-        "rbc": np.clip(rng.normal(4.7, 0.5, n), 2.5, 7.0),
-        "wbc": np.exp(rng.normal(math.log(7.0), 0.25, n)),
-    }
-    u = rng.normal(0.0, sd_intercept, n_doctors)
-    mobility = coef["(Intercept)"] + u[codes] + rng.normal(0.0, sigma, n)
-    for name in _COVARIATES:
-        mobility += coef[name] * covariates[name]
+    covariates = _doctors_covariates(rng, codes.size)
+    mobility = _doctors_mobility(rng, codes, n_doctors, coef, covariates, sd_intercept, sigma)
 
     frame = pd.DataFrame(
         {"doctor": _group_factor(codes, n_doctors), "mobility": mobility, **covariates}
@@ -228,6 +195,64 @@ def simulate_doctors(
         "sigma": sigma,
     }
     return frame
+
+
+def _doctors_design(n_doctors, min_patients, max_patients, target_patients):
+    """The checked ``(n_doctors, low, high, target)``; the target must be reachable."""
+    n_doctors = _int_arg("n_doctors", n_doctors, 1)
+    low = _int_arg("min_patients", min_patients, 1)
+    high = _int_arg("max_patients", max_patients, 1)
+    if high < low:
+        raise BayesLMMError(
+            f"`max_patients` ({high}) must be at least `min_patients` ({low})."
+        )
+    if target_patients is not None:
+        target_patients = _int_arg("target_patients", target_patients, 1)
+        # checked here so that _patient_counts' loop always ends
+        if not n_doctors * low <= target_patients <= n_doctors * high:
+            raise BayesLMMError(
+                f"`target_patients` = {target_patients} cannot be reached by {n_doctors} "
+                f"doctors seeing {low} to {high} patients each; it must lie in "
+                f"[{n_doctors * low}, {n_doctors * high}]."
+            )
+    return n_doctors, low, high, target_patients
+
+
+def _doctors_beta(beta) -> dict[str, float]:
+    """:data:`DOCTORS_BETA` with the user's overrides, each checked by name."""
+    coef = dict(DOCTORS_BETA)
+    if beta is None:
+        return coef
+    if not isinstance(beta, Mapping):
+        raise BayesLMMError(f"`beta` must be a mapping of coefficient names, got {beta!r}.")
+    unknown = set(beta) - set(coef)
+    if unknown:
+        raise BayesLMMError(
+            f"`beta` has unknown coefficient(s) {sorted(map(str, unknown))}; "
+            f"known: {list(coef)}."
+        )
+    coef.update({k: _float_arg(f"beta[{k!r}]", v) for k, v in beta.items()})
+    return coef
+
+
+def _doctors_covariates(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """The five patient covariates, drawn in this order (the order fixes a seed's data)."""
+    return {
+        "age": np.clip(rng.normal(60.0, 10.0, n), 20.0, 95.0),
+        "married": (rng.random(n) < 0.6).astype(np.int64),
+        "sex": (rng.random(n) < 0.5).astype(np.int64),
+        "rbc": np.clip(rng.normal(4.7, 0.5, n), 2.5, 7.0),
+        "wbc": np.exp(rng.normal(math.log(7.0), 0.25, n)),
+    }
+
+
+def _doctors_mobility(rng, codes, n_doctors, coef, covariates, sd_intercept, sigma) -> np.ndarray:
+    """The outcome: doctors' intercepts drawn before the patients' noise, as always."""
+    u = rng.normal(0.0, sd_intercept, n_doctors)
+    mobility = coef["(Intercept)"] + u[codes] + rng.normal(0.0, sigma, codes.size)
+    for name in _COVARIATES:
+        mobility += coef[name] * covariates[name]
+    return mobility
 
 
 # ----------------------------------------------------------------- general y ~ x
@@ -290,43 +315,17 @@ def simulate_lmm(
     (12, 3)
     """
     n_groups = _int_arg("n_groups", n_groups, 1)
-    if isinstance(n_per_group, Integral) and not isinstance(n_per_group, bool):
-        counts = np.full(n_groups, _int_arg("n_per_group", n_per_group, 1), dtype=np.int64)
-    else:
-        try:
-            counts = np.asarray(n_per_group)
-        except ValueError:  # ragged nested sequences
-            counts = np.asarray([None])
-        if counts.ndim != 1 or counts.size != n_groups or counts.dtype.kind not in "iu":
-            raise BayesLMMError(
-                f"`n_per_group` must be an integer or a sequence of {n_groups} integers "
-                f"(one per group), got {n_per_group!r}."
-            )
-        if counts.min() < 1:
-            raise BayesLMMError("`n_per_group` must be at least 1 in every group.")
-        counts = counts.astype(np.int64)
-    try:
-        b0, b1 = beta
-    except (TypeError, ValueError):
-        raise BayesLMMError(
-            f"`beta` must be a pair (intercept, slope), got {beta!r}."
-        ) from None
-    b0, b1 = _float_arg("beta[0]", b0), _float_arg("beta[1]", b1)
-    sd0 = _float_arg("sd_intercept", sd_intercept, nonneg=True)
-    sd1 = _float_arg("sd_slope", sd_slope, nonneg=True)
-    corr = _float_arg("corr", corr)
-    if not -1.0 <= corr <= 1.0:
-        raise BayesLMMError(f"`corr` must lie in [-1, 1], got {corr}.")
+    counts = _group_counts(n_groups, n_per_group)
+    b0, b1 = _beta_pair(beta)
+    sd0, sd1, corr = _effects_covariance(sd_intercept, sd_slope, corr)
     sigma = _float_arg("sigma", sigma, positive=True)
     rng = _rng(random_seed)
 
-    # (b0, b1) = L z with L the Cholesky factor of G, written out for 2 x 2.
-    z = rng.standard_normal((2, n_groups))
-    u0 = sd0 * z[0]
-    u1 = sd1 * (corr * z[0] + math.sqrt(1.0 - corr * corr) * z[1])
+    u0, u1 = _correlated_effects(rng, n_groups, sd0, sd1, corr)
     codes = np.repeat(np.arange(n_groups), counts)
     n = codes.size
     x = rng.standard_normal(n)
+    # in place: at benchmark sizes (1e6 rows) each temporary costs a full copy
     y = rng.standard_normal(n)
     y *= sigma
     y += (b0 + u0)[codes]
@@ -342,3 +341,50 @@ def simulate_lmm(
         "sigma": sigma,
     }
     return frame
+
+
+def _group_counts(n_groups: int, n_per_group) -> np.ndarray:
+    """Rows per group (int64): one number for every group, or one count per group."""
+    if isinstance(n_per_group, Integral) and not isinstance(n_per_group, bool):
+        return np.full(n_groups, _int_arg("n_per_group", n_per_group, 1), dtype=np.int64)
+    try:
+        counts = np.asarray(n_per_group)
+    except ValueError:  # ragged nested sequences
+        counts = np.asarray([None])
+    if counts.ndim != 1 or counts.size != n_groups or counts.dtype.kind not in "iu":
+        raise BayesLMMError(
+            f"`n_per_group` must be an integer or a sequence of {n_groups} integers "
+            f"(one per group), got {n_per_group!r}."
+        )
+    if counts.min() < 1:
+        raise BayesLMMError("`n_per_group` must be at least 1 in every group.")
+    return counts.astype(np.int64)
+
+
+def _beta_pair(beta) -> tuple[float, float]:
+    """The checked (intercept, slope)."""
+    try:
+        b0, b1 = beta
+    except (TypeError, ValueError):
+        raise BayesLMMError(
+            f"`beta` must be a pair (intercept, slope), got {beta!r}."
+        ) from None
+    return _float_arg("beta[0]", b0), _float_arg("beta[1]", b1)
+
+
+def _effects_covariance(sd_intercept, sd_slope, corr) -> tuple[float, float, float]:
+    """The checked sds of the random intercepts and slopes and their correlation."""
+    sd0 = _float_arg("sd_intercept", sd_intercept, nonneg=True)
+    sd1 = _float_arg("sd_slope", sd_slope, nonneg=True)
+    corr = _float_arg("corr", corr)
+    if not -1.0 <= corr <= 1.0:
+        raise BayesLMMError(f"`corr` must lie in [-1, 1], got {corr}.")
+    return sd0, sd1, corr
+
+
+def _correlated_effects(rng, n_groups: int, sd0: float, sd1: float, corr: float):
+    """Random intercepts and slopes (b0, b1) = L z, L the Cholesky factor of G written out for 2 x 2."""
+    z = rng.standard_normal((2, n_groups))
+    u0 = sd0 * z[0]
+    u1 = sd1 * (corr * z[0] + math.sqrt(1.0 - corr * corr) * z[1])
+    return u0, u1

@@ -216,6 +216,9 @@ class ModelSpec:
         holds what the default priors need.  ``None`` for an in-memory spec.
     moments : RowMoments or None
         Means and standard deviations of y and of the design columns (out of memory only).
+    residual : bayeslmm.residual.ResidualModel or None
+        The residual structure R = σ² Λ_R(ρ) on these rows; None for σ² I (see
+        :mod:`bayeslmm.residual`).
     """
 
     formula: str
@@ -233,6 +236,7 @@ class ModelSpec:
     rank_deficient: str = "drop"
     n_rows: int | None = None
     moments: RowMoments | None = field(default=None, repr=False)
+    residual: "ResidualModel | None" = field(default=None, repr=False)  # noqa: F821 (bayeslmm.residual)
 
     @property
     def n_obs(self) -> int:

@@ -22,6 +22,11 @@ R² (both per posterior draw for a Bayesian fit, point values for a REML/ML fit)
   (Var_i(μ_i) + Var_i(y_i − μ_i)) with μ = Xβ + Zb (conditional) or μ = Xβ (marginal).
 
 Variances over rows use the n − 1 denominator, as R's ``var``.
+
+With a residual structure R = σ² Λ_R(ρ) (:mod:`bayeslmm.residual`) the residual variance of
+a row is σ² s_i² (s the variance function's relative sd; a correlation structure leaves it
+alone): :func:`residual_variance` gives it at a point ``at`` names, or its mean over the
+rows (Nakagawa, Johnson & Schielzeth 2017), which is also the σ² of R²_Nakagawa.
 """
 
 from __future__ import annotations
@@ -62,9 +67,13 @@ def _typical_value(spec: ModelSpec, column: str) -> str:
     return repr(s.mode().iloc[0])
 
 
-def z_at(spec: ModelSpec, at: Mapping | None) -> list[np.ndarray]:
-    """Each block's row of Z at the point ``at`` (a dict of the slope variables' values)."""
-    intercept_only = all(block.columns == ("(Intercept)",) for block in spec.blocks)
+def z_at(spec: ModelSpec, at: Mapping | None, also: list[str] | tuple = ()) -> list[np.ndarray]:
+    """Each block's row of Z at the point ``at`` (a dict of the slope variables' values); ``at``
+    may also name the columns ``also`` (those that set the residual variance), which Z ignores."""
+    if at is not None and also and isinstance(at, Mapping):  # a slope's column may set the variance too: kept
+        slopes = random_value_columns(spec)
+        at = {k: v for k, v in at.items() if k not in also or k in slopes} or None
+    intercept_only = _intercept_only(spec)
     if at is None:
         if intercept_only:
             return [np.ones(1) for _ in spec.blocks]
@@ -79,7 +88,9 @@ def z_at(spec: ModelSpec, at: Mapping | None) -> list[np.ndarray]:
     need = random_value_columns(spec)
     extra = [k for k in at if k not in need]
     if extra:
-        raise DataError(f"at names {extra}, which no random-effect term uses; the terms use {need or 'no columns'}")
+        also_line = f", the residual variance {list(also)}" if also else ""
+        raise DataError(f"at names {extra}, which no random-effect term uses; the terms use {need or 'no columns'}"
+                        f"{also_line}")
     for k, v in at.items():
         if not np.isscalar(v):
             raise DataError(f"at[{k!r}] must be a single value (one point x), got {v!r}; call once per point")
@@ -99,6 +110,38 @@ def z_at(spec: ModelSpec, at: Mapping | None) -> list[np.ndarray]:
     d = new_data_design(spec, {k: [v] for k, v in at.items()}, fixed=False, random=True, groups=False,
                         argument="at")
     return [Z[0] for Z in d.Z]
+
+
+def _intercept_only(spec: ModelSpec) -> bool:
+    return all(block.columns == ("(Intercept)",) for block in spec.blocks)
+
+
+def residual_columns(spec: ModelSpec) -> list[str]:
+    """The columns ``at`` may name to set the residual variance (a variance function's, the weights')."""
+    from .residual import variance_columns
+
+    return [] if spec.residual is None else variance_columns(spec.residual)
+
+
+def residual_variance(spec: ModelSpec, sigma2: float, u: np.ndarray, at: Mapping | None) -> float:
+    """The residual variance of one row, σ² s², with a residual structure's parameters ``u``.
+
+    A variance function (or weights) makes s differ by row: at the values ``at`` gives for
+    :func:`residual_columns` when it names them, else the mean of σ² s_i² over the fitted rows
+    (the observation-level mean of Nakagawa, Johnson & Schielzeth 2017, *J. R. Soc. Interface*
+    14:20170213).  A correlation structure leaves each row's variance alone.
+    """
+    from .residual import relative_variance_at
+
+    cols = residual_columns(spec)
+    named = [c for c in cols if at is not None and c in at]
+    if not named:
+        s = spec.residual.sd(u)
+        return float(sigma2 * (1.0 if s is None else np.mean(s * s)))
+    if len(named) < len(cols):
+        raise DataError(f"at names {named} but not {[c for c in cols if c not in named]}: the residual variance "
+                        f"needs all of {cols}, or none (then it is the mean over the rows)")
+    return float(sigma2 * relative_variance_at(spec.residual, u, {c: at[c] for c in cols}))
 
 
 def group_variances(spec: ModelSpec, z: list[np.ndarray], covs: list[np.ndarray]) -> dict[str, np.ndarray]:

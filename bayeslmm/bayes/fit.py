@@ -122,6 +122,9 @@ def fit_bayes(
     """Sample the posterior of ``spec``; see :meth:`bayeslmm.Model.fit` for the arguments."""
     draws, tune, chains, cores, max_treedepth = check_sampler_args(
         draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth, random_seed)
+    if spec.residual is not None:
+        parameterization = _structured_route(spec, parameterization, backend, log_likelihood)
+        log_likelihood = False
     prior_set = resolve_priors(spec, priors)
     use_kernel = _use_kernel(spec, prior_set, parameterization, sampler, backend)
     if sampler == "auto":
@@ -144,6 +147,7 @@ def fit_bayes(
     t3 = time.perf_counter()
     fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
                    sampler=sampler, seed=seed, data_name=data_name,
+                   residual_structure=None if spec.residual is None else spec.residual.describe(),
                    timings={"build": t1 - t0, "sample": t2 - t1, "postprocess": t3 - t2,
                             "backend": "kernel" if use_kernel else "pytensor"})
     diag = fit.diagnostics()
@@ -173,7 +177,29 @@ def _sample_posterior(spec, crossprods, prior_set, use_kernel, parameterization,
         post = post[[v for v in post.data_vars if v not in built.internal]]
         if built.collapsed is not None:  # the effects are drawn below in y's units, from y's arrays
             built.collapsed = CollapsedData.from_crossprods(crossprods)
-    return built, dt, scale.to_data_units(post, built.names), t1
+    # the residual parameters (sd ratios, powers, correlations) have no units: kept as sampled
+    unitless = naming.residual_vars(spec)
+    in_units = scale.to_data_units(post.drop_vars(unitless), built.names)
+    return built, dt, in_units.assign({v: post[v] for v in unitless}), t1
+
+
+def _structured_route(spec, parameterization: str, backend: str, log_likelihood) -> str:
+    """The parameterisation of a model with a residual structure: explicit (see docs/bayes.md).
+
+    The default ``"collapsed"`` becomes ``"explicit"`` (recorded in ``fit.parameterization``);
+    the kernel and a pointwise log-likelihood are refused rather than given for R = σ²I.
+    """
+    if backend == "kernel":
+        raise BayesLMMError("backend='kernel' cannot fit a model with a residual structure (variance=, "
+                            "correlation=, weights=); use backend='auto' or 'pytensor'")
+    if log_likelihood:
+        raise BayesLMMError("log_likelihood=True: a model with a residual structure stores no pointwise "
+                            "log-likelihood in this release (its rows are not independent given the effects "
+                            "under a correlation structure); leave log_likelihood unset")
+    if not spec.rows_in_memory:
+        raise BayesLMMError("a residual structure is sampled with the rows in memory (the explicit "
+                            "parameterisation)")
+    return "explicit"
 
 
 def _store_effects(spec, built, dt, post, seed: int, mode: str, warn: bool) -> xr.Dataset:
@@ -222,6 +248,8 @@ def _use_kernel(spec, prior_set, parameterization, sampler, backend) -> bool:
     """Whether to sample with the compiled kernel (:mod:`.kernel`) instead of a PyMC graph."""
     if backend not in BACKENDS:
         raise BayesLMMError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if spec.residual is not None:
+        return False  # the kernel samples R = σ²I only (the route is checked in _structured_route)
     if backend == "pytensor" or sampler == "pymc":
         if backend == "kernel":
             raise BayesLMMError("backend='kernel' runs on nutpie's NUTS: use sampler='nutpie' or 'auto'")

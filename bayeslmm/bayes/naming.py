@@ -3,6 +3,8 @@
 A NUTS fit's posterior (``fit.idata["posterior"]``) holds
 
 * ``beta`` (dim ``coef``) and ``sigma``;
+* ``residual_{name}`` for each parameter of a residual structure (``residual_Phi``,
+  ``residual_power``, ``residual_Female``: :func:`residual_var`), on nlme's scale;
 * for each random-effect block, named by :func:`block_names` (its grouping factor, then
   ``g.1``, ``g.2`` … for a factor's further blocks):
 
@@ -24,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-__all__ = ["block_names", "sd_var", "corr_var", "effect_dim", "level_dim", "pair_dim", "pair_index", "pair_labels",
+__all__ = ["block_names", "residual_var", "residual_vars",
+           "sd_var", "corr_var", "effect_dim", "level_dim", "pair_dim", "pair_index", "pair_labels",
            "pairs_of", "matrices_of", "correlation_matrices", "cholesky_factors", "corr_data", "upgrade"]
 
 
@@ -36,6 +39,17 @@ def block_names(spec) -> list[str]:
         names.append(b.group if k == 0 else f"{b.group}.{k}")
         seen[b.group] = k + 1
     return names
+
+
+def residual_var(name: str) -> str:
+    """The posterior variable of a residual-structure parameter (``Phi``, a VarIdent level, ``power``)."""
+    return f"residual_{name}"
+
+
+def residual_vars(spec) -> list[str]:
+    """The posterior variables of ``spec``'s residual parameters (none for R = σ²I)."""
+    res = getattr(spec, "residual", None)
+    return [] if res is None else [residual_var(n) for n in res.names]
 
 
 def sd_var(name: str) -> str:

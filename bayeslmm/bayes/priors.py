@@ -12,6 +12,14 @@ intercept, as rstanarm, brms and bambi do):
   (1 for an intercept; its rms when it does not vary)
 * correlation of a correlated block: ``LKJ(η = 1)``, uniform over correlation matrices
   (brms' default); the block is one ``pm.LKJCholeskyCov``.
+* a residual structure's parameters (:mod:`bayeslmm.residual`; variables ``residual_{name}``,
+  all scale-free, so the same in standardised units):
+
+  - ``VarIdent``: each level's sd ratio σ_level/σ_reference ``LogNormal(0, 1)`` (log-ratio ~ N(0, 1));
+  - ``VarPower``: ``power`` ~ ``Normal(0, 1)``; ``VarExp``: ``expon`` ~ ``Normal(0, 1/sd(v))``
+    (δ·v in the exponent: a unit-free prior on the covariate's own scale);
+  - ``CorAR1``: ``Phi`` ~ ``Uniform(−1, 1)``; ``CorCAR1``: ``Phi`` ~ ``Uniform(0, 1)``;
+    ``CorCompSymm``: ``Rho`` ~ ``Uniform(−1/(m−1), 1)`` (m the largest group), its whole range.
 
 Override with a dict passed to ``Model.fit(method="nuts", priors=...)``::
 
@@ -19,7 +27,12 @@ Override with a dict passed to ``Model.fit(method="nuts", priors=...)``::
      "Intercept": Prior("Normal", mu=250, sigma=100),   # "(Intercept)" works too
      "sigma": Prior("HalfStudentT", nu=3, sigma=50),
      "Subject": {"sd": Prior("HalfNormal", sigma=[30, 10]), "eta": 2.0},
-     "Subject|Days": Prior("HalfNormal", sigma=8)}      # one random-effect sd
+     "Subject|Days": Prior("HalfNormal", sigma=8),      # one random-effect sd
+     "residual_Phi": Prior("Uniform", lower=0, upper=1)}  # a residual structure's parameter
+
+A residual parameter takes a prior of its kind: a ``VarIdent`` ratio a positive family
+(``LogNormal``, ``HalfNormal``, ...), ``power``/``expon`` a real-line family (``Normal``,
+``StudentT``, ...), a correlation ``Uniform(lower, upper)`` inside its range.
 """
 
 from __future__ import annotations
@@ -30,7 +43,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BayesLMMError, DataError
+from ..residual import VarExp, VarIdent
 from ..spec import ModelSpec
+from . import naming
 
 #: distributions a prior may name, with the parameters that must be positive
 LOCATION_FAMILIES = {"Normal": ("sigma",), "StudentT": ("nu", "sigma"), "Cauchy": ("beta",),
@@ -38,6 +53,8 @@ LOCATION_FAMILIES = {"Normal": ("sigma",), "StudentT": ("nu", "sigma"), "Cauchy"
 SCALE_FAMILIES = {"HalfNormal": ("sigma",), "HalfStudentT": ("nu", "sigma"), "HalfCauchy": ("beta",),
                   "Exponential": ("lam",), "Gamma": ("alpha", "beta"), "InverseGamma": ("alpha", "beta"),
                   "LogNormal": ("sigma",), "Weibull": ("alpha", "beta")}
+#: the family a correlation parameter may take: Uniform inside the parameter's range
+INTERVAL_FAMILIES = {"Uniform": ("lower", "upper")}
 #: parameters a family may also take (any real value): its location
 OPTIONAL_PARAMETERS = {"Normal": ("mu",), "StudentT": ("mu",), "Cauchy": ("alpha",), "Laplace": ("mu",),
                        "Logistic": ("mu",), "LogNormal": ("mu",)}
@@ -55,7 +72,10 @@ class Prior:
         object.__setattr__(self, "params", params)
 
     def check(self, where: str, kind: str) -> "Prior":
-        """Validate against the allowed families of ``kind`` ("location" or "scale")."""
+        """Validate against the allowed families of ``kind`` ("location", "scale" or, for a
+        correlation of the residual structure, ``("interval", lower, upper)``)."""
+        if isinstance(kind, tuple):
+            return self._check_interval(where, *kind[1:])
         families = LOCATION_FAMILIES if kind == "location" else SCALE_FAMILIES
         if self.family not in families:
             raise BayesLMMError(
@@ -77,6 +97,16 @@ class Prior:
                 raise BayesLMMError(f"prior for {where}: parameter {name}={value!r} must be finite")
             if name in families[self.family] and np.any(arr <= 0):
                 raise BayesLMMError(f"prior for {where}: parameter {name}={value!r} must be positive")
+        return self
+
+    def _check_interval(self, where: str, lower: float, upper: float) -> "Prior":
+        if self.family not in INTERVAL_FAMILIES or set(self.params) != {"lower", "upper"}:
+            raise BayesLMMError(f"prior for {where}: a correlation parameter takes Uniform(lower=..., upper=...) "
+                                f"inside ({lower:.4g}, {upper:.4g}); got {self}")
+        lo, hi = (float(np.asarray(self.params[k], dtype=float)) for k in ("lower", "upper"))
+        if not (np.isfinite(lo) and np.isfinite(hi) and lower <= lo < hi <= upper):
+            raise BayesLMMError(f"prior for {where}: Uniform(lower={lo:.4g}, upper={hi:.4g}) must lie inside the "
+                                f"parameter's range ({lower:.4g}, {upper:.4g}) with lower < upper")
         return self
 
     def __str__(self) -> str:
@@ -118,14 +148,16 @@ class PriorSet:
     blocks: tuple[BlockPriors, ...]
     centred: bool                      # predictors centred at their means (model has an intercept)
     x_means: np.ndarray                # means used for centring (0 for the intercept)
+    residual: tuple[tuple[str, Prior], ...] = ()   # (variable name, prior) per residual parameter
 
     def standardised(self, shift: float, scale: float, intercept: int) -> "PriorSet":
         """The same priors for the response (y − shift)/scale: for β' = (β − shift·e_intercept)/scale,
         σ/scale and sd/scale (``bayes.collapsed.ResponseScale``), each a change of variables."""
         beta = tuple(_moved(pr, shift if k == intercept else 0.0, scale) for k, pr in enumerate(self.beta))
         blocks = tuple(BlockPriors(sd=_moved(bp.sd, 0.0, scale), eta=bp.eta) for bp in self.blocks)
+        # the residual parameters (sd ratios, powers, correlations) have no units: unchanged
         return PriorSet(beta=beta, sigma=_moved(self.sigma, 0.0, scale), blocks=blocks, centred=self.centred,
-                        x_means=self.x_means)
+                        x_means=self.x_means, residual=self.residual)
 
     def table(self, spec: ModelSpec) -> pd.DataFrame:
         """One row per prior: parameter, distribution, and what it is on."""
@@ -140,6 +172,8 @@ class PriorSet:
                 rows.append(("sd", f"{block.group}|{col}", str(Prior(bp.sd.family, **params)), ""))
             if block.correlated and block.q > 1:
                 rows.append(("correlation", block.group, f"LKJ(eta={bp.eta:g})", "pm.LKJCholeskyCov"))
+        for (name, prior), note in zip(self.residual, residual_notes(spec)):
+            rows.append(("residual structure", name, str(prior), note))
         return pd.DataFrame(rows, columns=["class", "parameter", "prior", "note"])
 
     # -- the record a save stores ------------------------------------------------------
@@ -151,6 +185,7 @@ class PriorSet:
             "blocks": [{"sd": _prior_record(b.sd, "a random-effect sd"), "eta": float(b.eta)} for b in self.blocks],
             "centred": bool(self.centred),
             "x_means": _param_record(np.asarray(self.x_means), "the centring"),
+            "residual": [{"name": n, "prior": _prior_record(p, n)} for n, p in self.residual],
         }
 
     @classmethod
@@ -165,7 +200,9 @@ class PriorSet:
                          sigma=_prior_from_record(record["sigma"]),
                          blocks=tuple(BlockPriors(sd=_prior_from_record(b["sd"]), eta=float(b["eta"]))
                                       for b in record["blocks"]),
-                         centred=bool(record["centred"]), x_means=_param_from_record(record["x_means"]))
+                         centred=bool(record["centred"]), x_means=_param_from_record(record["x_means"]),
+                         residual=tuple((str(r["name"]), _prior_from_record(r["prior"]))
+                                        for r in record.get("residual", [])))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{source}: the stored priors are incomplete ({type(exc).__name__}: {exc})") from exc
         try:
@@ -193,6 +230,13 @@ class PriorSet:
                                     f"got {bp.eta!r}")
         if np.shape(self.x_means) != (spec.n_fixed,) or not np.all(np.isfinite(self.x_means)):
             raise BayesLMMError(f"the centring means must be {spec.n_fixed} finite numbers")
+        kinds = residual_kinds(spec)
+        if [n for n, _ in self.residual] != list(kinds):
+            raise BayesLMMError(f"residual priors {[n for n, _ in self.residual]} stored, the model's residual "
+                                f"parameters are {list(kinds)}")
+        for name, prior in self.residual:
+            prior.check(name, kinds[name])
+            _check_prior_shape(prior, (), name)
 
 
 #: how each parameter of a family moves when the variable becomes (v − shift)/scale:
@@ -276,7 +320,60 @@ def default_priors(spec: ModelSpec) -> PriorSet:
         scales = [sy / z_scale(i, c) if block.columns[c] != "(Intercept)" else sy for c in range(block.q)]
         blocks.append(BlockPriors(sd=Prior("HalfNormal", sigma=np.array(scales)), eta=1.0))
     return PriorSet(beta=tuple(beta), sigma=Prior("Exponential", lam=1.0 / sy), blocks=tuple(blocks),
-                    centred=centred, x_means=means)
+                    centred=centred, x_means=means, residual=_default_residual_priors(spec))
+
+
+# -- the residual structure's parameters -------------------------------------------------------------
+def residual_kinds(spec: ModelSpec) -> dict:
+    """``{variable name: kind}`` of the residual parameters, in the order of ``spec.residual.names``:
+    "scale" (a VarIdent sd ratio), "location" (power, expon), ``("interval", lower, upper)`` (a correlation)."""
+    res = getattr(spec, "residual", None)
+    if res is None:
+        return {}
+    out = {}
+    if res.variance is not None:
+        ratio = isinstance(res.variance.structure, VarIdent)
+        for n in res.variance.names:
+            out[naming.residual_var(n)] = "scale" if ratio else "location"
+    if res.correlation is not None:
+        for n in res.correlation.names:
+            out[naming.residual_var(n)] = ("interval", float(res.correlation.lower), 1.0)
+    return out
+
+
+def residual_notes(spec: ModelSpec) -> list[str]:
+    """What each residual parameter is, for :meth:`PriorSet.table`."""
+    res = getattr(spec, "residual", None)
+    if res is None:
+        return []
+    notes = []
+    if res.variance is not None:
+        st = res.variance.structure
+        if isinstance(st, VarIdent):
+            notes += [f"sd ratio {lv}/reference ({st.by})" for lv in res.variance.names]
+        else:
+            notes += [f"{type(st).__name__} of {st.covariate}" for _ in res.variance.names]
+    if res.correlation is not None:
+        st = res.correlation.structure
+        notes += [f"{type(st).__name__} within {st.group}, on ({res.correlation.lower:.4g}, 1)"
+                  for _ in res.correlation.names]
+    return notes
+
+
+def _default_residual_priors(spec: ModelSpec) -> tuple[tuple[str, Prior], ...]:
+    """The documented defaults (module docstring) for the residual parameters."""
+    out = []
+    for name, kind in residual_kinds(spec).items():
+        if kind == "scale":
+            out.append((name, Prior("LogNormal", mu=0.0, sigma=1.0)))
+        elif isinstance(kind, tuple):
+            out.append((name, Prior("Uniform", lower=kind[1], upper=kind[2])))
+        elif isinstance(spec.residual.variance.structure, VarExp):
+            v = spec.residual.variance.values
+            out.append((name, Prior("Normal", mu=0.0, sigma=1.0 / _scale(v))))
+        else:
+            out.append((name, Prior("Normal", mu=0.0, sigma=1.0)))
+    return tuple(out)
 
 
 def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
@@ -289,11 +386,16 @@ def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
     beta = list(base.beta)
     sigma = base.sigma
     blocks = list(base.blocks)
+    residual = dict(base.residual)
+    kinds = residual_kinds(spec)
     names = list(spec.fixed_names)
     groups = [b.group for b in spec.blocks]
     for key, value in overrides.items():
         fixed_key = "(Intercept)" if key == "Intercept" else key
-        if fixed_key in names:
+        if key in kinds:
+            residual[key] = _as_prior(value, key).check(key, kinds[key])
+            _check_prior_shape(residual[key], (), key)
+        elif fixed_key in names:
             beta[names.index(fixed_key)] = _as_prior(value, f"coefficient {key!r}").check(f"coefficient {key!r}", "location")
         elif key == "sigma":
             sigma = _as_prior(value, "sigma").check("sigma", "scale")
@@ -330,11 +432,13 @@ def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
                 params[k][cols.index(col)] = float(v)
             blocks[i] = BlockPriors(sd=Prior(bp.sd.family, **params), eta=bp.eta)
         else:
+            extra = f", a residual parameter {list(kinds)}" if kinds else ""
             raise BayesLMMError(
                 f"prior key {key!r} names nothing in the model; use a coefficient {names}, 'sigma', "
-                f"a grouping factor {groups} (with 'sd'/'eta'), or 'group|column' for one sd"
+                f"a grouping factor {groups} (with 'sd'/'eta'), 'group|column' for one sd{extra}"
             )
-    return PriorSet(beta=tuple(beta), sigma=sigma, blocks=tuple(blocks), centred=base.centred, x_means=base.x_means)
+    return PriorSet(beta=tuple(beta), sigma=sigma, blocks=tuple(blocks), centred=base.centred, x_means=base.x_means,
+                    residual=tuple(residual.items()))
 
 
 def _as_prior(value, where: str) -> Prior:

@@ -104,6 +104,19 @@ def _reported_draws(spec: ModelSpec, names: list[str], post: xr.Dataset) -> xr.D
     return post.drop_vars(drop)
 
 
+def _with_residual(spec: ModelSpec, structure: dict, source: str) -> ModelSpec:
+    """``spec`` rebuilt from a save, with the residual structure the save describes."""
+    from dataclasses import replace
+
+    from ..residual import check_nested, from_record
+
+    res = from_record(structure)
+    if len(res.frame) != spec.n_obs:
+        raise DataError(f"{source}: the saved residual structure has {len(res.frame)} rows, the model {spec.n_obs}")
+    check_nested(res, spec.blocks)
+    return replace(spec, residual=res)
+
+
 def _shared_table(summary: pd.DataFrame, prob: float) -> pd.DataFrame:
     """A :func:`summarize_draws` frame with the shared tables' names and column order."""
     out = summary[SUMMARY_COLUMNS].rename(columns=TABLE_NAMES)[TABLE_COLUMNS]
@@ -126,6 +139,10 @@ class BayesFit:
     sampler : {"pymc", "nutpie"}
     seed : int
         The seed the draws came from (reuse it to reproduce them).
+    residual_structure : dict or None
+        The residual structure's description (``ResidualModel.describe``; what a save
+        keeps to rebuild it), None for R = σ²I.  Its parameters' draws are the posterior's
+        ``residual_*`` variables (:meth:`residual_table`).
     """
 
     spec: ModelSpec
@@ -137,6 +154,7 @@ class BayesFit:
     seed: int
     data_name: str | None = None
     timings: dict = field(default_factory=dict)
+    residual_structure: dict | None = None
 
     @classmethod
     def from_pymc(cls, model, idata, priors: dict | None = None, random_seed: int = 0,
@@ -316,6 +334,23 @@ class BayesFit:
         out = out[first + [c for c in out.columns if c not in first]]
         out.attrs = dict(table.attrs)
         return out
+
+    def residual_table(self, ci_prob: float | None = None) -> pd.DataFrame:
+        """Posterior summary of the residual structure's parameters (rows ``residual_Phi``,
+        ``residual_power``, ``residual_<level>`` …, on nlme's scale), columns as :meth:`fixef_table`;
+        empty for R = σ²I."""
+        prob = posterior_ci_prob(ci_prob)
+        names = naming.residual_vars(self.spec)
+        if not names:
+            return pd.DataFrame(columns=TABLE_COLUMNS)
+        return _shared_table(summarize_draws({n: self.posterior[n].to_numpy() for n in names}, prob), prob)
+
+    def _refuse_structured(self, what: str) -> None:
+        """Refuse what assumes R = σ²I rather than return it for the wrong model."""
+        if self.spec.residual is not None:
+            raise BayesLMMError(f"{what} is not available for a NUTS fit with a residual structure in this release "
+                                "(it would assume R = σ²I); the posterior, summaries, fitted values and predicted "
+                                "means are")
 
     def confint(self, ci_prob: float = 0.95) -> pd.DataFrame:
         """Equal-tailed posterior intervals, rows and columns as ``FreqFit.confint``.
@@ -500,6 +535,7 @@ class BayesFit:
         """
         from ..predict import bayes_draws
 
+        self._refuse_structured("posterior predictive draws")
         yrep = bayes_draws(self, newdata, kind, new_groups, True, random_seed)[0]
         if newdata is None:
             self._attach_predictive(yrep)
@@ -514,6 +550,8 @@ class BayesFit:
         """Per-draw predicted means (or, ``predictive=True``, new responses): DataArray (chain, draw, obs)."""
         from ..predict import bayes_draws
 
+        if predictive:
+            self._refuse_structured("predictive draws (predictive=True)")
         return bayes_draws(self, newdata, kind, new_groups, predictive, random_seed)[0]
 
     def predict(self, newdata=None, kind: str = "conditional", new_groups: str = "population",
@@ -550,6 +588,8 @@ class BayesFit:
         """
         from ..predict import bayes_predict
 
+        if predictive:
+            self._refuse_structured("predictive draws (predictive=True)")
         return bayes_predict(self, newdata, kind, new_groups, predictive, ci_prob, random_seed)
 
     def add_posterior_predictive(self, random_seed: int | None = None):
@@ -572,6 +612,7 @@ class BayesFit:
         """
         import arviz as az
 
+        self._refuse_structured("LOO (a pointwise log-likelihood)")
         if "log_likelihood" not in self.idata.children:
             from ..predict import require_rows
 
@@ -596,6 +637,7 @@ class BayesFit:
         """Per-draw variance of each grouping factor's part of Var(y) at ``at``, ``Residual`` and ``Total``."""
         from .. import variance as V
 
+        self._refuse_structured("the variance decomposition (and ICC)")
         z = V.z_at(self.spec, at)
         out = V.group_variances(self.spec, z, self.block_covariance_draws())
         out["Residual"] = self.posterior["sigma"].to_numpy() ** 2
@@ -639,6 +681,7 @@ class BayesFit:
         from .posterior import linear_predictor
 
         V.check_r2_method(method)
+        self._refuse_structured("R²")
         require_rows(self.spec, "R² (variances over the rows)")
         post = self.posterior
         beta = post["beta"].to_numpy()
@@ -674,7 +717,11 @@ class BayesFit:
                    f"sd[{g}|{v1}]" if v2 is None or (isinstance(v2, float) and np.isnan(v2)) else f"corr[{g}|{v1},{v2}]")
                   for g, v1, v2 in zip(vc.grp, vc.var1, vc.var2)]
         vc.index = labels
-        table = pd.concat([fe, vc[SUMMARY_COLUMNS]])
+        parts = [fe, vc[SUMMARY_COLUMNS]]
+        names = naming.residual_vars(self.spec)
+        if names:
+            parts.append(summarize_draws({n: self.posterior[n].to_numpy() for n in names}, ci_prob)[SUMMARY_COLUMNS])
+        table = pd.concat(parts)
         table.attrs["interval"] = fe.attrs["interval"]
         return table
 
@@ -762,6 +809,9 @@ class BayesFit:
         missing = [g for g in record["groups"] if g not in groups]
         if missing:
             raise DataError(f"{source}: the groups {missing} of the saved posterior are missing from the file")
+        structure = record.get("extra", {}).get("residual_structure")
+        if structure is not None:
+            spec = _with_residual(spec, structure, source)
         idata = xr.DataTree.from_dict({f"/{g}": groups[g] for g in record["groups"]})
         idata["posterior"] = xr.DataTree(naming.upgrade(idata["posterior"].to_dataset(), record["names"],
                                                         spec.blocks))

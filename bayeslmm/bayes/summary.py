@@ -1,7 +1,8 @@
 """Printed summary of a Bayesian fit (plain text and HTML).
 
 Laid out like lme4's summary — fixed effects, then each grouping factor's sds and
-correlations, then the residual sd — with the posterior mean, sd, median, an interval
+correlations, then the residual sd and any residual structure's parameters (``residual_Phi``
+…) — with the posterior mean, sd, median, an interval
 (ArviZ's default, an 89 % equal-tailed interval, unless ``ci_prob`` is given), R-hat
 and bulk/tail ESS for every parameter, and the sampler's diagnostics.
 """
@@ -58,7 +59,8 @@ class BayesSummary:
         return lines
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        """The summary's three tables: ``fixed``, ``random`` (sds and correlations) and ``residual``."""
+        """The summary's tables: ``fixed``, ``random`` (sds and correlations), ``residual`` and, with a
+        residual structure, ``structure`` (its parameters)."""
         fit = self.fit
         # printed with the posterior's own words: mean and sd (the shared tables' estimate, std_error)
         words = {"estimate": "mean", "std_error": "sd"}
@@ -79,6 +81,9 @@ class BayesSummary:
         resid = vc[vc["grp"] == "Residual"][cols].copy()
         resid.index = pd.Index(["sd (sigma)"], name="Residual")
         out = {"fixed": fe, "random": random, "residual": resid}
+        structure = fit.residual_table(self.ci_prob)
+        if len(structure):  # the residual structure's parameters, by their posterior names
+            out["structure"] = structure.rename(columns=words)[cols]
         for t in out.values():
             t.attrs["interval"] = interval
         return out
@@ -105,6 +110,8 @@ class BayesSummary:
             ("Random effects:", [f"{g:<{width}}  {n}" for g, n in random.index], random),
             ("Residual:", ["sigma"], t["residual"]),
         ]
+        if "structure" in t:
+            sections.append(("Residual structure:", list(t["structure"].index), t["structure"]))
         cols = list(t["fixed"].columns)
         fmt = _formatters(t["fixed"])
         cells = [[[fmt[c](v) for c, v in zip(cols, row)] for row in frame.itertuples(index=False)]
@@ -130,7 +137,10 @@ class BayesSummary:
         t = self.tables()
         head = "<br>".join(html.escape(x) for x in self.header())
         parts = [f"<div><p>{head}</p><p><i>{html.escape(self.interval_line(t['fixed'].attrs['interval']))}</i></p>"]
-        for title, key in (("Fixed effects", "fixed"), ("Random effects", "random"), ("Residual", "residual")):
+        for title, key in (("Fixed effects", "fixed"), ("Random effects", "random"), ("Residual", "residual"),
+                           ("Residual structure", "structure")):
+            if key not in t:
+                continue
             parts.append(f"<h4>{title}</h4>")
             parts.append(t[key].to_html(formatters=_formatters(t[key])))
         diag = self.fit.diagnostics()

@@ -1,19 +1,19 @@
 """Classic mixed-model data sets, bundled with the package (no network needed).
 
-Seven data sets exported from the R packages lme4 1.1-31, mlmRev 1.0-8 and lmerTest
-3.1-3: ``sleepstudy``, ``exam``, ``Dyestuff``, ``Penicillin``, ``InstEval``, ``ham`` and
-``carrots``.  Columns that are factors in R come back as :class:`pandas.Categorical`
-with R's level order, so that conditional modes, level listings and reference fits
-line up with lme4's and lmerTest's.  Missing values stay missing: ``carrots`` has 3
-rows without a ``Preference`` (fit it with ``missing="drop"``).  The provenance of
-each data set (source, citation, columns, licence) is in this package's
-``README.md`` and is returned by :func:`dataset_info`.
+Eight data sets exported from the R packages lme4 1.1-31, mlmRev 1.0-8, lmerTest
+3.1-3 and nlme 3.1-162: ``sleepstudy``, ``exam``, ``Dyestuff``, ``Penicillin``,
+``InstEval``, ``ham``, ``carrots`` and ``Ovary``.  Columns that are factors in R come
+back as :class:`pandas.Categorical` with R's level order, so that conditional modes,
+level listings and reference fits line up with lme4's, lmerTest's and nlme's.  Missing
+values stay missing: ``carrots`` has 3 rows without a ``Preference`` (fit it with
+``missing="drop"``).  The provenance of each data set (source, citation, columns,
+licence) is in this package's ``README.md`` and is returned by :func:`dataset_info`.
 
 Examples
 --------
 >>> from bayeslmm.datasets import list_datasets, load_dataset
 >>> list_datasets()
-['sleepstudy', 'exam', 'Dyestuff', 'Penicillin', 'InstEval', 'ham', 'carrots']
+['sleepstudy', 'exam', 'Dyestuff', 'Penicillin', 'InstEval', 'ham', 'carrots', 'Ovary']
 >>> load_dataset("sleepstudy").shape
 (180, 3)
 """
@@ -99,6 +99,10 @@ _REGISTRY: tuple[_Dataset, ...] = (
             for name in ("Consumer", "Frequency", "Gender", "Age", "Homesize", "Work", "Income", "Product")
         },
     ),
+    _Dataset(  # nlme's groupedData orders the mares by their largest count (an ordered factor in R)
+        "Ovary", "Ovary.csv", "nlme 3.1-162", "Ovary", (308, 3),
+        {"Mare": _Factor((4, 2, 11, 7, 5, 9, 1, 6, 10, 3, 8), ordered=True)},
+    ),
 )
 
 _BY_KEY = {d.name.lower(): d for d in _REGISTRY}
@@ -111,7 +115,7 @@ def list_datasets() -> list[str]:
     -------
     list of str
         ``["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval", "ham",
-        "carrots"]``.  Any of them, in any letter case, is accepted by
+        "carrots", "Ovary"]``.  Any of them, in any letter case, is accepted by
         :func:`load_dataset`.
     """
     return [d.name for d in _REGISTRY]
@@ -170,7 +174,7 @@ def load_dataset(name: str) -> pd.DataFrame:
         values as written in the CSV (integers for numeric codes such as
         ``sleepstudy["Subject"]``, strings for letter codes such as
         ``Dyestuff["Batch"]``); R's ordered factors (``InstEval`` ``studage`` and
-        ``lectage``) are ordered.  Other columns keep the type read from the CSV
+        ``lectage``, ``Ovary`` ``Mare``) are ordered.  Other columns keep the type read from the CSV
         (a numeric column with missing values, such as ``carrots["Preference"]``,
         is float with NaN; nothing is dropped or filled in).
 
@@ -182,7 +186,7 @@ def load_dataset(name: str) -> pd.DataFrame:
     Notes
     -----
     Sizes: sleepstudy 180 x 3, exam 4,059 x 10, Dyestuff 30 x 2, Penicillin
-    144 x 3, InstEval 73,421 x 7, ham 648 x 6, carrots 1,236 x 14.  Only carrots has
+    144 x 3, InstEval 73,421 x 7, ham 648 x 6, carrots 1,236 x 14, Ovary 308 x 3.  Only carrots has
     missing values, as lmerTest's has: 3 rows without Preference, 3 without
     Sweetness, 3 without Crisp (8 rows in all), and the 72 rows of 6 consumers
     without Income.  See :func:`dataset_info` for the provenance.
@@ -231,7 +235,7 @@ def dataset_info(name: str) -> str:
     str
         The source R package and version, the original citation, the number of rows,
         each column and its meaning, and the licence (GPL, as distributed with lme4,
-        mlmRev and lmerTest).  The same text is in ``bayeslmm/datasets/README.md``.
+        mlmRev, lmerTest and nlme).  The same text is in ``bayeslmm/datasets/README.md``.
 
     Raises
     ------

@@ -215,6 +215,29 @@ def parse_formula(formula: str) -> ParsedFormula:
     FormulaError
         With a caret pointing at the offending place.
     """
+    cut, response = _split_response(formula)
+    fixed_terms: list[str] = []
+    removed: list[str] = []
+    bars: list[BarTerm] = []
+    for off, piece in split_top_level(formula[cut:], "+"):
+        start = cut + off
+        if not piece.strip():
+            raise _caret(formula, start + len(piece), "empty term: two '+' in a row, or a '+' at an end")
+        piece, minus = _split_removals(formula, start, piece)
+        removed += minus
+        term = _parse_term(formula, start, piece)
+        if isinstance(term, BarTerm):
+            bars.append(term)
+        else:
+            fixed_terms.append(term)
+    fixed = " + ".join(fixed_terms) if fixed_terms else "1"
+    if removed:
+        fixed += "".join(f" - {r}" for r in removed)
+    return ParsedFormula(formula=formula, response=response, fixed=fixed, bars=tuple(bars))
+
+
+def _split_response(formula) -> tuple[int, str]:
+    """Check the formula's outline (one '~', a response, a right side); (where the right side starts, response)."""
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got {type(formula).__name__}")
     if not formula.strip():
@@ -227,56 +250,60 @@ def parse_formula(formula: str) -> ParsedFormula:
         raise _caret(formula, tilde[1] - 1, "formula has more than one '~'")
     cut = tilde[0]
     response = formula[: cut - 1].strip()
-    rhs = formula[cut:]
     if not response:
         raise _caret(formula, 0, "formula has no response on the left of '~'")
-    if not rhs.strip():
+    if not formula[cut:].strip():
         raise _caret(formula, len(formula), "formula has nothing on the right of '~'")
     _check_syntax(formula[: cut - 1], formula, 0, "the response")
+    return cut, response
 
-    fixed_terms: list[str] = []
-    removed: list[str] = []
-    bars: list[BarTerm] = []
-    for off, piece in split_top_level(rhs, "+"):
-        pos = cut + off + (len(piece) - len(piece.lstrip()))
-        if not piece.strip():
-            raise _caret(formula, pos, "empty term: two '+' in a row, or a '+' at an end")
-        # '(1 | g) - 1': a bar term followed by removals from the fixed part
-        minus = split_top_level(piece, "-")
-        if len(minus) > 1 and _strip_outer(minus[0][1]) is not None:
-            head = minus[0][1]
-            for moff, rest in minus[1:]:
-                if not rest.strip():
-                    raise _caret(formula, cut + off + moff, "nothing after '-'")
-                _check_syntax(rest, formula, cut + off + moff, "the fixed effects")
-                removed.append(rest.strip())
-            piece = head
-        inner = _strip_outer(piece)
-        inner_pos = pos + 1
-        # '((1 | g))': extra parentheses around a bar term
-        while inner is not None and _find_bar(inner) is None and _strip_outer(inner) is not None:
-            inner_pos += len(inner) - len(inner.lstrip()) + 1
-            inner = _strip_outer(inner)
-        bar = _find_bar(inner) if inner is not None else None
-        if bar is None:
-            if "|" in piece:
-                raise _caret(formula, pos + piece.strip().find("|"),
-                             "a random-effect term must be in parentheses: '(lhs | group)'")
-            _check_syntax(piece, formula, cut + off, "the fixed effects")
-            fixed_terms.append(piece.strip())
-            continue
-        i, double = bar
-        lhs = inner[:i].strip()
-        group = inner[i + (2 if double else 1) :]
-        if not lhs:
-            raise _caret(formula, inner_pos, "a bar term needs a left side, e.g. '(1 | g)'")
-        _check_syntax(inner[:i], formula, inner_pos, f"the left side of {piece.strip()}")
-        factors = _parse_group(group, formula, inner_pos + i)
-        bars.append(BarTerm(lhs=lhs, factors=factors, independent=double, text=piece.strip()))
-    fixed = " + ".join(fixed_terms) if fixed_terms else "1"
-    if removed:
-        fixed += "".join(f" - {r}" for r in removed)
-    return ParsedFormula(formula=formula, response=response, fixed=fixed, bars=tuple(bars))
+
+def _split_removals(formula: str, start: int, piece: str) -> tuple[str, list[str]]:
+    """``(1 | g) - 1``: a bar term followed by removals from the fixed part; (the bar term, the removals).
+
+    Only after a parenthesised head: ``x - 1`` is a fixed term formulae reads itself.
+    """
+    minus = split_top_level(piece, "-")
+    if len(minus) == 1 or _strip_outer(minus[0][1]) is None:
+        return piece, []
+    removed = []
+    for moff, rest in minus[1:]:
+        if not rest.strip():
+            raise _caret(formula, start + moff, "nothing after '-'")
+        _check_syntax(rest, formula, start + moff, "the fixed effects")
+        removed.append(rest.strip())
+    return minus[0][1], removed
+
+
+def _unwrap(piece: str, pos: int) -> tuple[str | None, int]:
+    """The inside of a parenthesised term and where it starts; ``((1 | g))`` loses its extra parentheses."""
+    inner = _strip_outer(piece)
+    inner_pos = pos + 1
+    while inner is not None and _find_bar(inner) is None and _strip_outer(inner) is not None:
+        inner_pos += len(inner) - len(inner.lstrip()) + 1
+        inner = _strip_outer(inner)
+    return inner, inner_pos
+
+
+def _parse_term(formula: str, start: int, piece: str) -> BarTerm | str:
+    """One term of the right side (at ``start`` in ``formula``): a bar term, or a fixed term's text."""
+    pos = start + (len(piece) - len(piece.lstrip()))
+    inner, inner_pos = _unwrap(piece, pos)
+    bar = _find_bar(inner) if inner is not None else None
+    if bar is None:
+        if "|" in piece:
+            raise _caret(formula, pos + piece.strip().find("|"),
+                         "a random-effect term must be in parentheses: '(lhs | group)'")
+        _check_syntax(piece, formula, start, "the fixed effects")
+        return piece.strip()
+    i, double = bar
+    lhs = inner[:i].strip()
+    group = inner[i + (2 if double else 1) :]
+    if not lhs:
+        raise _caret(formula, inner_pos, "a bar term needs a left side, e.g. '(1 | g)'")
+    _check_syntax(inner[:i], formula, inner_pos, f"the left side of {piece.strip()}")
+    factors = _parse_group(group, formula, inner_pos + i)
+    return BarTerm(lhs=lhs, factors=factors, independent=double, text=piece.strip())
 
 
 def referenced_names(expression: str) -> list[tuple[str, int]]:

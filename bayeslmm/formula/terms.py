@@ -52,6 +52,53 @@ def fixed_terms(spec: ModelSpec) -> list[FixedTerm]:
     return out
 
 
+def factor_parts(spec: ModelSpec, terms: list[FixedTerm]):
+    """``cell ↦ row``: each fixed-effect column's value with its covariates' product set to 1.
+
+    A column of a term is (its factors' indicator or contrast value) × (the product of its
+    covariates' values, transformed as the formula says).  The second factor is read from
+    formulae's evaluation of each covariate on the fitted rows, the first as the column
+    divided by it on a row of the cell where that product is not 0 — the fit's own coding,
+    whatever the contrasts.  A cell of a term's factors that no fitted row has (with a
+    non-zero covariate) has no value: its hypotheses are not estimable, and it is refused.
+    """
+    spec.require_rows("type III tests")
+    common = _training(spec)
+    data, X = spec.data, spec.X
+    lookups = []
+    for t in terms:
+        cov = np.ones(len(X))
+        term = common.terms.get("Intercept" if t.is_intercept else t.name)
+        for comp in getattr(term, "components", []):
+            if comp.kind != "categoric":
+                value = np.asarray(comp.value, dtype=float)
+                if value.ndim > 1 and value.shape[1] != 1:
+                    raise ModelError(f"type III tests need one column per covariate; {comp.name!r} in "
+                                     f"{t.name!r} has {value.shape[1]} (a spline or polynomial basis): use "
+                                     "type=2")
+                cov = cov * value.reshape(len(X))
+        usable = np.abs(cov) > 1e-12
+        keys = data.loc[usable, list(t.factors)].astype(object) if t.factors else None
+        parts = pd.DataFrame(X[usable][:, list(t.columns)] / cov[usable, None])
+        first = parts.groupby([keys[f].to_numpy() for f in t.factors]).first() if t.factors else parts.iloc[:1]
+        lookups.append((t, first))
+    p = X.shape[1]
+
+    def row(cell: dict) -> np.ndarray:
+        out = np.zeros(p)
+        for t, first in lookups:
+            key = tuple(cell[f] for f in t.factors)
+            try:
+                values = first.loc[key if len(key) > 1 else key[0]] if t.factors else first.iloc[0]
+            except KeyError:
+                raise ModelError(f"the cell {dict(zip(t.factors, key))} of {t.name!r} has no fitted row: its "
+                                 "type III hypotheses are not estimable; use type=2") from None
+            out[list(t.columns)] = np.asarray(values, dtype=float)
+        return out
+
+    return row
+
+
 def factor_levels(spec: ModelSpec, terms: list[FixedTerm]) -> dict[str, list]:
     """Every factor of the fixed effects with its levels in the fit's order (reference first)."""
     out = {}

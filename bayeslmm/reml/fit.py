@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ..crossprod import CrossProducts
@@ -47,7 +49,21 @@ def fit_frequentist(
         Passed to :func:`~bayeslmm.reml.optimize.minimize_bobyqa` (``ftol_rel``, ``maxeval``, ...).
     """
     blas_thread_count(blas_threads)  # a bad setting fails before any work
+    if spec.residual is not None:  # R = σ² Λ_R(ρ): a joint optimum over (θ, ρ), bayeslmm.reml.residual_fit
+        return _fit_residual(spec, reml, start, data_name, blas_threads, **optimizer_options)
     with blas_limit(blas_threads):
         opt = optimum(spec, reml, crossprods, start, **optimizer_options)
     return FreqFit(spec=spec, method="REML" if reml else "ML", theta=opt.theta, objective=opt.objective,
                    estimates=opt.estimates, optimization=opt.optimization, data_name=data_name)
+
+
+def _fit_residual(spec, reml, start, data_name, blas_threads, **optimizer_options) -> FreqFit:
+    from .residual_fit import residual_optimum
+
+    with blas_limit(blas_threads):
+        theta, u, objective, est, record = residual_optimum(spec, reml, start, **optimizer_options)
+    for w in record.warnings:
+        warnings.warn(w, stacklevel=4)  # _fit_residual ← fit_frequentist ← Model.fit ← the user
+    return FreqFit(spec=spec, method="REML" if reml else "ML", theta=theta, objective=objective,
+                   estimates=est, optimization=record, data_name=data_name,
+                   residual_params=spec.residual.natural(u), residual_structure=spec.residual.describe())

@@ -8,7 +8,8 @@ type II, as lmerTest's ``anova(m, type = )``) and of any hypothesis matrix L (it
 also adjusts the covariance of β̂ (the SEs and F statistics use Φ_A, as lmerTest's
 ``ddf = "Kenward-Roger"``); the hypotheses per term from :mod:`bayeslmm.hypotheses`.
 ``ddf="none"`` gives Wald tests (infinite df), which is what lme4's summary reports
-without lmerTest.
+without lmerTest.  Fits with a residual structure (R = σ² Λ_R(ρ)) have Satterthwaite's df
+in (θ, ρ, σ) and Wald tests; Kenward–Roger's are refused for them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import BayesLMMError, ModelError
-from ..hypotheses import find_term, type2_contrasts, type3_contrasts
+from ..hypotheses import check_matrix, find_term, type2_contrasts, type3_contrasts
 from .kenward_roger import KenwardRoger
 from .satterthwaite import Satterthwaite
 
@@ -37,6 +38,10 @@ def check_ddf(ddf: str) -> str:
 
 def kenward_roger_for(fit) -> KenwardRoger:
     """The fit's Kenward–Roger pieces at its θ and σ; REML fits only."""
+    if fit.spec.residual is not None:
+        raise ModelError("Kenward-Roger degrees of freedom are not available for a fit with a residual structure "
+                         "(variance=, correlation=, weights=) in this release; use ddf='satterthwaite' (the default), "
+                         "which is, or ddf='none' for Wald tests")
     if fit.method != "REML":
         raise ModelError("Kenward-Roger degrees of freedom are defined for REML fits only: refit with "
                          "method='reml', or use ddf='satterthwaite' with this ML fit")
@@ -45,8 +50,10 @@ def kenward_roger_for(fit) -> KenwardRoger:
 
 def satterthwaite_for(fit) -> Satterthwaite | None:
     """The fit's Satterthwaite pieces at its θ and σ; None (with a warning) where undefined."""
+    # with a residual structure the variance parameters are (θ, ρ, σ), ρ as the fit optimised it
+    rho = None if fit.spec.residual is None else fit.spec.residual.unconstrained(fit.residual_params)
     try:
-        return Satterthwaite(fit.spec, fit.theta, fit.sigma, reml=fit.method == "REML")
+        return Satterthwaite(fit.spec, fit.theta, fit.sigma, reml=fit.method == "REML", residual=rho)
     except ModelError as exc:
         warnings.warn(f"no Satterthwaite degrees of freedom for this fit: {exc}", RuntimeWarning, stacklevel=4)
         return None
@@ -64,11 +71,8 @@ def contrast_tests(fit, L, ddf: str = "satterthwaite") -> pd.DataFrame:
     """One t test per row ℓ of L: ``estimate`` ℓβ̂, ``std_error`` √(ℓCℓᵀ), ``df``, ``t_value``,
     two-sided ``p_value`` (unadjusted).  The building block of coefficient tables, marginal
     means and contrasts.  With ``ddf="kenward-roger"`` C is Kenward–Roger's adjusted Φ_A."""
-    L = np.atleast_2d(np.asarray(L, dtype=float))
+    L = check_matrix(L, list(fit.fixef.index))
     beta = fit.fixef.to_numpy()
-    if L.ndim != 2 or L.shape[1] != len(beta) or not np.all(np.isfinite(L)):
-        raise BayesLMMError(f"a hypothesis matrix needs {len(beta)} finite columns (one per fixed effect: "
-                            f"{list(fit.fixef.index)}), got shape {np.shape(L)}")
     est = L @ beta
     vcov = fit.kenward_roger.vcov if check_ddf(ddf) == "kenward-roger" else fit.vcov.to_numpy()
     se = np.sqrt(np.einsum("ia,ab,ib->i", L, vcov, L))
@@ -96,10 +100,7 @@ def f_test(fit, L, ddf: str = "satterthwaite") -> dict:
             raise ModelError("Satterthwaite degrees of freedom are not defined for this fit (see the "
                              "warning); use ddf='none' for a Wald test")
         return sat.f_test(L, beta)
-    L = np.atleast_2d(np.asarray(L, dtype=float))
-    if L.ndim != 2 or L.shape[1] != len(beta):
-        raise BayesLMMError(f"a hypothesis matrix needs {len(beta)} columns (one per fixed effect: "
-                            f"{list(fit.fixef.index)}), got shape {np.shape(L)}")
+    L = check_matrix(L, list(fit.fixef.index))
     M = L @ fit.vcov.to_numpy() @ L.T
     F = float((L @ beta) @ np.linalg.solve(M, L @ beta)) / len(L)
     return {"F": F, "num_df": len(L), "den_df": np.inf}
@@ -114,7 +115,7 @@ def with_p_value(res: dict) -> dict:
 
 def term_hypotheses(fit, type: int) -> dict[str, np.ndarray]:
     """Each fixed-effect term's hypothesis rows (type III or II), in formula order."""
-    from ..formula.terms import factor_levels, fixed_terms, grid_design
+    from ..formula.terms import factor_levels, factor_parts, fixed_terms
 
     if type not in (2, 3):
         raise BayesLMMError(f"type must be 3 (lmerTest's default) or 2, got {type!r}")
@@ -124,7 +125,8 @@ def term_hypotheses(fit, type: int) -> dict[str, np.ndarray]:
     if type == 2:
         return {t.name: type2_contrasts(t, terms, spec.X) for t in terms if not t.is_intercept}
     levels = factor_levels(spec, terms)
-    return {t.name: type3_contrasts(t, terms, levels, lambda g: grid_design(spec, g))
+    parts = factor_parts(spec, terms)
+    return {t.name: type3_contrasts(t, terms, levels, parts)
             for t in terms if not t.is_intercept}
 
 

@@ -42,6 +42,7 @@ from scipy.linalg import lapack
 
 from ..crossprod import CrossProducts, crossproducts_of
 from ..errors import BayesLMMError, ModelError
+from ..hypotheses import check_matrix
 from ..spec import ModelSpec
 
 #: the largest dense working set allowed, in bytes
@@ -160,14 +161,7 @@ class KenwardRoger:
         return {"den_df": float(m), "scale": float(scale)}
 
     def _rows(self, L) -> np.ndarray:
-        L = np.atleast_2d(np.asarray(L, dtype=float))
-        p = self.spec.n_fixed
-        if L.ndim != 2 or L.shape[1] != p or L.shape[0] < 1:
-            raise BayesLMMError(f"a hypothesis matrix needs {p} columns (one per fixed effect: "
-                                f"{list(self.spec.fixed_names)}), got shape {np.shape(L)}")
-        if not np.all(np.isfinite(L)):
-            raise BayesLMMError("the hypothesis matrix has missing or infinite entries")
-        return L
+        return check_matrix(L, self.spec.fixed_names)
 
 
 def _div_zero(x: float, y: float, tol: float = 1e-14) -> float:

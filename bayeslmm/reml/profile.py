@@ -48,6 +48,7 @@ from scipy import optimize, stats
 
 from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
+from ..residual import refuse_structured
 from .deviance import ProfiledDeviance
 from .optimize import blas_threads, minimize_bobyqa
 
@@ -355,6 +356,7 @@ def profile_intervals(fit, ci_prob: float = 0.95, crossprods=None) -> pd.DataFra
     """
     if isinstance(ci_prob, bool) or not isinstance(ci_prob, (int, float)) or not 0 < ci_prob < 1:
         raise BayesLMMError(f"ci_prob must be a probability strictly between 0 and 1, got {ci_prob!r}")
+    refuse_structured(fit.spec, "profile-likelihood intervals")
     cache = _INTERVALS.setdefault(fit, {})
     if float(ci_prob) in cache:
         return _copy(cache[float(ci_prob)])

@@ -37,6 +37,11 @@ class FreqFit:
     objective : float
         REML criterion or deviance (−2 log-likelihood), on lme4's scale.
     optimization : OptimizationRecord
+    residual_params : dict or None
+        The residual structure's parameters on nlme's scale (varIdent sd ratios, varPower
+        ``power``, corAR1 ``Phi``, ...; see :mod:`bayeslmm.residual`); None for σ² I.
+    residual_structure : dict or None
+        The structure and the columns it reads, as saved (``ResidualModel.describe``).
     """
 
     spec: ModelSpec
@@ -46,6 +51,8 @@ class FreqFit:
     estimates: Estimates
     optimization: OptimizationRecord
     data_name: str | None = None
+    residual_params: dict | None = None
+    residual_structure: dict | None = None
 
     #: what this fit's point values are (the random effects': conditional modes b̂); see
     #: :class:`bayeslmm.results_api.MixedFit`
@@ -65,8 +72,9 @@ class FreqFit:
 
     @property
     def n_params(self) -> int:
-        """Parameters counted by AIC/BIC: θ, β and σ (lme4's ``df`` of ``logLik``)."""
-        return self.spec.n_theta + self.spec.n_fixed + 1
+        """Parameters counted by AIC/BIC: θ, β, σ (lme4's ``df`` of ``logLik``) and any residual
+        structure's parameters (as nlme)."""
+        return self.spec.n_theta + self.spec.n_fixed + 1 + len(self.residual_params or {})
 
     @property
     def loglik(self) -> float:
@@ -79,6 +87,7 @@ class FreqFit:
 
     @property
     def bic(self) -> float:
+        """lme4's BIC, with log N for REML fits too (nlme's REML BIC uses log(N − p))."""
         return self.objective + np.log(self.nobs) * self.n_params
 
     @property
@@ -280,11 +289,27 @@ class FreqFit:
 
     @property
     def residuals(self) -> pd.Series:
-        """Response minus conditional fitted values."""
+        """Response minus conditional fitted values (raw; see :attr:`normalized_residuals`)."""
         return pd.Series(self.spec.y - self.estimates.fitted, index=self.spec.row_index, name="residuals")
 
+    @property
+    def normalized_residuals(self) -> pd.Series:
+        """W(ρ̂)(y − Xβ̂ − Zb̂)/σ̂, nlme's ``residuals(fit, type = "normalized")``: uncorrelated with
+        unit variance under the model's residual structure (raw residuals / σ̂ for σ² I)."""
+        raw = self.residuals.to_numpy()
+        if self.spec.residual is None:
+            values = raw / self.sigma
+        else:
+            from .residual_fit import normalized_residuals
+
+            values = normalized_residuals(self.spec, self.residual_params, raw, self.sigma)
+        return pd.Series(values, index=self.spec.row_index, name="normalized_residuals")
+
     def marginal_covariance(self, level, group: str | None = None) -> pd.DataFrame:
-        """Marginal covariance V_j = Z_j G Z_jᵀ + σ² I of the observations in one group.
+        """Marginal covariance V_j = Z_j G Z_jᵀ + R_j of the observations in one group.
+
+        R_j = σ² I, or with a residual structure the group's rows of R = σ² Λ_R(ρ̂) (their
+        variances and within-group correlations), as nlme's ``getVarCov(fit, type = "marginal")``.
 
         Parameters
         ----------
@@ -312,13 +337,29 @@ class FreqFit:
         if str(level) not in labels:
             raise BayesLMMError(f"{level!r} is not a level of {group!r} (levels: {labels[:10]}...)")
         rows = np.flatnonzero(block.codes == labels.index(str(level)))
-        V = self.sigma**2 * np.eye(len(rows))
+        V = self.sigma**2 * self._relative_residual_covariance(rows)
         for blk, G in zip(self.spec.blocks, self.block_covariances()):
             Zr = blk.Z[rows]
             same = blk.codes[rows][:, None] == blk.codes[rows][None, :]
             V += same * (Zr @ G @ Zr.T)
         idx = self.spec.row_index[rows]
         return pd.DataFrame(V, index=idx, columns=idx)
+
+    def _relative_residual_covariance(self, rows: np.ndarray) -> np.ndarray:
+        """R / σ² on ``rows``: I, or Λ_R(ρ̂) (the rows of one grouping level hold whole correlation groups)."""
+        if self.spec.residual is None:
+            return np.eye(len(rows))
+        from ..residual import relative_covariance
+
+        return relative_covariance(self.spec.residual, self.spec.residual.unconstrained(self.residual_params), rows)
+
+    def _residual_variance(self, at) -> float:
+        """σ², or with a variance function the residual variance at ``at`` (default: its mean over the rows)."""
+        from .. import variance as V
+
+        if self.spec.residual is None:
+            return self.sigma**2
+        return V.residual_variance(self.spec, self.sigma**2, self.spec.residual.unconstrained(self.residual_params), at)
 
     @renamed_kwargs(level="ci_prob")
     def confint(self, ci_prob: float = 0.95, method: str = "profile") -> pd.DataFrame:
@@ -398,12 +439,18 @@ class FreqFit:
         formula), so ``at={"x": value}`` is required; a random-intercept model needs
         no ``at``.  Columns ``variance, sd, proportion``; rows the grouping factors,
         ``Residual`` and ``Total``.  See :mod:`bayeslmm.variance`.
+
+        With a variance function (``variance=``, ``weights=``) the residual variance differs by
+        row: ``at`` may give its column (``at={"Sex": "Female"}``, ``{"Time": 10}``) for that
+        row's σ² s²; without, ``Residual`` is the mean of σ² s_i² over the fitted rows (Nakagawa
+        et al. 2017, as performance's and insight's for nlme fits).  A correlation structure
+        leaves one row's variance at σ² s².
         """
         from .. import variance as V
 
-        z = V.z_at(self.spec, at)
+        z = V.z_at(self.spec, at, also=V.residual_columns(self.spec))
         parts = {g: float(v) for g, v in V.group_variances(self.spec, z, self.block_covariances()).items()}
-        return V.components_frame(self.spec, parts, self.sigma**2, at)
+        return V.components_frame(self.spec, parts, self._residual_variance(at), at)
 
     def icc(self, at: dict | None = None) -> pd.Series:
         """Intraclass correlation of each grouping factor at ``at``: its share of Var(y).
@@ -421,7 +468,8 @@ class FreqFit:
 
         ``method="nakagawa"``: Nakagawa & Schielzeth (2013) with Johnson's (2014)
         random-slope extension; ``"gelman"``: the residual form of Gelman et al.
-        (2019) at the point estimates.  See :mod:`bayeslmm.variance`.
+        (2019) at the point estimates.  See :mod:`bayeslmm.variance`.  With a variance function
+        Nakagawa's residual variance is the mean of σ² s_i² over the rows (Nakagawa et al. 2017).
         """
         from .. import variance as V
         from ..predict import require_rows
@@ -429,7 +477,8 @@ class FreqFit:
         V.check_r2_method(method)
         require_rows(self.spec, "R² (variances over the rows)")
         if method == "nakagawa":
-            marg, cond = V.nakagawa_r2(self.spec, self.estimates.beta, self.block_covariances(), self.sigma**2)
+            marg, cond = V.nakagawa_r2(self.spec, self.estimates.beta, self.block_covariances(),
+                                       self._residual_variance(None))
         else:
             marg = V.gelman_r2(self.spec.y, self.spec.X @ self.estimates.beta)
             cond = V.gelman_r2(self.spec.y, self.estimates.fitted)
@@ -448,6 +497,8 @@ class FreqFit:
 
     #: the fields :meth:`to_record` stores in its own way; any other (added later) goes under "extra"
     RECORD_FIELDS = frozenset({"spec", "method", "theta", "objective", "estimates", "optimization", "data_name"})
+    #: stored under "extra" only for a fit with a residual structure
+    RESIDUAL_FIELDS = frozenset({"residual_params", "residual_structure"})
 
     def to_record(self) -> tuple[dict, dict]:
         """What a save holds of this fit: its JSON record (method, θ, the objective, the optimizer's
@@ -473,8 +524,11 @@ class FreqFit:
                 "warnings": list(opt.warnings),
                 "seconds": float(opt.seconds),
             },
-            "extra": store.extra_fields(self, self.RECORD_FIELDS),
+            "extra": store.extra_fields(self, self.RECORD_FIELDS | self.RESIDUAL_FIELDS),
         }
+        if self.residual_structure is not None:  # a σ²I fit's record stays as before
+            record["extra"].update(store.jsonable({k: getattr(self, k) for k in self.RESIDUAL_FIELDS}, "the "
+                                                  "residual structure"))
         return record, {}
 
     @classmethod
@@ -495,8 +549,16 @@ class FreqFit:
         theta = np.array(record["theta"], dtype=float)
         if theta.shape != (spec.n_theta,):
             raise DataError(f"{source}: θ has {theta.size} entries, the model needs {spec.n_theta}")
-        again, estimates = estimates_at(spec, theta, reml=record["method"] == "REML",
-                                        crossprods=CrossProducts.from_spec(spec))
+        extra = store.known_extra(cls, record)
+        if extra.get("residual_structure") is not None:
+            from .residual_fit import residual_estimates_at, with_residual
+
+            spec = with_residual(spec, extra["residual_structure"])
+            u = spec.residual.unconstrained(extra["residual_params"])
+            again, estimates = residual_estimates_at(spec, theta, u, reml=record["method"] == "REML")
+        else:
+            again, estimates = estimates_at(spec, theta, reml=record["method"] == "REML",
+                                            crossprods=CrossProducts.from_spec(spec))
         objective = float(record["objective"])
         if not abs(again - objective) <= 1e-8 * max(1.0, abs(objective)):
             raise DataError(f"{source}: the stored data give the objective {again!r} at the stored θ, not the "
@@ -507,7 +569,7 @@ class FreqFit:
                                  n_evaluations=int(o["n_evaluations"]), tolerances=dict(o["tolerances"]),
                                  message=o["message"], warnings=tuple(o["warnings"]), seconds=float(o["seconds"]))
         return cls(spec=spec, method=record["method"], theta=theta, objective=objective, estimates=estimates,
-                   optimization=opt, data_name=record["data_name"], **store.known_extra(cls, record))
+                   optimization=opt, data_name=record["data_name"], **extra)
 
     # -- presentation ----------------------------------------------------------
     def summary(self) -> "FreqSummary":
@@ -534,6 +596,7 @@ class FreqFit:
             "BIC": self.bic,
             "theta": self.theta.tolist(),
             "sigma": self.sigma,
+            "residual_params": self.residual_params,
             "fixef": self.fixef.to_dict(),
             "fixef_se": self.fixef_se.to_dict(),
             "varcorr": vc.to_dict(orient="records"),

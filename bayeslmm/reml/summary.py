@@ -15,7 +15,9 @@ LME4_FIXEF_LABELS = {"estimate": "Estimate", "std_error": "Std. Error", "df": "d
 
 def _lme4_fixef_table(fit) -> pd.DataFrame:
     """lmerTest's coefficient table: lme4's columns with Satterthwaite's df and p-values (as text)."""
-    table = fit.fixef_table()[list(LME4_FIXEF_LABELS)].rename(columns=LME4_FIXEF_LABELS)
+    # with a residual structure too: Satterthwaite's df in (θ, ρ, σ)
+    table = fit.fixef_table(ddf="satterthwaite")
+    table = table[list(LME4_FIXEF_LABELS)].rename(columns=LME4_FIXEF_LABELS)
     table["df"] = [f"{v:.2f}" if np.isfinite(v) else "NA" for v in table["df"]]
     table["Pr(>|t|)"] = [format_p_value(v) for v in table["Pr(>|t|)"]]
     return table
@@ -79,7 +81,7 @@ class FreqSummary:
         fit = self.fit
         lines = self.header()
         if fit.spec.rows_in_memory:
-            res = fit.residuals.to_numpy() / fit.sigma
+            res = fit.normalized_residuals.to_numpy()  # raw / σ for R = σ²I (lme4's), whitened otherwise
             q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1])
             lines += ["", "Scaled residuals:",
                       "     Min      1Q  Median      3Q     Max",
@@ -98,6 +100,8 @@ class FreqSummary:
             lines.append(" " + " ".join(c.ljust(width[k]) if k in left else c.rjust(width[k])
                                         for k, c in zip(cols, cells)).rstrip())
         lines.append(fit.spec.counts_line())
+        if fit.spec.residual is not None:  # nlme's lines, with the estimates on its scale
+            lines += [""] + fit.spec.residual.lines(fit.spec.residual.unconstrained(fit.residual_params))
         lines += ["", "Fixed effects:"]
         fe = _lme4_fixef_table(fit)
         lines += fe.to_string(float_format=lambda v: f"{v:.4f}").splitlines()

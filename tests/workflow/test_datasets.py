@@ -22,6 +22,7 @@ SHAPES = {
     "InstEval": (73421, 7),
     "ham": (648, 6),
     "carrots": (1236, 14),
+    "Ovary": (308, 3),
 }
 
 # missing values per column, as in lmerTest's own data (R's NA); every other column has none
@@ -69,6 +70,8 @@ FACTORS = {
         "Product": (12, ["Bolero_E", "Bolero_L", "Major_E", "Major_L", "Navar_E", "Navar_L", "Nelson_E",
                          "Nelson_L", "Turbo_E", "Turbo_L", "Yukon_E", "Yukon_L"], "O", False),
     },
+    # R: levels(nlme::Ovary$Mare), an ordered factor by each mare's largest count
+    "Ovary": {"Mare": (11, [4, 2, 11, 7, 5, 9, 1, 6, 10, 3, 8], "i", True)},
 }
 
 NUMERIC = {
@@ -80,6 +83,7 @@ NUMERIC = {
     "ham": {"Informed.liking": "i", "Age": "i"},
     # integer scores in R; float here because of the missing values
     "carrots": {"Preference": "f", "Sweetness": "f", "Bitter": "i", "Crisp": "f", "sens1": "f", "sens2": "f"},
+    "Ovary": {"Time": "f", "follicles": "i"},
 }
 
 
@@ -92,7 +96,8 @@ def _kind(index: pd.Index) -> str:
 
 
 def test_list_datasets():
-    assert list_datasets() == ["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval", "ham", "carrots"]
+    assert list_datasets() == ["sleepstudy", "exam", "Dyestuff", "Penicillin", "InstEval", "ham", "carrots",
+                               "Ovary"]
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -200,6 +205,7 @@ def test_non_string_name(bad):
         ("InstEval", "lme4 1.1-31", ["ETH", "73,421 rows"]),
         ("ham", "lmerTest 3.1-3", ["Næs", "Food Quality and Preference", "648 rows"]),
         ("carrots", "lmerTest 3.1-3", ["Brockhoff", "1,236 rows", "missing"]),
+        ("ovary", "nlme 3.1-162", ["Pierson", "Animal Reproduction Science", "308 rows"]),
     ],
 )
 def test_dataset_info(name, package, needles):
@@ -221,7 +227,7 @@ def test_data_files_ship_with_the_package():
     data = resources.files("bayeslmm.datasets") / "data"
     names = {p.name for p in data.iterdir()}
     assert {"sleepstudy.csv", "exam.csv", "Dyestuff.csv", "Penicillin.csv",
-            "InstEval.csv.gz", "ham.csv", "carrots.csv"} <= names
+            "InstEval.csv.gz", "ham.csv", "carrots.csv", "Ovary.csv"} <= names
     gz = (data / "InstEval.csv.gz").read_bytes()
     assert len(gz) < 500_000  # kept small: about 375 kB
     header = gzip.decompress(gz).split(b"\n", 1)[0]
@@ -240,6 +246,18 @@ def test_lmertest_data_match_their_known_values():
     assert carrots.loc[234, "Product"] == "Nelson_E" and carrots.loc[234, "Sweetness"] == 3
     assert carrots.groupby("Consumer", observed=True)["Income"].apply(lambda s: s.isna().all()).sum() == 6
     assert carrots["sens2"].iloc[0] == pytest.approx(-2.541967427, abs=1e-12)
+
+
+def test_ovary_matches_nlme():
+    # R (nlme 3.1-162): range(table(Ovary$Mare)) is 25 31; the values are those of the copy in tests/data
+    ovary = load_dataset("Ovary")
+    sizes = ovary.groupby("Mare", observed=True).size()
+    assert sizes.min() == 25 and sizes.max() == 31
+    assert (ovary.groupby("Mare", observed=True)["Time"].apply(lambda t: t.is_monotonic_increasing)).all()
+    assert ovary.groupby("Mare", observed=True)["follicles"].max().is_monotonic_increasing  # nlme's level order
+    copy = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "Ovary.csv")
+    assert np.array_equal(ovary["follicles"], copy["follicles"]) and np.array_equal(ovary["Time"], copy["Time"])
+    assert ovary["Mare"].astype(int).tolist() == copy["Mare"].tolist()
 
 
 LMERTEST = json.loads((Path(__file__).resolve().parents[1] / "data" / "lmertest_reference.json").read_text())

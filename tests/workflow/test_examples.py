@@ -25,7 +25,11 @@ TUTORIALS = ROOT / "docs" / "tutorials"
 
 #: tutorial script -> its page in docs/tutorials
 PAGES = {"exam_tutorial.py": "exam.md", "sleepstudy_bayes_vs_reml.py": "sleepstudy.md",
-         "doctors_tutorial.py": "doctors.md", "partial_pooling.py": "partial_pooling.md"}
+         "doctors_tutorial.py": "doctors.md", "partial_pooling.py": "partial_pooling.md",
+         "ovary_tutorial.py": "ovary.md"}
+
+#: tutorial scripts that fit by REML/ML only (no NUTS settings to check)
+REML_ONLY = {"ovary_tutorial.py"}
 
 #: output lines the tutorials quote that come from REML fits or the data alone (identical in a quick run)
 REML_LINES = {
@@ -57,6 +61,16 @@ REML_LINES = {
         "308      10      251.41  10.47      244.19  21.76      253.66  19.67        1.31  0.19",
         "  the line stays near the subject's data at their mean day 4.5: own line there 342.1, mixed model 342.2",
     ],
+    "ovary_tutorial.py": [
+        "308 days of 11 mares (25 to 31 per mare)",
+        "REML criterion at convergence: 1626.0817",
+        "REML criterion at convergence: 1549.4479",
+        "  Phi 0.572187",
+        "REML log-likelihood: sigma^2 I -813.0409, AR(1) -774.7240",
+        "m2        7  1563.4  1589.6  -774.72   1549.4  76.634  1  2.0579e-18",
+        "1      0.3795 -0.1210  0.5722    297",
+        "lags outside ±1.96/sqrt(pairs): sigma^2 I [1, 2], AR(1) [1]",
+    ],
 }
 
 FIGURES = {
@@ -66,6 +80,7 @@ FIGURES = {
     "doctors_tutorial.py": {"doctors_caterpillar.png", "doctors_variance_components.png"},
     "partial_pooling.py": {"pooling_doctors_by_n.png", "pooling_shrinkage_factor.png", "pooling_sleepstudy_2d.png",
                            "pooling_sleepstudy_nuts.png"},
+    "ovary_tutorial.py": {"ovary_acf.png"},
 }
 
 
@@ -214,15 +229,39 @@ def test_partial_pooling_tutorial_numbers(quick):
     assert np.max(np.abs(both["NUTS Days"] - both["REML Days"])) < 1.0
 
 
+def test_ovary_tutorial_numbers(quick):
+    """nlme 3.1-162 (R, on the same data): logLik −813.0409 and −774.7240 (Pinheiro & Bates 2000: −813, −775),
+    L.Ratio 76.63382, Phi 0.5721866, and ACF(fit, maxLag = 10, resType = "normalized").
+
+    The AR(1) fit's ACF is nlme's on the rows sorted by Mare's level order: on Ovary as shipped
+    (rows by mare 1..11, levels 4, 2, 11, ...) nlme's normalised residuals carry each mare's
+    first row over from the mare before it, 16 rows in all (lag 1 −0.1003 there).  Reached:
+    ACF within 2.3e-7, Phi within 4.5e-7, LR within 1e-6.
+    """
+    out, _, _ = quick["ovary_tutorial.py"]
+    assert out["base"].loglik == pytest.approx(-813.040868529423, abs=1e-5)
+    assert out["ar1"].loglik == pytest.approx(-774.723958148737, abs=1e-5)
+    assert out["anova"].to_frame()["Chisq"].iloc[1] == pytest.approx(76.63382, abs=1e-4)
+    assert out["phi"] == pytest.approx(0.5721866, abs=1e-5)
+    before = [1.0, 0.3794801284, 0.1797220250, 0.0356927489, 0.0597788805, 0.0020969526, 0.0643271009,
+              0.0716348615, 0.0485782475, 0.0277824878, -0.0342759792]
+    after = [1.0, -0.1209774458, 0.0312972709, -0.0527981412, 0.0825915180, -0.0178057731, 0.0623084356,
+             0.0386035206, 0.0174506555, 0.0383259600, -0.0157584772]
+    np.testing.assert_allclose(out["acf"]["sigma2 I"], before, atol=1e-5)
+    np.testing.assert_allclose(out["acf"]["AR(1)"], after, atol=1e-5)
+    assert out["acf"]["pairs"].tolist() == [308 - 11 * k for k in range(11)]  # every mare has > 10 days
+
+
 @pytest.mark.parametrize("name", list(PAGES))
 def test_scripts_settings_and_figure_folder(name, tmp_path, monkeypatch):
     """BAYESLMM_QUICK picks the short chains; the folder is the argument, else BAYESLMM_FIGURES, else a new temp dir."""
     ns = runpy.run_path(str(EXAMPLES / name))
     monkeypatch.delenv("BAYESLMM_QUICK", raising=False)
     monkeypatch.delenv("BAYESLMM_FIGURES", raising=False)
-    assert ns["settings"]() == {"draws": 1000, "tune": 1000, "chains": 4}
-    monkeypatch.setenv("BAYESLMM_QUICK", "1")
-    assert ns["settings"]() == {"draws": 200, "tune": 200, "chains": 2}
+    if name not in REML_ONLY:
+        assert ns["settings"]() == {"draws": 1000, "tune": 1000, "chains": 4}
+        monkeypatch.setenv("BAYESLMM_QUICK", "1")
+        assert ns["settings"]() == {"draws": 200, "tune": 200, "chains": 2}
     fresh = ns["figure_dir"]()
     assert fresh.is_dir() and not any(fresh.iterdir())
     fresh.rmdir()
