@@ -401,36 +401,11 @@ def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
             sigma = _as_prior(value, "sigma").check("sigma", "scale")
         elif key in groups:
             i = groups.index(key)
-            if not isinstance(value, dict) or not set(value) <= {"sd", "eta"}:
-                raise BayesLMMError(f"prior for block {key!r} must be a dict with keys 'sd' and/or 'eta'")
-            bp = blocks[i]
-            sd, eta = bp.sd, bp.eta
-            if "sd" in value:
-                sd = _as_prior(value["sd"], f"{key} sd").check(f"{key} sd", "scale")
-                sd = Prior(sd.family, **{k: _per_column(v, spec.blocks[i].q, f"{key} sd {k}") for k, v in sd.params.items()})
-            if "eta" in value:
-                eta = value["eta"]
-                if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta <= 0:
-                    raise BayesLMMError(f"prior for block {key!r}: LKJ eta must be a positive number, got {eta!r}")
-            blocks[i] = BlockPriors(sd=sd, eta=float(eta))
+            blocks[i] = _block_override(key, value, blocks[i], spec.blocks[i].q)
         elif "|" in key and key.split("|", 1)[0] in groups:
             group, col = key.split("|", 1)
             i = groups.index(group)
-            cols = list(spec.blocks[i].columns)
-            col = "(Intercept)" if col in ("1", "Intercept") else col
-            if col not in cols:
-                raise BayesLMMError(f"prior {key!r}: {group!r} has no random effect {col!r} (it has {cols})")
-            new = _as_prior(value, key).check(key, "scale")
-            bp = blocks[i]
-            if new.family != bp.sd.family or set(new.params) != set(bp.sd.params):
-                raise BayesLMMError(
-                    f"prior {key!r}: the sds of one block share a distribution ({bp.sd}); give "
-                    f"{bp.sd.family} parameters, or set the whole block with {{'{group}': {{'sd': ...}}}}"
-                )
-            params = {k: np.array(_per_column(v, len(cols), key), dtype=float) for k, v in bp.sd.params.items()}
-            for k, v in new.params.items():
-                params[k][cols.index(col)] = float(v)
-            blocks[i] = BlockPriors(sd=Prior(bp.sd.family, **params), eta=bp.eta)
+            blocks[i] = _one_sd_override(key, col, value, blocks[i], list(spec.blocks[i].columns))
         else:
             extra = f", a residual parameter {list(kinds)}" if kinds else ""
             raise BayesLMMError(
@@ -439,6 +414,39 @@ def resolve_priors(spec: ModelSpec, overrides: dict | None) -> PriorSet:
             )
     return PriorSet(beta=tuple(beta), sigma=sigma, blocks=tuple(blocks), centred=base.centred, x_means=base.x_means,
                     residual=tuple(residual.items()))
+
+
+def _block_override(key: str, value, bp: "BlockPriors", q: int) -> "BlockPriors":
+    """``{group: {"sd": Prior, "eta": float}}``: a block's sd prior (per column) and/or LKJ η."""
+    if not isinstance(value, dict) or not set(value) <= {"sd", "eta"}:
+        raise BayesLMMError(f"prior for block {key!r} must be a dict with keys 'sd' and/or 'eta'")
+    sd, eta = bp.sd, bp.eta
+    if "sd" in value:
+        sd = _as_prior(value["sd"], f"{key} sd").check(f"{key} sd", "scale")
+        sd = Prior(sd.family, **{k: _per_column(v, q, f"{key} sd {k}") for k, v in sd.params.items()})
+    if "eta" in value:
+        eta = value["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta <= 0:
+            raise BayesLMMError(f"prior for block {key!r}: LKJ eta must be a positive number, got {eta!r}")
+    return BlockPriors(sd=sd, eta=float(eta))
+
+
+def _one_sd_override(key: str, col: str, value, bp: "BlockPriors", cols: list[str]) -> "BlockPriors":
+    """``{"group|column": Prior}``: one column's sd prior, in the block's shared family."""
+    group = key.split("|", 1)[0]
+    col = "(Intercept)" if col in ("1", "Intercept") else col
+    if col not in cols:
+        raise BayesLMMError(f"prior {key!r}: {group!r} has no random effect {col!r} (it has {cols})")
+    new = _as_prior(value, key).check(key, "scale")
+    if new.family != bp.sd.family or set(new.params) != set(bp.sd.params):
+        raise BayesLMMError(
+            f"prior {key!r}: the sds of one block share a distribution ({bp.sd}); give "
+            f"{bp.sd.family} parameters, or set the whole block with {{'{group}': {{'sd': ...}}}}"
+        )
+    params = {k: np.array(_per_column(v, len(cols), key), dtype=float) for k, v in bp.sd.params.items()}
+    for k, v in new.params.items():
+        params[k][cols.index(col)] = float(v)
+    return BlockPriors(sd=Prior(bp.sd.family, **params), eta=bp.eta)
 
 
 def _as_prior(value, where: str) -> Prior:

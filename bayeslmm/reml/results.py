@@ -572,10 +572,13 @@ class FreqFit:
                    optimization=opt, data_name=record["data_name"], **extra)
 
     # -- presentation ----------------------------------------------------------
-    def summary(self) -> "FreqSummary":
+    def summary(self, ddf: str = "satterthwaite") -> "FreqSummary":
+        """lme4's summary with lmerTest's df and p-values: Satterthwaite's by default, or
+        ``ddf="kenward-roger"`` / ``"none"`` (Wald), as ``fixef_table(ddf=)``."""
+        from .inference import check_ddf
         from .summary import FreqSummary
 
-        return FreqSummary(self)
+        return FreqSummary(self, check_ddf(ddf))
 
     def __repr__(self) -> str:
         return str(self.summary())

@@ -13,12 +13,15 @@ LME4_FIXEF_LABELS = {"estimate": "Estimate", "std_error": "Std. Error", "df": "d
                      "p_value": "Pr(>|t|)"}
 
 
-def _lme4_fixef_table(fit) -> pd.DataFrame:
-    """lmerTest's coefficient table: lme4's columns with Satterthwaite's df and p-values (as text)."""
-    # with a residual structure too: Satterthwaite's df in (θ, ρ, σ)
-    table = fit.fixef_table(ddf="satterthwaite")
+#: how the summary names a non-default df method (Satterthwaite's, lmerTest's default, goes unsaid)
+DDF_NAMES = {"kenward-roger": "t tests with Kenward–Roger's df and adjusted SEs", "none": "Wald: normal tests"}
+
+
+def _lme4_fixef_table(fit, ddf: str = "satterthwaite") -> pd.DataFrame:
+    """lmerTest's coefficient table: lme4's columns with the df and p-values of ``ddf`` (as text)."""
+    table = fit.fixef_table(ddf=ddf)
     table = table[list(LME4_FIXEF_LABELS)].rename(columns=LME4_FIXEF_LABELS)
-    table["df"] = [f"{v:.2f}" if np.isfinite(v) else "NA" for v in table["df"]]
+    table["df"] = [f"{v:.2f}" if np.isfinite(v) else ("Inf" if v == np.inf else "NA") for v in table["df"]]
     table["Pr(>|t|)"] = [format_p_value(v) for v in table["Pr(>|t|)"]]
     return table
 
@@ -41,8 +44,9 @@ def _fmt(x: float, digits: int = 4) -> str:
 class FreqSummary:
     """What ``print(fit.summary())`` shows; also rendered as HTML in notebooks."""
 
-    def __init__(self, fit):
+    def __init__(self, fit, ddf: str = "satterthwaite"):
         self.fit = fit
+        self.ddf = ddf
 
     def random_effects_table(self) -> pd.DataFrame:
         """Groups, Name, Variance, Std.Dev. and correlations laid out as lme4 prints them."""
@@ -102,8 +106,8 @@ class FreqSummary:
         lines.append(fit.spec.counts_line())
         if fit.spec.residual is not None:  # nlme's lines, with the estimates on its scale
             lines += [""] + fit.spec.residual.lines(fit.spec.residual.unconstrained(fit.residual_params))
-        lines += ["", "Fixed effects:"]
-        fe = _lme4_fixef_table(fit)
+        lines += ["", "Fixed effects:" if self.ddf == "satterthwaite" else f"Fixed effects ({DDF_NAMES[self.ddf]}):"]
+        fe = _lme4_fixef_table(fit, self.ddf)
         lines += fe.to_string(float_format=lambda v: f"{v:.4f}").splitlines()
         if fit.spec.n_fixed > 1:
             v = fit.vcov.to_numpy()
@@ -129,7 +133,7 @@ class FreqSummary:
         fit = self.fit
         head = "<br>".join(html.escape(line) for line in self.header() if line)
         re = self.random_effects_table().to_html(index=False, float_format=lambda v: f"{v:.4g}")
-        fe = _lme4_fixef_table(fit).to_html(float_format=lambda v: f"{v:.4f}")
+        fe = _lme4_fixef_table(fit, self.ddf).to_html(float_format=lambda v: f"{v:.4f}")
         flag = "<p><b>boundary (singular) fit</b></p>" if fit.singular else ""
         return (f"<div><p>{head}</p><h4>Random effects</h4>{re}"
                 f"<p>{html.escape(fit.spec.counts_line())}</p><h4>Fixed effects</h4>{fe}{flag}</div>")

@@ -217,3 +217,18 @@ def test_type_iii_with_transformed_covariates(formula, kind):
     for term, (F, den) in expected.items():
         assert table.loc[term, "f_value"] == pytest.approx(F, rel=1e-4)
         assert table.loc[term, "den_df"] == pytest.approx(den, rel=1e-4)
+
+
+def test_summary_prints_the_df_asked_for():
+    """summary() shows lmerTest's table (Satterthwaite); ddf= switches it as fixef_table's does."""
+    ref = REF["carrots_sens2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fit = Model(ref["formula"], _data("carrots"), missing="drop").fit(method="reml")
+    default, kr, wald = str(fit.summary()), str(fit.summary(ddf="kenward-roger")), str(fit.summary(ddf="none"))
+    sat_df, kr_df = fit.fixef_table()["df"], fit.fixef_table(ddf="kenward-roger")["df"]
+    assert f"{sat_df['sens2']:.2f}" in default and "Fixed effects:\n" in default
+    assert "Kenward–Roger" in kr and f"{kr_df['sens2']:.2f}" in kr
+    assert "Wald" in wald and " Inf " in wald
+    with pytest.raises(BayesLMMError, match="ddf must be one of"):
+        fit.summary(ddf="Kenward-Roger")
