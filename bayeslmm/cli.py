@@ -468,21 +468,10 @@ class _Run:
         the comparison is.
         """
         self.stage = f"testing each term of the {key.upper()} fit"
-        try:
-            table = fit.anova(type=self.args.anova)
-        except (MemoryError, RecursionError, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001  (the fit is done and written: report and go on)
-            self.check_not_interrupted()  # (an interrupt turned into another exception)
-            lost = ["anova.csv"] if self.folder is not None else []
-            lost += [f"the F tests in --json {self.args.json}"] if self.args.json else []
-            kind = "" if isinstance(exc, BayesLMMError) else f"internal error, please report: {type(exc).__name__}: "
-            warnings.warn(f"the F tests per term (--anova) were not made ({kind}{exc})"
-                          + (f"; skipped: {', '.join(lost)}" if lost else ""), stacklevel=2)
-            if self.folder is not None:
-                self.skipped.append("anova.csv")
+        table = self._optional(lambda: fit.anova(type=self.args.anova), "the F tests per term (--anova) were",
+                               "anova.csv", "the F tests")
+        if table is None:
             return
-        self.check_not_interrupted()
         self.anovas[key] = table
         self.show("")
         self.show(format_anova(table))
@@ -491,6 +480,26 @@ class _Run:
             self._attempt("anova.csv", lambda p: table.rename_axis("term").to_csv(p))
             self._write_fit_json(key, fit)
             self._write_json()
+
+    def _optional(self, make, what: str, filename: str, in_json: str):
+        """A step after the fits (comparison, F tests): its result, or None with a warning naming
+        what was skipped — the fits are done and written, so their failure loses nothing else."""
+        try:
+            result = make()
+        except (MemoryError, RecursionError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001  (the fits are done and written: report and go on)
+            self.check_not_interrupted()  # (an interrupt turned into another exception)
+            lost = [filename] if self.folder is not None else []
+            lost += [f"{in_json} in --json {self.args.json}"] if self.args.json else []
+            kind = "" if isinstance(exc, BayesLMMError) else f"internal error, please report: {type(exc).__name__}: "
+            warnings.warn(f"{what} not made ({kind}{exc})" + (f"; skipped: {', '.join(lost)}" if lost else ""),
+                          stacklevel=3)
+            if self.folder is not None:
+                self.skipped.append(filename)
+            return None
+        self.check_not_interrupted()
+        return result
 
     @contextlib.contextmanager
     def _writing(self, what: str):
@@ -509,21 +518,11 @@ class _Run:
         from .compare import compare
 
         options = {} if self.args.intervals is None else {"intervals": self.args.intervals}
-        try:
-            self.comparison = compare(self.fits["nuts"], self.fits["reml"], ci_prob=self.args.ci_prob, **options)
-        except (MemoryError, RecursionError, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001  (the fits are done and written: report and go on)
-            self.check_not_interrupted()  # (an interrupt turned into another exception)
-            lost = ["comparison.csv"] if self.folder is not None else []
-            lost += [f"the comparison in --json {self.args.json}"] if self.args.json else []
-            kind = "" if isinstance(exc, BayesLMMError) else f"internal error, please report: {type(exc).__name__}: "
-            warnings.warn(f"the comparison table was not made ({kind}{exc})"
-                          + (f"; skipped: {', '.join(lost)}" if lost else ""), stacklevel=2)
-            if self.folder is not None:
-                self.skipped.append("comparison.csv")
+        self.comparison = self._optional(
+            lambda: compare(self.fits["nuts"], self.fits["reml"], ci_prob=self.args.ci_prob, **options),
+            "the comparison table was", "comparison.csv", "the comparison")
+        if self.comparison is None:
             return
-        self.check_not_interrupted()
         self.show("")
         self.show(str(self.comparison))
         with self._writing("the comparison"):

@@ -673,12 +673,10 @@ def _check_varied(spec, roles, x, by, kind) -> None:
 
 
 def _levels(s) -> list:
-    """A factor's levels as formulae orders them: a categorical's categories present, otherwise sorted."""
-    import pandas as pd
+    """A factor's levels as formulae orders them (the fit's coding: reference first)."""
+    from .formula.terms import level_order
 
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        return [c for c in s.cat.categories if (s == c).any()]
-    return sorted(pd.unique(s.dropna()).tolist())
+    return level_order(s)
 
 
 def _held_values(spec, roles, at, varied) -> dict:

@@ -101,20 +101,14 @@ def factor_parts(spec: ModelSpec, terms: list[FixedTerm]):
 
 def factor_levels(spec: ModelSpec, terms: list[FixedTerm]) -> dict[str, list]:
     """Every factor of the fixed effects with its levels in the fit's order (reference first)."""
-    out = {}
-    for f in sorted({f for t in terms for f in t.factors}):
-        s = spec.data[f]
-        if isinstance(s.dtype, pd.CategoricalDtype):
-            out[f] = [c for c in s.cat.categories if (s == c).any()]
-        else:
-            out[f] = sorted(pd.unique(s.dropna()).tolist())
-    return out
+    return {f: level_order(spec.data[f]) for f in sorted({f for t in terms for f in t.factors})}
 
 
-def covariate_means(spec: ModelSpec, terms: list[FixedTerm]) -> dict[str, float]:
-    """The mean of every covariate of the fixed effects over the rows fitted (emmeans' default)."""
-    return {c: float(np.mean(spec.data[c].to_numpy(dtype=float)))
-            for c in sorted({c for t in terms for c in t.covariates})}
+def level_order(s: pd.Series) -> list:
+    """A factor's levels as formulae orders them: a categorical's categories that occur, else sorted."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return [c for c in s.cat.categories if (s == c).any()]
+    return sorted(pd.unique(s.dropna()).tolist())
 
 
 def grid_design(spec: ModelSpec, grid: pd.DataFrame) -> np.ndarray:
