@@ -125,10 +125,13 @@ class Model:
             ``target_accept=0.8``, ``max_treedepth=10``, ``progressbar=True``,
             ``log_likelihood`` (pointwise, for LOO; on by default below 5e7 values),
             ``warn=True`` (convergence warnings), ``backend="auto" | "kernel" |
-            "pytensor"`` (auto: the compiled collapsed kernel of
-            :mod:`bayeslmm.bayes.kernel` on nutpie when the model is one grouping
-            factor with at most two random-effect columns and the priors are ones it
-            implements; PyMC's graph otherwise), ``effects="auto" | "draws" |
+            "pytensor"`` (auto and kernel: a compiled collapsed kernel on nutpie —
+            :mod:`bayeslmm.bayes.kernel` for one grouping factor with at most two
+            random-effect columns, :mod:`bayeslmm.bayes.blocked` with every effect
+            integrated out for any other structure, :mod:`bayeslmm.bayes.partial`
+            with the other factors sampled when more than 250 effects lie outside
+            the largest — where the priors are ones they implement; PyMC's graph
+            otherwise), ``effects="auto" | "draws" |
             "summary"`` (the integrated-out block's effects: every draw, or per-level
             posterior means, sds and quantiles; auto stores draws up to
             ``bayes.fit.MAX_EFFECT_VALUES`` values — see docs/bayes.md).

@@ -30,6 +30,7 @@ from ..spec import ModelSpec
 from . import diagnostics, naming
 from .collapsed import CollapsedData, ResponseScale
 from .compiled import private_cache_dir
+from . import blocked, partial
 from .kernel import KernelData, unsupported_reason
 from .model import PARAMETERIZATIONS, BuiltModel, build_pymc_model, centring_matrix
 from .naming import block_names
@@ -126,13 +127,13 @@ def fit_bayes(
         parameterization = _structured_route(spec, parameterization, backend, log_likelihood)
         log_likelihood = False
     prior_set = resolve_priors(spec, priors)
-    use_kernel = _use_kernel(spec, prior_set, parameterization, sampler, backend)
+    route = compiled_route(spec, prior_set, parameterization, sampler, backend)
     if sampler == "auto":
-        sampler = "nutpie" if use_kernel else choose_sampler(spec, parameterization)
+        sampler = "nutpie" if route is not None else choose_sampler(spec, parameterization)
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
     check_memory(spec, chains, draws, parameterization, effects, log_likelihood)
     t0 = time.perf_counter()
-    built, dt, post, t1 = _sample_posterior(spec, crossprods, prior_set, use_kernel, parameterization, draws, tune,
+    built, dt, post, t1 = _sample_posterior(spec, crossprods, prior_set, route, parameterization, draws, tune,
                                             chains, cores, seed, sampler, target_accept, max_treedepth,
                                             progressbar)
     t2 = time.perf_counter()
@@ -149,20 +150,28 @@ def fit_bayes(
                    sampler=sampler, seed=seed, data_name=data_name,
                    residual_structure=None if spec.residual is None else spec.residual.describe(),
                    timings={"build": t1 - t0, "sample": t2 - t1, "postprocess": t3 - t2,
-                            "backend": "kernel" if use_kernel else "pytensor"})
+                            "backend": route or "pytensor"})
     diag = fit.diagnostics()
     if warn:
         diagnostics.warn(diag, stacklevel=4)
     return fit
 
 
-def _sample_posterior(spec, crossprods, prior_set, use_kernel, parameterization, draws, tune, chains, cores, seed,
+def _sample_posterior(spec, crossprods, prior_set, route, parameterization, draws, tune, chains, cores, seed,
                       sampler, target_accept, max_treedepth, progressbar):
-    """Build and sample by the kernel or the PyMC graph: (built model, DataTree, posterior in y's units,
-    the time the build ended)."""
+    """Build and sample by a compiled kernel (``route``) or the PyMC graph: (built model, DataTree,
+    posterior in y's units, the time the build ended)."""
     # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
     scale = ResponseScale.of(spec, crossprods)
-    if use_kernel:
+    if route in ("blocked", "partial"):
+        built, kdata = blocked_model(spec, crossprods, prior_set, scale, route)
+        t1 = time.perf_counter()
+        with one_blas_thread():  # the chains' threads each call BLAS: more threads would only contend
+            dt = sample_kernel(kdata, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
+            raw = dt["posterior"].to_dataset()
+            post = (blocked_posterior(spec, kdata, built.names, raw, seed) if route == "blocked"
+                    else partial_posterior(spec, kdata, built.names, raw))
+    elif route == "kernel":
         built, kd = kernel_model(spec, crossprods, prior_set, scale)
         t1 = time.perf_counter()
         dt = sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
@@ -189,8 +198,8 @@ def _structured_route(spec, parameterization: str, backend: str, log_likelihood)
     The default ``"collapsed"`` becomes ``"explicit"`` (recorded in ``fit.parameterization``);
     the kernel and a pointwise log-likelihood are refused rather than given for R = σ²I.
     """
-    if backend == "kernel":
-        raise BayesLMMError("backend='kernel' cannot fit a model with a residual structure (variance=, "
+    if backend not in ("auto", "pytensor"):
+        raise BayesLMMError(f"backend={backend!r} cannot fit a model with a residual structure (variance=, "
                             "correlation=, weights=); use backend='auto' or 'pytensor'")
     if log_likelihood:
         raise BayesLMMError("log_likelihood=True: a model with a residual structure stores no pointwise "
@@ -239,25 +248,105 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
                       f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
                       "to store it for LOO", UserWarning, stacklevel=4)
 
-BACKENDS = ("auto", "kernel", "pytensor")
+#: "kernel": whichever compiled kernel applies; "blocked", "partial": that one; "pytensor": PyMC's graph
+BACKENDS = ("auto", "kernel", "blocked", "partial", "pytensor")
 #: levels × columns from which the kernel samples chains on several threads
 KERNEL_THREADS_WORK = 2_000
+#: effects outside the first block (the dense part of the factorisation) up to which the blocked kernel
+#: is chosen: its gradient costs ~m³ for m such effects; above, the partly collapsed kernel samples them
+BLOCKED_AUTO_MAX_REST = 250
 
 
-def _use_kernel(spec, prior_set, parameterization, sampler, backend) -> bool:
-    """Whether to sample with the compiled kernel (:mod:`.kernel`) instead of a PyMC graph."""
+def compiled_route(spec, prior_set, parameterization, sampler, backend) -> str | None:
+    """The compiled kernel that samples this model — ``"kernel"`` (one factor, q ≤ 2: :mod:`.kernel`),
+    ``"blocked"`` (every effect integrated out: :mod:`.blocked`), ``"partial"`` (the other factors
+    sampled: :mod:`.partial`) — or ``None`` for a PyMC graph."""
     if backend not in BACKENDS:
         raise BayesLMMError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    forced = backend not in ("auto", "pytensor")
+
+    def refuse(why: str):
+        if forced:
+            raise BayesLMMError(f"backend={backend!r} cannot fit this model: {why}; use backend='auto' or "
+                                "'pytensor'")
+        return None
+
     if spec.residual is not None:
-        return False  # the kernel samples R = σ²I only (the route is checked in _structured_route)
+        return None  # the kernels sample R = σ²I only (the route is checked in _structured_route)
     if backend == "pytensor" or sampler == "pymc":
-        if backend == "kernel":
-            raise BayesLMMError("backend='kernel' runs on nutpie's NUTS: use sampler='nutpie' or 'auto'")
-        return False
-    reason = unsupported_reason(spec, prior_set, parameterization)
-    if reason is not None and backend == "kernel":
-        raise BayesLMMError(f"backend='kernel' cannot fit this model: {reason}; use backend='auto' or 'pytensor'")
-    return reason is None
+        if forced:
+            raise BayesLMMError(f"backend={backend!r} runs on nutpie's NUTS: use sampler='nutpie' or 'auto'")
+        return None
+    if parameterization != "collapsed":
+        return refuse("the kernels are for the collapsed parameterisation")
+    if backend in ("auto", "kernel") and unsupported_reason(spec, prior_set, parameterization) is None:
+        return "kernel"
+    reason = blocked.unsupported_reason(spec, prior_set)
+    if reason is not None:
+        return refuse(reason)
+    if backend in ("blocked", "partial"):
+        return backend
+    rest = sum(b.n_effects for b in spec.blocks[1:])
+    return "blocked" if rest <= BLOCKED_AUTO_MAX_REST else "partial"
+
+
+def one_blas_thread():
+    """A context in which BLAS uses one thread (the blocked kernel's products are small and run per chain)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def blocked_model(spec, crossprods, prior_set, scale: ResponseScale | None = None, route: str = "blocked"):
+    """The arrays of the blocked (or, with ``route="partial"``, the partly collapsed) kernel, in ``scale``'s
+    standardised units when given, and the model in y's own units."""
+    if scale is not None:
+        prior_set = scale.priors(prior_set)
+    kind = blocked.BlockedData if route == "blocked" else partial.PartialData
+    data = kind.build(spec, crossprods, prior_set, centring_matrix(spec, prior_set),
+                      scale=1.0 if scale is None else scale.scale)
+    built = BuiltModel(model=None, parameterization="collapsed", names=block_names(spec),
+                       collapsed=CollapsedData.from_crossprods(crossprods), internal=[])
+    return built, data
+
+
+def blocked_posterior(spec, bd, names, raw: xr.Dataset, seed: int) -> xr.Dataset:
+    """The blocked kernel's draws as the posterior variables, with the effects of every block but the
+    first drawn exactly from their conditional (stream (seed, 2)); the first block's are drawn later
+    from theirs given these, as for every collapsed fit."""
+    x = raw["x"].to_numpy()
+    C, D = x.shape[:2]
+    rest = blocked.draw_rest_effects(bd, x, np.random.default_rng([seed, 2]))
+    effects, start = [], 0
+    for block in spec.blocks[1:]:
+        effects.append(rest[:, start : start + block.n_effects].reshape(C, D, block.n_levels, block.q))
+        start += block.n_effects
+    return _compiled_posterior(spec, names, raw, bd.constrain(x), effects)
+
+
+def partial_posterior(spec, pdata, names, raw: xr.Dataset) -> xr.Dataset:
+    """The partly collapsed kernel's draws as the posterior variables (the other blocks' effects were sampled)."""
+    vals = pdata.constrain(raw["x"].to_numpy())
+    return _compiled_posterior(spec, names, raw, vals, vals["effects"])
+
+
+def _compiled_posterior(spec, names, raw: xr.Dataset, vals: dict, effects: list) -> xr.Dataset:
+    """β, σ, every block's sds and correlations, and the effects of every block but the first (chain, draw, ...)."""
+    coords = {"chain": raw["chain"].to_numpy(), "draw": raw["draw"].to_numpy(), "coef": list(spec.fixed_names)}
+    data = {"beta": (("chain", "draw", "coef"), vals["beta"]), "sigma": (("chain", "draw"), vals["sigma"])}
+    for name, block, sd, corr in zip(names, spec.blocks, vals["sd"], vals["corr"]):
+        e = naming.effect_dim(name)
+        data[naming.sd_var(name)] = (("chain", "draw", e), sd)
+        coords[e] = list(block.columns)
+        if corr is not None:
+            corr_vars, corr_coords = naming.corr_data(name, block.columns, naming.pairs_of(corr))
+            data.update(corr_vars)
+            coords.update(corr_coords)
+    for name, block, b in zip(names[1:], spec.blocks[1:], effects):
+        lv = naming.level_dim(name)
+        data[name] = (("chain", "draw", lv, naming.effect_dim(name)), b)
+        coords[lv] = list(block.levels)
+    return xr.Dataset(data, coords=coords)
 
 
 def kernel_model(spec, crossprods, prior_set, scale: ResponseScale | None = None):
@@ -295,7 +384,7 @@ def sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treed
         if cores is None:
             # the kernel releases the GIL, but each call still enters Python: threads pay off
             # only when a gradient is long enough (many levels) to outweigh the hand-over
-            big = kd.G.shape[0] * kd.q >= KERNEL_THREADS_WORK
+            big = kd.work >= KERNEL_THREADS_WORK
             cores = max(1, min(chains, os.cpu_count() or 1)) if big else 1
         return _nutpie_sample(compiled, counter, cores=cores, seed=seed, progress_bar=progressbar,
                               target_accept=target_accept, maxdepth=max_treedepth)

@@ -39,14 +39,9 @@ from numba import prange
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
 from .compiled import cached_njit
+from .densities import (LOG_2PI, SCALE_FAMILIES, beta_prior, finite_or_rejected, log_sech2, prior_centre, scale_logp,
+                        scale_params)
 from .priors import PriorSet
-
-#: scale-prior families the kernel implements, with their parameter names in order
-SCALE_FAMILIES = {"HalfNormal": ("sigma",), "Exponential": ("lam",), "HalfStudentT": ("nu", "sigma"),
-                  "HalfCauchy": ("beta",)}
-_FAMILY_CODE = {name: i for i, name in enumerate(SCALE_FAMILIES)}
-_LOG_2PI = math.log(2.0 * math.pi)
-
 
 def unsupported_reason(spec: ModelSpec, priors: PriorSet, parameterization: str) -> str | None:
     """Why the compiled kernel cannot fit this model (``None`` when it can)."""
@@ -62,14 +57,6 @@ def unsupported_reason(spec: ModelSpec, priors: PriorSet, parameterization: str)
         if prior.family not in SCALE_FAMILIES:
             return f"the kernel does not implement a {prior.family} prior"
     return None
-
-
-def _scale_params(prior, size: int) -> tuple[int, np.ndarray]:
-    names = SCALE_FAMILIES[prior.family]
-    out = np.zeros((size, 2))
-    for k, name in enumerate(names):
-        out[:, k] = np.broadcast_to(np.asarray(prior.params[name], dtype=float), (size,))
-    return _FAMILY_CODE[prior.family], out
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,11 +92,16 @@ class KernelData:
     def ndim(self) -> int:
         return self.p + 1 + self.q + (1 if self.correlated and self.q == 2 else 0)
 
+    @property
+    def work(self) -> int:
+        """Levels × columns: what one gradient loops over (chooses threads for the chains)."""
+        return self.G.shape[0] * self.q
+
     @classmethod
     def build(cls, spec: ModelSpec, data: CollapsedData, priors: PriorSet, Cm: np.ndarray) -> "KernelData":
         block = spec.blocks[0]
-        fam_sigma, par_sigma = _scale_params(priors.sigma, 1)
-        fam_sd, par_sd = _scale_params(priors.blocks[0].sd, block.q)
+        fam_sigma, par_sigma = scale_params(priors.sigma, 1)
+        fam_sd, par_sd = scale_params(priors.blocks[0].sd, block.q)
         return cls(G=np.ascontiguousarray(data.G, dtype=float), H=np.ascontiguousarray(data.H, dtype=float),
                    g=np.ascontiguousarray(data.g, dtype=float), XtX=np.ascontiguousarray(data.XtX),
                    Xty=np.ascontiguousarray(data.Xty), yty=float(data.yty), n=int(data.n_obs),
@@ -143,9 +135,9 @@ class KernelData:
         x = np.zeros(self.ndim)
         p, q = self.p, self.q
         x[:p] = self.mu_b + rng.uniform(-1, 1, p) * np.minimum(self.s_b, 1.0)
-        x[p] = math.log(_prior_centre(self.fam_sigma, self.par_sigma))
+        x[p] = math.log(prior_centre(self.fam_sigma, self.par_sigma))
         for c in range(q):
-            x[p + 1 + c] = math.log(_prior_centre(self.fam_sd, self.par_sd[c]))
+            x[p + 1 + c] = math.log(prior_centre(self.fam_sd, self.par_sd[c]))
         x[p:] += rng.uniform(-1, 1, self.ndim - p)
         return x
 
@@ -162,53 +154,8 @@ class KernelData:
         return out
 
 
-def _prior_centre(fam: int, par: np.ndarray) -> float:
-    """A typical value of a scale prior, where the chains start (before jitter)."""
-    if fam == 1:            # Exponential(lam)
-        return 1.0 / par[0]
-    if fam == 2:            # HalfStudentT(nu, sigma)
-        return par[1]
-    return par[0]           # HalfNormal(sigma), HalfCauchy(beta)
-
-
-@cached_njit(error_model="numpy")
-def _scale_logp(fam, a, b, s):
-    """log density of a positive scale s and its derivative in s."""
-    if fam == 0:    # HalfNormal(sigma=a)
-        t = s / a
-        return 0.5 * math.log(2.0 / math.pi) - math.log(a) - 0.5 * t * t, -t / a
-    if fam == 1:    # Exponential(lam=a)
-        return math.log(a) - a * s, -a
-    if fam == 2:    # HalfStudentT(nu=a, sigma=b)
-        t = s / b
-        lp = (math.log(2.0) + math.lgamma(0.5 * (a + 1.0)) - math.lgamma(0.5 * a) - 0.5 * math.log(a * math.pi)
-              - math.log(b) - 0.5 * (a + 1.0) * math.log1p(t * t / a))
-        return lp, -(a + 1.0) * t / (b * a * (1.0 + t * t / a))
-    # HalfCauchy(beta=a)
-    t = s / a
-    return math.log(2.0 / math.pi) - math.log(a) - math.log1p(t * t), -2.0 * t / (a * (1.0 + t * t))
-
-
-@cached_njit(error_model="numpy")
-def _log_sech2(z):
-    """log(1 − tanh²z) = −2 log cosh z, without overflow."""
-    az = abs(z)
-    return -2.0 * (az + math.log1p(math.exp(-2.0 * az)) - math.log(2.0))
-
-
 # The log-posterior in stages, each inlined into _logp_grad by numba (inline="always", in
 # numba's IR): called as separate functions they cost ~20 % of an evaluation on sleepstudy.
-@cached_njit(error_model="numpy", inline="always")
-def _beta_prior(x, mu_b, s_b, grad):
-    """Normal priors on the centred coefficients: Σ_k log N(x_k | μ_k, s_k); sets ∂/∂x_k = −(x_k − μ_k)/s_k²."""
-    lp = 0.0
-    for k in range(mu_b.shape[0]):
-        d = (x[k] - mu_b[k]) / s_b[k]
-        lp += -0.5 * d * d - math.log(s_b[k]) - 0.5 * _LOG_2PI
-        grad[k] = -d / s_b[k]
-    return lp
-
-
 @cached_njit(error_model="numpy", inline="always")
 def _scale_priors(x, p, fam_sigma, par_sigma, fam_sd, par_sd, lp, grad, sd):
     """σ = exp x_p and sd_c = exp x_(p+1+c) (written into ``sd``): lp plus their priors and Jacobians; returns (lp, σ).
@@ -218,13 +165,13 @@ def _scale_priors(x, p, fam_sigma, par_sigma, fam_sd, par_sd, lp, grad, sd):
     """
     ls = x[p]
     sigma = math.exp(ls)
-    v0, d0 = _scale_logp(fam_sigma, par_sigma[0], par_sigma[1], sigma)
+    v0, d0 = scale_logp(fam_sigma, par_sigma[0], par_sigma[1], sigma)
     lp += v0 + ls
     grad[p] += d0 * sigma + 1.0
     for c in range(sd.shape[0]):
         lsd = x[p + 1 + c]
         sd[c] = math.exp(lsd)
-        v0, d0 = _scale_logp(fam_sd, par_sd[c, 0], par_sd[c, 1], sd[c])
+        v0, d0 = scale_logp(fam_sd, par_sd[c, 0], par_sd[c, 1], sd[c])
         lp += v0 + lsd
         grad[p + 1 + c] += d0 * sd[c] + 1.0
     return lp, sigma
@@ -238,7 +185,7 @@ def _lkj_prior(z, eta):
     log density in z is η log(1 − ρ²) − (2η − 1) log 2 − log B(η, η), whose derivative is −2ηρ.
     """
     rho = math.tanh(z)
-    lsech2 = _log_sech2(z)
+    lsech2 = log_sech2(z)
     cc = math.exp(0.5 * lsech2)          # √(1 − ρ²)
     lbeta = 2.0 * math.lgamma(eta) - math.lgamma(2.0 * eta)
     return eta * lsech2 - (2.0 * eta - 1.0) * math.log(2.0) - lbeta, rho, cc
@@ -407,23 +354,6 @@ def _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad):
             grad[p + 3] += drho * cc * cc
 
 
-@cached_njit(error_model="numpy", inline="always")
-def _finite_or_rejected(lp, grad):
-    """lp, or −inf with a zero gradient where the value or the gradient is not finite.
-
-    Far in the tails (σ or an sd under- or overflowing) the value or gradient is not
-    finite: a point NUTS must reject, reported as a divergence, never as NaN.
-    """
-    finite = math.isfinite(lp)
-    for k in range(grad.shape[0]):
-        finite = finite and math.isfinite(grad[k])
-    if finite:
-        return lp
-    for k in range(grad.shape[0]):
-        grad[k] = 0.0
-    return -math.inf
-
-
 @cached_njit(nogil=True, error_model="numpy")
 def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
                correlated, grad):
@@ -437,7 +367,7 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
     q = G.shape[1]
     for k in range(x.shape[0]):
         grad[k] = 0.0
-    lp = _beta_prior(x, mu_b, s_b, grad)
+    lp = beta_prior(x, mu_b, s_b, grad)
     sd = np.empty(q)
     lp, sigma = _scale_priors(x, p, fam_sigma, par_sigma, fam_sd, par_sd, lp, grad, sd)
     rho = 0.0
@@ -461,10 +391,10 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
         logdet, quad, trPA, vAv, a00 = _levels_one_column(G, H, g, beta, L00, s2, gH)
     else:
         logdet, quad, trPA, vAv, a00, a10, a11 = _levels_two_columns(G, H, g, beta, L00, L10, L11, s2, gH)
-    lp += -0.5 * (n * (_LOG_2PI + math.log(s2)) + logdet + (rtr - quad / s2) / s2)
+    lp += -0.5 * (n * (LOG_2PI + math.log(s2)) + logdet + (rtr - quad / s2) / s2)
     _fixed_and_sigma_gradient(Cm, Xty, XtXb, gH, n, s2, rtr, quad, trPA, vAv, grad)
     _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad)
-    return _finite_or_rejected(lp, grad)
+    return finite_or_rejected(lp, grad)
 
 
 @cached_njit(nogil=True, parallel=True, error_model="numpy")

@@ -56,14 +56,14 @@ from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
-from .fit import kernel_model, kernel_posterior, sample_kernel
-from . import naming
+from . import blocked, naming
+from .fit import blocked_model, blocked_posterior, kernel_model, kernel_posterior, one_blas_thread, sample_kernel
 from .kernel import unsupported_reason
 from .model import build_pymc_model, centring_matrix
 from .naming import block_names
 from .priors import Prior, PriorSet, resolve_priors
 
-SBC_SAMPLERS = ("kernel", "nutpie")
+SBC_SAMPLERS = ("kernel", "blocked", "nutpie")
 #: the shared data containers of the collapsed model that hold the response
 RESPONSE_DATA = ("Z1ty", "Xty", "yty")
 LOGLIK = "loglik"
@@ -220,11 +220,13 @@ class SBCRunner:
         (formerly ``seed``)
     priors : dict, optional
         Overrides as for ``Model.fit``; default :func:`fixed_priors`.
-    sampler : "kernel" or "nutpie"
+    sampler : "kernel", "blocked" or "nutpie"
         ``"kernel"`` (default where it applies: one factor, at most two random-effect
         columns): the compiled collapsed kernel that ``fit(method="nuts")`` uses by
         default (:mod:`.kernel`), re-fed each simulation's response with nothing to
-        compile.  ``"nutpie"``: nutpie compiles the PyMC graph once (numba) and each
+        compile.  ``"blocked"`` (default for every other structure): the compiled kernel
+        with every effect integrated out (:mod:`.blocked`), rebuilt from each simulation's
+        cross-products.  ``"nutpie"``: nutpie compiles the PyMC graph once (numba) and each
         simulation is a ``with_data`` copy of it (PyMC's own NUTS pays ~0.4 s of Python
         per fit more).
     ci_probs : tuple of float
@@ -260,11 +262,12 @@ class SBCRunner:
         self.prior_overrides = fixed_priors(spec) if priors is None else priors
         self.priors = resolve_priors(spec, self.prior_overrides)
         self.fit_priors = self.priors if fit_priors is None else resolve_priors(spec, fit_priors)
-        reason = unsupported_reason(spec, self.fit_priors, "collapsed")
+        reasons = {"kernel": unsupported_reason(spec, self.fit_priors, "collapsed"),
+                   "blocked": blocked.unsupported_reason(spec, self.fit_priors)}
         if sampler == "auto":
-            self.sampler = "kernel" if reason is None else "nutpie"
-        elif sampler == "kernel" and reason is not None:
-            raise BayesLMMError(f"sampler='kernel' cannot fit this model: {reason}; use sampler='nutpie'")
+            self.sampler = next((k for k, why in reasons.items() if why is None), "nutpie")
+        elif sampler in reasons and reasons[sampler] is not None:
+            raise BayesLMMError(f"sampler={sampler!r} cannot fit this model: {reasons[sampler]}; use sampler='nutpie'")
         self.names = block_names(spec)
         self.cp = CrossProducts.from_spec(spec)
         self.params = draw_prior(spec, self.priors, self.n_sims, self.random_seed)
@@ -332,8 +335,11 @@ class SBCRunner:
         out[LOGLIK] = float(marginal_loglik(data, gamma[None], L[None], np.array([self.params["sigma"][i]]))[0])
         return out
 
+    def _crossprods(self, y: np.ndarray) -> CrossProducts:
+        return CrossProducts.from_spec(dataclasses.replace(self.spec, y=y))
+
     def _collapsed_data(self, y: np.ndarray) -> CollapsedData:
-        return CollapsedData.from_crossprods(CrossProducts.from_spec(dataclasses.replace(self.spec, y=y)))
+        return CollapsedData.from_crossprods(self._crossprods(y))
 
     # ------------------------------------------------------------------ sampling
     def _build(self):
@@ -349,9 +355,10 @@ class SBCRunner:
     def compile(self) -> float:
         """Build and compile the collapsed model once; returns the seconds it took."""
         t0 = time.perf_counter()
-        if self.sampler == "kernel":
+        if self.sampler in ("kernel", "blocked"):   # numba's cached machine code: nothing to compile
             if self._compiled is None:
-                self._compiled = kernel_model(self.spec, self.cp, self.fit_priors)[1]
+                make = kernel_model if self.sampler == "kernel" else blocked_model
+                self._compiled = make(self.spec, self.cp, self.fit_priors)[1]
             return time.perf_counter() - t0
         built = self._build()
         if self._compiled is None:
@@ -362,10 +369,17 @@ class SBCRunner:
                 self._compiled = nutpie.compile_pymc_model(built.model)
         return time.perf_counter() - t0
 
-    def _sample(self, data: CollapsedData, seed: int):
+    def _sample(self, cp: CrossProducts, data: CollapsedData, seed: int):
         import nutpie
 
         self.compile()
+        if self.sampler == "blocked":
+            bd = blocked_model(self.spec, cp, self.fit_priors)[1]
+            with one_blas_thread():
+                dt = sample_kernel(bd, self.draws, self.tune, self.chains, 1, seed, self.target_accept, 10, False)
+                dt["posterior"] = xr.DataTree(blocked_posterior(self.spec, bd, self.names,
+                                                                dt["posterior"].to_dataset(), seed))
+            return dt
         if self.sampler == "kernel":
             kd = dataclasses.replace(self._compiled, g=np.ascontiguousarray(data.g), Xty=data.Xty,
                                      yty=float(data.yty))
@@ -384,9 +398,10 @@ class SBCRunner:
         t0 = time.perf_counter()
         y, _ = self.simulate(i)
         truth = self.truth(i)
-        data = self._collapsed_data(y)
+        cp = self._crossprods(y)
+        data = CollapsedData.from_crossprods(cp)
         seed = int(np.random.SeedSequence([self.random_seed, i, 2]).generate_state(1)[0] % (2**31))
-        dt = self._sample(data, seed)
+        dt = self._sample(cp, data, seed)
         post = dt["posterior"].to_dataset()
         draws = _scalar_parameters(post, self.names, self.spec)
         C, D = post.sizes["chain"], post.sizes["draw"]
