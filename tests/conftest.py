@@ -11,6 +11,23 @@ def load_reference() -> dict:
     return json.loads(REFERENCE.read_text())["models"]
 
 
+def scale_logpdf(prior, value, c=0):
+    """scipy's log density of a scale prior (its c-th value where the parameters are per column)."""
+    import numpy as np
+    import scipy.stats as st
+
+    par = {k: np.ravel(v)[c] if np.ndim(v) else v for k, v in prior.params.items()}
+    if prior.family == "HalfNormal":
+        return st.halfnorm(scale=par["sigma"]).logpdf(value)
+    if prior.family == "Exponential":
+        return st.expon(scale=1 / par["lam"]).logpdf(value)
+    if prior.family == "HalfStudentT":
+        return np.log(2) + st.t(df=par["nu"], scale=par["sigma"]).logpdf(value)
+    if prior.family == "HalfCauchy":
+        return st.halfcauchy(scale=par["beta"]).logpdf(value)
+    raise AssertionError(prior.family)
+
+
 @pytest.fixture(scope="session")
 def lme4_reference() -> dict:
     return load_reference()

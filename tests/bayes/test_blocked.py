@@ -20,6 +20,7 @@ from bayeslmm.bayes.blocked import BlockedData, cpc_cholesky, lkj_log_constant
 from bayeslmm.bayes.model import centring_matrix
 from bayeslmm.bayes.priors import resolve_priors
 from bayeslmm.crossprod import block_Z
+from conftest import scale_logpdf
 
 
 def _crossed_data(seed=0, n_a=12, n_b=9, reps=2):
@@ -69,17 +70,6 @@ def _lkj_log_c(q, eta):
     return out
 
 
-def _scale_logpdf(prior, value, c=0):
-    par = {k: np.ravel(v)[c] if np.ndim(v) else v for k, v in prior.params.items()}
-    if prior.family == "HalfNormal":
-        return st.halfnorm(scale=par["sigma"]).logpdf(value)
-    if prior.family == "Exponential":
-        return st.expon(scale=1 / par["lam"]).logpdf(value)
-    if prior.family == "HalfStudentT":
-        return np.log(2) + st.t(df=par["nu"], scale=par["sigma"]).logpdf(value)
-    return st.halfcauchy(scale=par["beta"]).logpdf(value)
-
-
 def _corr_entries(y, q):
     R = cpc_cholesky(y, q) @ cpc_cholesky(y, q).T
     i, j = np.triu_indices(q, 1)
@@ -101,12 +91,12 @@ def _dense_logp(m, ps, bd, x):
     lp = sum(st.norm(ps.beta[k].params.get("mu", 0.0), ps.beta[k].params["sigma"]).logpdf(x[k]) for k in range(p))
     beta = centring_matrix(spec, ps) @ x[:p]
     sigma = math.exp(x[p])
-    lp += _scale_logpdf(ps.sigma, sigma) + x[p]
+    lp += scale_logpdf(ps.sigma, sigma) + x[p]
     V = sigma**2 * np.eye(spec.n_obs)
     for k, (block, bp) in enumerate(zip(spec.blocks, ps.blocks)):
         q, x0 = block.q, bd.priors.blk_x0[k]
         sd = np.exp(x[x0 : x0 + q])
-        lp += sum(_scale_logpdf(bp.sd, sd[c], c) + x[x0 + c] for c in range(q))
+        lp += sum(scale_logpdf(bp.sd, sd[c], c) + x[x0 + c] for c in range(q))
         R = np.eye(q)
         if block.correlated and q > 1:
             y = x[x0 + q : x0 + q + q * (q - 1) // 2]
@@ -116,6 +106,18 @@ def _dense_logp(m, ps, bd, x):
         Z = block_Z(block).toarray()
         V += Z @ np.kron(np.eye(block.n_levels), np.outer(sd, sd) * R) @ Z.T
     return lp + st.multivariate_normal(spec.X @ beta, V).logpdf(spec.y)
+
+
+def assert_gradient_matches(kernel, x):
+    """The kernel's gradient at x against central differences (steps 1e-5·max(1, |x_k|)) to rtol 1e-6."""
+    _, grad = kernel.logp_and_grad(x)
+    num = np.empty_like(x)
+    for k in range(x.size):
+        h = 1e-5 * max(1.0, abs(x[k]))
+        e = np.zeros_like(x)
+        e[k] = h
+        num[k] = (kernel.logp_and_grad(x + e)[0] - kernel.logp_and_grad(x - e)[0]) / (2 * h)
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-6 * np.abs(num).max())
 
 
 def _points(bd, rng, k=3):
@@ -140,14 +142,7 @@ def test_gradient_equals_finite_differences(name):
     _, _, bd = _setup(STRUCTURES[name], PRIORS)
     rng = np.random.default_rng(2)
     for x in _points(bd, rng):
-        _, grad = bd.logp_and_grad(x)
-        num = np.empty_like(x)
-        for k in range(x.size):
-            h = 1e-5 * max(1.0, abs(x[k]))
-            e = np.zeros_like(x)
-            e[k] = h
-            num[k] = (bd.logp_and_grad(x + e)[0] - bd.logp_and_grad(x - e)[0]) / (2 * h)
-        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-6 * np.abs(num).max())
+        assert_gradient_matches(bd, x)
 
 
 def test_lkj_constant_is_lewandowskis():

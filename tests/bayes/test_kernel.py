@@ -10,6 +10,7 @@ from bayeslmm.bayes.fit import kernel_model
 from bayeslmm.bayes.kernel import KernelData, unsupported_reason
 from bayeslmm.bayes.priors import resolve_priors
 from bayeslmm.errors import BayesLMMError
+from conftest import scale_logpdf
 
 FORMULAS = ["Reaction ~ Days + (Days | Subject)", "Reaction ~ Days + (1 | Subject)",
             "Reaction ~ Days + (Days || Subject)", "Reaction ~ 0 + Days + (Days | Subject)"]
@@ -26,19 +27,6 @@ def _kernel(formula, priors):
     return m, prior_set, built.collapsed, kd
 
 
-def _scale_logpdf(prior, value, c=0):
-    par = {k: np.ravel(v)[c] if np.ndim(v) else v for k, v in prior.params.items()}
-    if prior.family == "HalfNormal":
-        return st.halfnorm(scale=par["sigma"]).logpdf(value)
-    if prior.family == "Exponential":
-        return st.expon(scale=1 / par["lam"]).logpdf(value)
-    if prior.family == "HalfStudentT":
-        return np.log(2) + st.t(df=par["nu"], scale=par["sigma"]).logpdf(value)
-    if prior.family == "HalfCauchy":
-        return st.halfcauchy(scale=par["beta"]).logpdf(value)
-    raise AssertionError(prior.family)
-
-
 def _reference_logp(kd: KernelData, prior_set, data: CollapsedData, x):
     """The same density from the PyTensor likelihood, scipy's densities and the Jacobians."""
     c = kd.constrain(x)
@@ -50,8 +38,8 @@ def _reference_logp(kd: KernelData, prior_set, data: CollapsedData, x):
         L = np.diag(sd)
     ll = collapsed_loglik(data, c["beta"], L, sigma).eval()
     lp = sum(st.norm(kd.mu_b[k], kd.s_b[k]).logpdf(x[k]) for k in range(kd.p))
-    lp += _scale_logpdf(prior_set.sigma, sigma) + np.log(sigma)
-    lp += sum(_scale_logpdf(prior_set.blocks[0].sd, sd[i], i) + np.log(sd[i]) for i in range(kd.q))
+    lp += scale_logpdf(prior_set.sigma, sigma) + np.log(sigma)
+    lp += sum(scale_logpdf(prior_set.blocks[0].sd, sd[i], i) + np.log(sd[i]) for i in range(kd.q))
     if kd.correlated:
         eta = prior_set.blocks[0].eta
         # LKJ(η) for a 2×2 correlation: (ρ+1)/2 ~ Beta(η, η); Jacobian of ρ = tanh z is 1 − ρ²

@@ -15,7 +15,7 @@ from bayeslmm.bayes.partial import PartialData
 from bayeslmm.bayes.priors import resolve_priors
 from bayeslmm.crossprod import block_Z
 
-from test_blocked import PRIORS, STRUCTURES, _crossed_data, _dense_logp, _points
+from test_blocked import PRIORS, STRUCTURES, _crossed_data, _dense_logp, _points, assert_gradient_matches
 
 
 def _setup(formula, data=None):
@@ -89,14 +89,7 @@ def test_gradient_equals_finite_differences(name):
     _, _, pd_ = _any_setup(name)
     rng = np.random.default_rng(2)
     for x in _points(pd_, rng, 2):
-        _, grad = pd_.logp_and_grad(x)
-        num = np.empty_like(x)
-        for k in range(x.size):
-            h = 1e-5 * max(1.0, abs(x[k]))
-            e = np.zeros_like(x)
-            e[k] = h
-            num[k] = (pd_.logp_and_grad(x + e)[0] - pd_.logp_and_grad(x - e)[0]) / (2 * h)
-        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-6 * np.abs(num).max())
+        assert_gradient_matches(pd_, x)
 
 
 @pytest.mark.parametrize("formula", [STRUCTURES["crossed_maximal"], CENTRED["centred_correlated"]])
