@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-bayes bench-all sbc clean
+.PHONY: demo test test-slow bench bench-bayes bench-crossed bench-all sbc clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 
 bench-bayes: $(STAMP)
 	$(PY) benchmarks/bench_bayes.py
+
+# crossed, nested and q = 3 models against bambi and rstanarm (when R has it); ARGS="--quick" for a smoke run
+bench-crossed: $(STAMP)
+	$(PY) benchmarks/bench_crossed.py $(ARGS)
 
 # the whole suite, one table: bayeslmm vs bambi (NUTS), lme4 and statsmodels (REML), 1e3 to 1e7 rows;
 # about an hour on 2 cores (benchmarks/README.md); ARGS="--quick" for a smoke run of a few minutes

@@ -69,7 +69,7 @@ import time
 import warnings
 from pathlib import Path
 
-from machine import CpuMeter, _cpu_name  # benchmarks/machine.py
+from machine import CpuMeter, cpu_name  # benchmarks/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
         a.bambi_budget = min(a.bambi_budget, 120.0)
 
     started = _dt.datetime.now()
-    env_info = {"date": started.strftime("%Y-%m-%d %H:%M"), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+    env_info = {"date": started.strftime("%Y-%m-%d %H:%M"), "processor": cpu_name(), "cpu_count": os.cpu_count(),
                 "python": platform.python_version(), **code_fingerprint()}
     print(f"bayeslmm NUTS vs bambi; {a.chains} chains x {a.draws} draws ({a.tune} tune), seed {a.seed}; "
           f"{env_info['date']}, {env_info['processor']}, {env_info['cpu_count']} cores", flush=True)

@@ -55,7 +55,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import CpuMeter, _cpu_name  # benchmarks/machine.py
+from machine import CpuMeter, cpu_name  # benchmarks/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -244,7 +244,7 @@ def environment(r_json: dict | None) -> dict:
 
     env = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import CpuMeter, _cpu_name  # benchmarks/machine.py
+from machine import CpuMeter, cpu_name  # benchmarks/machine.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -262,7 +262,7 @@ def environment(lme4_json: dict | None) -> dict:
     env = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,

@@ -56,7 +56,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import bench_bayes as bb  # noqa: E402  (benchmarks/bench_bayes.py: the NUTS worker, finding bambi)
-from machine import CpuMeter, _cpu_name  # noqa: E402
+from machine import CpuMeter, cpu_name  # noqa: E402
 
 #: other processes using more than this many cores on average during a job -> marked busy
 BUSY_WARN_CORES = 0.25
@@ -705,7 +705,7 @@ def default_mem_limit() -> float:
 def environment(seed_settings: str) -> dict:
     from importlib import metadata
 
-    env = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "processor": _cpu_name(),
+    env = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "processor": cpu_name(),
            "cpu_count": os.cpu_count(), "python": platform.python_version(), "settings": seed_settings,
            **bb.code_fingerprint()}
     for dist in ("numpy", "statsmodels", "pymc", "nutpie"):
