@@ -229,7 +229,7 @@ def _agree_within_mcse(a, b, k=4.0):
     assert (z < k).all(), z.to_dict()
 
 
-GRAPH_CHECKED = ["crossed_maximal", "q3"]
+GRAPH_CHECKED = ["crossed_maximal"]   # the other seven behind `slow` (each fits the PyMC graph)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in GRAPH_CHECKED else pytest.mark.slow)
