@@ -129,7 +129,7 @@ class Model:
             :mod:`bayeslmm.bayes.kernel` for one grouping factor with at most two
             random-effect columns, :mod:`bayeslmm.bayes.blocked` with every effect
             integrated out for any other structure, :mod:`bayeslmm.bayes.partial`
-            with the other factors sampled when more than 250 effects lie outside
+            with the other factors sampled when more than 200 effects lie outside
             the largest — where the priors are ones they implement; PyMC's graph
             otherwise), ``effects="auto" | "draws" |
             "summary"`` (the integrated-out block's effects: every draw, or per-level
