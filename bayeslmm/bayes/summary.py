@@ -30,6 +30,11 @@ def _formatters(table: pd.DataFrame) -> dict:
     return out
 
 
+#: what the compiled kernels beyond one factor integrate out, said in the summary's header
+ROUTE_NOTES = {"blocked": ": every random effect integrated out",
+               "partial": ": the largest factor integrated out, the others sampled"}
+
+
 class BayesSummary:
     """What ``print(fit.summary())`` shows; also rendered as HTML in notebooks.
 
@@ -54,8 +59,9 @@ class BayesSummary:
         if fit.data_name:
             lines.append(f"   Data: {fit.data_name}")
         lines.append(fit.spec.counts_line())
+        how = ROUTE_NOTES.get((fit.timings or {}).get("backend"), "")
         lines.append(f"Draws: {post.sizes['chain']} chains × {post.sizes['draw']} ({fit.sampler} NUTS, "
-                     f"{fit.parameterization} parameterisation, seed {fit.seed})")
+                     f"{fit.parameterization} parameterisation{how}, seed {fit.seed})")
         return lines
 
     def tables(self) -> dict[str, pd.DataFrame]:

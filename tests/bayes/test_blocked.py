@@ -270,6 +270,7 @@ def test_a_factor_with_two_levels_samples():
     fit = Model("y ~ x + (1 + x | a) + (1 | b)", data).fit(method="nuts", draws=200, tune=300, chains=2,
                                                             random_seed=3, progressbar=False, warn=False)
     assert fit.timings["backend"] == "blocked"
+    assert "collapsed parameterisation: every random effect integrated out" in str(fit.summary())
     post = fit.posterior
     for var in ("beta", "sigma", "a_sd", "b_sd", "a_corr", "b"):
         assert np.isfinite(post[var].to_numpy()).all(), var
