@@ -55,7 +55,8 @@ from scipy.special import betaln
 from ..crossprod import CrossProducts
 from ..spec import ModelSpec
 from .compiled import cached_njit
-from .densities import LOG_2PI, SCALE_FAMILIES, beta_prior, finite_or_rejected, prior_centre, scale_logp, scale_params
+from .densities import (LOG_2PI, SCALE_FAMILIES, beta_prior, finite_or_rejected, log_sech2, prior_centre, scale_logp,
+                        scale_params)
 from .priors import PriorSet
 
 #: coupling density (non-zeros of B over its size) above which B is kept dense and multiplied by BLAS
@@ -337,8 +338,7 @@ def block_factor(x, x0, q, corr, eta, lkj_const, fam, par, sd, Lc, grad):
             Lc[i, j] = z * math.sqrt(rem)
             rem *= 1.0 - z * z
             w = q - j - 2 + 2.0 * eta
-            ay = abs(y)
-            lp -= w * (ay + math.log1p(math.exp(-2.0 * ay)) - math.log(2.0))   # w log sech y
+            lp += 0.5 * w * log_sech2(y)                 # w log sech y
             grad[k] -= w * z
             k += 1
         Lc[i, i] = math.sqrt(rem)
@@ -540,13 +540,18 @@ def _lower_inverse(L, n):
 
 
 @cached_njit(error_model="numpy")
-def _dense_part(D, T, rest_off, rest_nlev, blk_q, mR, beta):
-    """C = ΛᵣᵀDΛᵣ + I_R, its Cholesky factor, log|C_RR|, the quadratic bᵀSb, S b, and the gradient G_C.
+def _augmented_factor(T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, mR, W, P):
+    """The blocked factorisation at T: the first block level by level (P_j, W_j into P, W), its Schur
+    complement D = Arr − Σ_j B_jW_jB_jᵀ, then C = ΛᵣᵀDΛᵣ + I_R and its Cholesky factor L.
 
-    Returns (ok, logdet_R, quad, Sb, E = DΛᵣ, G_C without the 1/σ² on its zzᵀ part: zzᵀ and C_RR⁻¹ kept apart).
+    Returns (ok, Σ_j log|M_j|, E = DΛᵣ, L); ok is False where a factor is not positive definite.
     """
-    m = D.shape[0]
-    p = m - mR - 1
+    q1 = blk_q[0]
+    T1 = np.ascontiguousarray(T[0, :q1, :q1])
+    logdet1 = first_block_weights(A11, T1, q1, W, P)
+    if logdet1 == -math.inf:
+        return False, logdet1, Arr, Arr
+    D = _schur_first_block(Arr, ptr, rows, vals, Bd, W, q1)
     E = _apply_rest_factor(D, T, rest_off, rest_nlev, blk_q, True)
     C = _apply_rest_factor(E, T, rest_off, rest_nlev, blk_q, False)
     for i in range(mR):
@@ -554,7 +559,18 @@ def _dense_part(D, T, rest_off, rest_nlev, blk_q, mR, beta):
     try:
         L = np.linalg.cholesky(C)
     except Exception:  # noqa: BLE001  (numba raises LinAlgError for a matrix that is not PD)
-        return False, 0.0, 0.0, np.zeros(p), E, np.zeros((m, m)), np.zeros(m)
+        return False, logdet1, E, C
+    return True, logdet1, E, L
+
+
+@cached_njit(error_model="numpy")
+def _dense_part(L, mR, beta):
+    """From the Cholesky factor L of C: log|C_RR|, the quadratic bᵀSb, S b and what G_C is made of.
+
+    Returns (logdet_R, quad, Sb, C_RR⁻¹ (padded to m × m), z = [−C_RR⁻¹C_R,xy b; b]).
+    """
+    m = L.shape[0]
+    p = m - mR - 1
     logdet = 0.0
     for i in range(mR):
         logdet += 2.0 * math.log(L[i, i])
@@ -596,7 +612,7 @@ def _dense_part(D, T, rest_off, rest_nlev, blk_q, mR, beta):
     Cinv = np.zeros((m, m))
     if mR > 0:
         Cinv[:mR, :mR] = Li.T @ Li
-    return True, logdet, quad, Sb, E, Cinv, z
+    return logdet, quad, Sb, Cinv, z
 
 
 @cached_njit(error_model="numpy")
@@ -738,17 +754,13 @@ def loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nl
     q1 = blk_q[0]
     n1 = A11.shape[0]
     s2 = sigma * sigma
-    T1 = np.ascontiguousarray(T[0, :q1, :q1])
     W = np.empty((n1, q1, q1))
     P = np.empty((n1, q1, q1))
     gbeta = np.zeros(p)
-    logdet1 = first_block_weights(A11, T1, q1, W, P)
-    if logdet1 == -math.inf:
-        return -math.inf, gbeta, 0.0
-    D = _schur_first_block(Arr, ptr, rows, vals, Bd, W, q1)
-    ok, logdet_R, quad, Sb, E, Cinv, z = _dense_part(D, T, rest_off, rest_nlev, blk_q, mR, beta)
+    ok, logdet1, E, L = _augmented_factor(T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, mR, W, P)
     if not ok:
         return -math.inf, gbeta, 0.0
+    logdet_R, quad, Sb, Cinv, z = _dense_part(L, mR, beta)
     ll = -0.5 * (n * (LOG_2PI + math.log(s2)) + logdet1 + logdet_R + quad / s2)
     for i in range(p):
         gbeta[i] = Sb[i] / s2
@@ -760,7 +772,7 @@ def loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nl
     GD = _rest_gradients(E, GC, T, rest_off, rest_nlev, blk_q, gT)
     Gb = _coupling_gradient(ptr, rows, vals, Bd, GD, n1, q1)
     gT1 = np.zeros((q1, q1))
-    _first_block_gradient(A11, Gb, T1, q1, P, gT1)
+    _first_block_gradient(A11, Gb, np.ascontiguousarray(T[0, :q1, :q1]), q1, P, gT1)
     for a in range(q1):
         for b in range(q1):
             gT[0, a, b] += gT1[a, b]
@@ -815,14 +827,9 @@ def _draw_rest(betas, sigmas, Ts, eps, A11, ptr, rows, vals, Bd, Arr, rest_off, 
     P = np.empty((n1, q1, q1))
     for s in range(S):
         T = Ts[s]
-        T1 = np.ascontiguousarray(T[0, :q1, :q1])
-        first_block_weights(A11, T1, q1, W, P)
-        D = _schur_first_block(Arr, ptr, rows, vals, Bd, W, q1)
-        E = _apply_rest_factor(D, T, rest_off, rest_nlev, blk_q, True)
-        C = _apply_rest_factor(E, T, rest_off, rest_nlev, blk_q, False)
-        for i in range(mR):
-            C[i, i] += 1.0
-        L = np.linalg.cholesky(C)
+        ok, _, _, L = _augmented_factor(T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, mR, W, P)
+        if not ok:
+            raise ValueError("the augmented matrix is not positive definite at a posterior draw")
         rhs = np.empty(mR)
         for c in range(mR):
             acc = L[m - 1, c]

@@ -164,7 +164,7 @@ def _sample_posterior(spec, crossprods, prior_set, route, parameterization, draw
     # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
     scale = ResponseScale.of(spec, crossprods)
     if route in ("blocked", "partial"):
-        built, kdata = blocked_model(spec, crossprods, prior_set, scale, route)
+        built, kdata = compiled_model(spec, crossprods, prior_set, scale, route)
         t1 = time.perf_counter()
         with one_blas_thread():  # the chains' threads each call BLAS: more threads would only contend
             dt = sample_kernel(kdata, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
@@ -299,7 +299,7 @@ def one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def blocked_model(spec, crossprods, prior_set, scale: ResponseScale | None = None, route: str = "blocked"):
+def compiled_model(spec, crossprods, prior_set, scale: ResponseScale | None = None, route: str = "blocked"):
     """The arrays of the blocked (or, with ``route="partial"``, the partly collapsed) kernel, in ``scale``'s
     standardised units when given, and the model in y's own units."""
     if scale is not None:
@@ -395,17 +395,8 @@ def sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treed
 def kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:
     """The kernel's unconstrained draws as the posterior variables the PyMC model reports."""
     vals = kd.constrain(raw["x"].to_numpy())
-    name, block = names[0], spec.blocks[0]
-    e = naming.effect_dim(name)
-    data = {"beta": (("chain", "draw", "coef"), vals["beta"]), "sigma": (("chain", "draw"), vals["sigma"]),
-            naming.sd_var(name): (("chain", "draw", e), vals["sd"])}
-    coords = {"chain": raw["chain"].to_numpy(), "draw": raw["draw"].to_numpy(), "coef": list(spec.fixed_names),
-              e: list(block.columns)}
-    if "corr" in vals:
-        corr_vars, corr_coords = naming.corr_data(name, block.columns, naming.pairs_of(vals["corr"]))
-        data.update(corr_vars)
-        coords.update(corr_coords)
-    return xr.Dataset(data, coords=coords)
+    one_block = {"beta": vals["beta"], "sigma": vals["sigma"], "sd": [vals["sd"]], "corr": [vals.get("corr")]}
+    return _compiled_posterior(spec, names, raw, one_block, [])
 
 
 def choose_sampler(spec: ModelSpec, parameterization: str) -> str:

@@ -57,7 +57,7 @@ from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from .collapsed import CollapsedData
 from . import blocked, naming
-from .fit import blocked_model, blocked_posterior, kernel_model, kernel_posterior, one_blas_thread, sample_kernel
+from .fit import blocked_posterior, compiled_model, kernel_model, kernel_posterior, one_blas_thread, sample_kernel
 from .kernel import unsupported_reason
 from .model import build_pymc_model, centring_matrix
 from .naming import block_names
@@ -355,10 +355,11 @@ class SBCRunner:
     def compile(self) -> float:
         """Build and compile the collapsed model once; returns the seconds it took."""
         t0 = time.perf_counter()
-        if self.sampler in ("kernel", "blocked"):   # numba's cached machine code: nothing to compile
+        if self.sampler == "blocked":   # numba's cached machine code; its arrays are built per simulation
+            return time.perf_counter() - t0
+        if self.sampler == "kernel":    # the arrays built once, the response swapped per simulation
             if self._compiled is None:
-                make = kernel_model if self.sampler == "kernel" else blocked_model
-                self._compiled = make(self.spec, self.cp, self.fit_priors)[1]
+                self._compiled = kernel_model(self.spec, self.cp, self.fit_priors)[1]
             return time.perf_counter() - t0
         built = self._build()
         if self._compiled is None:
@@ -374,7 +375,7 @@ class SBCRunner:
 
         self.compile()
         if self.sampler == "blocked":
-            bd = blocked_model(self.spec, cp, self.fit_priors)[1]
+            bd = compiled_model(self.spec, cp, self.fit_priors)[1]
             with one_blas_thread():
                 dt = sample_kernel(bd, self.draws, self.tune, self.chains, 1, seed, self.target_accept, 10, False)
                 dt["posterior"] = xr.DataTree(blocked_posterior(self.spec, bd, self.names,
