@@ -15,9 +15,13 @@ and to ``--out`` (``anova.csv``).
 (:mod:`bayeslmm.residual`; nlme's ``weights =`` and ``correlation =``), written as small
 expressions: ``--variance "ident(Sex)" | "power(Time)" | "exp(x)" | "fixed(Time)"``,
 ``--correlation "ar1(Mare)" | "ar1(Mare, time=Day)" | "car1(Subject, time=t)" |
-"compsymm(Subject)"``, ``--weights COLUMN`` (precision weights, Var = σ²/w).  REML/ML only;
-the JSON carries the estimates under ``residual_params`` and the structure under
-``residual_structure``.
+"compsymm(Subject)"``, ``--weights COLUMN`` (precision weights, Var = σ²/w).  The JSON carries
+the structure under ``residual_structure`` and the REML/ML estimates under ``residual_params``
+(a NUTS fit's posterior has them as ``residual_*`` rows).  After a NUTS fit the posterior
+predictive check draws the structured noise, the variance components use the mean residual
+variance over the rows (as the REML fit's), and what the structure rules out is a printed
+note: LOO under a correlation structure (no pointwise log-likelihood), and in this release
+the side-by-side comparison table.
 
 ``--method both`` fits the model by REML and by NUTS, prints both summaries and then
 the side-by-side table of :func:`bayeslmm.compare`.  ``--out DIR`` writes into DIR
@@ -121,19 +125,28 @@ def use_dask(source: str, force: bool = False) -> bool:
     return len(files) > 1 or sum(f.stat().st_size for f in files if f.exists()) > DASK_BYTES
 
 
+ROUTE_HELP = (
+    "nuts: how the posterior is computed (docs/bayes.md, Routes). auto (default): the fastest exact route that "
+    "applies: a compiled (numba, cached) kernel sampled by nutpie where one applies, else the PyMC graph. "
+    "kernel: whichever compiled kernel applies (an error saying why when none does). one-factor: the kernel "
+    "for one random-effect term with at most two columns, its effects integrated out; blocked: every random "
+    "effect integrated out; partial: the largest factor integrated out, the others sampled; structured: a "
+    "model with a residual structure, every effect integrated out (each an error saying why when it cannot fit "
+    "the model). graph: the PyMC graph, the largest factor integrated out; graph-explicit: the PyMC graph, "
+    "every random effect sampled")
+ROUTES = ["auto", "kernel", "one-factor", "blocked", "partial", "structured", "graph", "graph-explicit"]
 SAMPLER_HELP = (
-    "nuts: which NUTS runs. auto (default): for one random-effect term with at most two columns, nutpie "
-    "on bayeslmm's compiled (numba) collapsed log-posterior; otherwise the PyMC model, sampled by nutpie "
-    "when its gradient is large and by PyMC's own NUTS when small. nutpie: nutpie always (on the compiled "
-    "log-posterior where it applies, else on the PyMC model). pymc: PyMC's own NUTS on the PyMC model")
+    "nuts: which NUTS samples a PyMC-graph route (the compiled kernels always run on nutpie). auto (default): "
+    "nutpie when the graph's gradient is large, PyMC's own NUTS when small; nutpie: nutpie (compiles the graph); "
+    "pymc: PyMC's own NUTS, which with --route auto means the graph")
 
 
 VARIANCE_HELP = (
-    "reml, ml: a residual variance function, as nlme's weights =: ident(G) a residual sd per level of column G "
+    "a residual variance function, as nlme's weights =: ident(G) a residual sd per level of column G "
     "(varIdent(form = ~1 | G)); power(V) sd proportional to |V|^power (varPower); exp(V) sd proportional to "
     "exp(expon * V) (varExp); fixed(V) variance proportional to V (varFixed)")
 CORRELATION_HELP = (
-    "reml, ml: a residual correlation within the levels of a grouping column G, as nlme's correlation =: ar1(G) "
+    "a residual correlation within the levels of a grouping column G, as nlme's correlation =: ar1(G) "
     "AR(1) in row order, ar1(G, time=T) by an integer time column T (corAR1); car1(G, time=T) continuous-time "
     "AR(1) by a numeric time T (corCAR1); compsymm(G) one correlation within each group (corCompSymm). G must "
     "be a random-effect grouping factor or nested in each one")
@@ -159,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--chains", type=int, default=4, help="nuts: number of chains (default 4)")
     f.add_argument("--random-seed", "--seed", dest="seed", type=int, default=None,
                    help="nuts: random seed (--seed is its older name, still accepted)")
+    f.add_argument("--route", default="auto", choices=ROUTES, help=ROUTE_HELP)
     f.add_argument("--sampler", default="auto", choices=["auto", "pymc", "nutpie"], help=SAMPLER_HELP)
     f.add_argument("--target-accept", type=float, default=0.8, metavar="P",
                    help="nuts: target acceptance probability of the step-size adaptation, strictly between 0 "
@@ -185,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--variance", metavar="EXPR", default=None, help=VARIANCE_HELP)
     f.add_argument("--correlation", metavar="EXPR", default=None, help=CORRELATION_HELP)
     f.add_argument("--weights", metavar="COLUMN", default=None,
-                   help="reml, ml: known precision weights in COLUMN (positive): Var(y_i) = sigma^2 / w_i, as lme4's "
+                   help="known precision weights in COLUMN (positive): Var(y_i) = sigma^2 / w_i, as lme4's "
                         "and nlme's weights")
     f.add_argument("--missing", default="raise", choices=["raise", "drop"],
                    help="rows with missing values: raise an error (default) or drop them")
@@ -389,7 +403,6 @@ class _Run:
                                 "both, or leave --anova out")
         self.stage = "reading the data"
         model = _build_model(args)
-        _refuse_nuts_with_residual(model, args.method)
         self.stage = "preparing the outputs"
         self._prepare_outputs(model)
         if args.method in ("reml", "ml", "both"):
@@ -402,9 +415,11 @@ class _Run:
         if args.method in ("nuts", "both"):
             self.stage = "sampling by NUTS"
             fit = model.fit(method="nuts", draws=args.draws, tune=args.tune, chains=args.chains,
-                            random_seed=args.seed, sampler=args.sampler, target_accept=args.target_accept,
+                            random_seed=args.seed, route=args.route, sampler=args.sampler,
+                            target_accept=args.target_accept,
                             progressbar=sys.stderr.isatty())
             self._add_fit("nuts", fit, str(fit.summary(args.ci_prob)))
+            self._residual_notes(fit)
         if args.method == "both":
             self.stage = "comparing the fits"
             self._compare()
@@ -432,7 +447,8 @@ class _Run:
             _probe_writable(self.folder, f"--out {self.args.out!r}")
             keys = {"reml": ["reml"], "ml": ["ml"], "nuts": ["nuts"], "both": ["reml", "nuts"]}[self.args.method]
             groups = list(dict.fromkeys(b.group for b in model.spec.blocks))
-            planned = output_names(keys, groups, self.args.method == "both", self.args.anova is not None)
+            comparison = self.args.method == "both"
+            planned = output_names(keys, groups, comparison, self.args.anova is not None)
             present = {p.name for p in self.folder.iterdir()}
             replaced = [n for n in planned if n in present]
             others = len(present - set(planned))
@@ -514,6 +530,19 @@ class _Run:
             self.deferring = False
         self.check_not_interrupted()
 
+    def _residual_notes(self, fit) -> None:
+        """Say what a NUTS fit with a residual structure cannot give (printed, and in summary.txt)."""
+        from .bayes.posterior import NO_LOGLIK_UNDER_CORRELATION, independent_rows
+
+        residual = fit.spec.residual
+        if residual is None or independent_rows(fit.spec):
+            return
+        structure = type(residual.correlation.structure).__name__
+        self.show("")
+        self.show("Note: no LOO for this fit: " + NO_LOGLIK_UNDER_CORRELATION.format(structure=structure) + ".")
+        with self._writing("the notes"):
+            self._write_summary()
+
     def _compare(self) -> None:
         from .compare import compare
 
@@ -585,21 +614,6 @@ def _build_model(args: argparse.Namespace):
         model = Model(args.formula, data, missing=args.missing, **residual)
     model.data_name = name
     return model
-
-
-def _refuse_nuts_with_residual(model, method: str) -> None:
-    """The command line fits residual structures by REML/ML: say so before REML runs (``both``).
-
-    The Bayesian engine samples them (explicit parameterisation, O(N) per gradient), but what
-    the command line writes after a NUTS fit — the comparison, posterior predictive checks,
-    LOO — assumes R = σ²I; until those know the structure, Python is the place for it.
-    """
-    from .errors import ModelError
-
-    if method in ("nuts", "both") and model.spec.residual is not None:
-        raise ModelError("residual structures are fitted by REML/ML in this release of the command line; fit "
-                         "with --method reml or ml (from Python, Model(...).fit(method='nuts') samples them: "
-                         "docs/bayes.md), or drop --variance/--correlation/--weights")
 
 
 # -- residual structures from the command line -------------------------------------------------

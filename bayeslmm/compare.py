@@ -97,16 +97,26 @@ def _fmt(v: float) -> str:
     return f"{v:.5g}"
 
 
+def _structure(spec):
+    """The residual structure as written (its structures and weights, not the rows), None for σ²I."""
+    res = getattr(spec, "residual", None)
+    if res is None:
+        return None
+    d = res.describe()
+    return d["variance"], d["correlation"], d["weights"], res.names
+
+
 def _same_model(bayes, freq) -> None:
     a, b = bayes.spec, freq.spec
-    same = (a.fixed_names == b.fixed_names and a.n_obs == b.n_obs and getattr(b, "residual", None) is None
+    same = (a.fixed_names == b.fixed_names and a.n_obs == b.n_obs and _structure(a) == _structure(b)
             and [(x.group, x.columns, x.correlated) for x in a.blocks]
             == [(x.group, x.columns, x.correlated) for x in b.blocks])
     if same and getattr(a, "rows_in_memory", True) and getattr(b, "rows_in_memory", True):
         same = np.array_equal(a.y, b.y)
     if not same:
+        why = "; their residual structures differ" if _structure(a) != _structure(b) else ""
         raise ModelError(f"the two fits are not of the same model and data ({a.formula!r}, {a.n_obs} rows vs "
-                         f"{b.formula!r}, {b.n_obs} rows); fit one Model both ways: model.fit('nuts'), "
+                         f"{b.formula!r}, {b.n_obs} rows{why}); fit one Model both ways: model.fit('nuts'), "
                          "model.fit('reml')")
 
 
@@ -147,7 +157,9 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     -------
     ReportFrame (a DataFrame) indexed ``beta[...]``, ``sd[group|term]``,
     ``corr[group|term1,term2]``, ``sigma``, in the order of ``fixef_table()``
-    and ``varcorr``; columns ``group, term, post_mean, post_median, post_sd,
+    and ``varcorr``, then ``residual[Phi]``, ``residual[power]``, … for a residual structure
+    (posterior of the ``residual_*`` variables beside ``residual_params``, nlme's scale; fits of
+    the same structure only); columns ``group, term, post_mean, post_median, post_sd,
     post_lower, post_upper, r_hat, ess_bulk, estimate, se, lower, upper, diff_sd``.
     """
     from .group_frames import posterior_ci_prob
@@ -156,14 +168,16 @@ def compare(bayes_fit, freq_fit, ci_prob: float | None = None, intervals: str = 
     prob = posterior_ci_prob(ci_prob)
     post, pfe = _posterior_rows(bayes_fit, prob)
     fe, vc = freq_fit.fixef_table(prob, ddf="none"), freq_fit.varcorr  # Wald, as documented above
+    res = list(freq_fit.residual_params or {})   # a residual structure's parameters, after σ
     freq, method, notes = _frequentist_rows(freq_fit, fe, vc, intervals, prob)
     table = pd.DataFrame({
-        "group": ["fixed"] * len(fe) + list(vc["grp"]), "term": list(fe.index) + _var_terms(vc),
+        "group": ["fixed"] * len(fe) + list(vc["grp"]) + ["residual"] * len(res),
+        "term": list(fe.index) + _var_terms(vc) + res,
         "post_mean": post["estimate"].to_numpy(), "post_median": post["median"].to_numpy(),
         "post_sd": post["std_error"].to_numpy(), "post_lower": post["lower"].to_numpy(),
         "post_upper": post["upper"].to_numpy(), "r_hat": post["r_hat"].to_numpy(),
         "ess_bulk": post["ess_bulk"].to_numpy(), **freq,
-    }, index=[f"beta[{n}]" for n in fe.index] + _var_labels(vc))
+    }, index=[f"beta[{n}]" for n in fe.index] + _var_labels(vc) + [f"residual[{n}]" for n in res])
     table["diff_sd"] = (table["post_mean"] - table["estimate"]) / table["post_sd"]
     table.attrs.update(ci_prob=prob, interval=pfe.attrs.get("interval"), freq_method=freq_fit.method,
                        freq_intervals=method)
@@ -193,18 +207,23 @@ def _posterior_rows(bayes_fit, prob: float) -> tuple[pd.DataFrame, pd.DataFrame]
     """The posterior's fixed effects then its varcorr rows, one frame (and the fixed effects' own)."""
     pfe = bayes_fit.fixef_table(prob)
     pvc = bayes_fit.varcorr_table(prob)
-    post = pd.concat([pfe.reset_index(drop=True), pvc[pfe.columns].reset_index(drop=True)], ignore_index=True)
+    parts = [pfe.reset_index(drop=True), pvc[pfe.columns].reset_index(drop=True)]
+    if bayes_fit.spec.residual is not None:
+        parts.append(bayes_fit.residual_table(prob)[pfe.columns].reset_index(drop=True))
+    post = pd.concat(parts, ignore_index=True)
     return post, pfe
 
 
 def _frequentist_rows(freq_fit, fe: pd.DataFrame, vc: pd.DataFrame, intervals: str, prob: float):
-    """The columns ``estimate, se, lower, upper`` (fixed effects, then varcorr's rows), method words, notes.
+    """The columns ``estimate, se, lower, upper`` (fixed effects, then varcorr's rows, then a residual
+    structure's parameters), method words, notes.
 
     Wald intervals of the fixed effects come with ``fe``; the variances' are computed
     by :func:`_variance_intervals` as ``intervals`` asks.
     """
-    n_var = len(vc)
-    est = np.concatenate([fe["estimate"].to_numpy(), vc["sdcor"].to_numpy()])
+    res = list((freq_fit.residual_params or {}).values())
+    n_var = len(vc) + len(res)
+    est = np.concatenate([fe["estimate"].to_numpy(), vc["sdcor"].to_numpy(), res])
     se = np.concatenate([fe["std_error"].to_numpy(), np.full(n_var, np.nan)])
     lower = np.concatenate([fe["lower"].to_numpy(), np.full(n_var, np.nan)])
     upper = np.concatenate([fe["upper"].to_numpy(), np.full(n_var, np.nan)])
@@ -254,4 +273,6 @@ def _variance_intervals(freq_fit, intervals: str, prob: float, lower: np.ndarray
     upper[:] = prof["upper"].to_numpy()
     notes += [f"profile: {n}" for n in prof.attrs.get("notes", [])]
     method += "; profile likelihood (ML deviance, as lme4's confint) for the sds, correlations and σ"
+    if freq_fit.residual_params:
+        method += " and the residual structure's parameters"
     return method, notes

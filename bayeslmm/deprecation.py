@@ -44,6 +44,16 @@ def renamed_kwargs(**renames: str):
     return decorate
 
 
+def warn_replaced(where: str, old: str, new: str, stacklevel: int = 2) -> None:
+    """A ``FutureWarning`` that the old keyword as given (``old``, e.g. ``backend='pytensor'``) is now
+    spelt ``new`` (``route='graph'``): for a keyword whose values, not only its name, changed.
+
+    ``stacklevel`` counts from the caller of this function, as ``warnings.warn``'s does.
+    """
+    warnings.warn(f"{where}: `{old}` is now `{new}`; the old spelling will be removed in a future release "
+                  "(see docs/vocabulary.md)", FutureWarning, stacklevel=stacklevel + 1)
+
+
 class _OldCallSeries(pd.Series):
     """A Series that, called like the method it replaces, warns and answers as that method did."""
 

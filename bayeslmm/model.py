@@ -116,25 +116,34 @@ class Model:
             ``xtol_abs``, ``maxeval``, ``restarts``, ``initial_step``) and
             ``blas_threads`` (default ``$BAYESLMM_BLAS_THREADS``, else 1).
 
-            For NUTS: ``draws=1000``, ``tune=1000``, ``chains=4``, ``cores`` (1 for
-            PyMC's sampler; for nutpie one thread per chain up to the number of
-            processors), ``random_seed``, ``sampler="auto" | "pymc" | "nutpie"``
-            (auto: PyMC's NUTS for small gradients, nutpie's for big ones, see
-            ``bayes.fit.choose_sampler``), ``parameterization="collapsed" |
-            "explicit"``, ``priors`` (see :mod:`bayeslmm.bayes.priors`),
-            ``target_accept=0.8``, ``max_treedepth=10``, ``progressbar=True``,
-            ``log_likelihood`` (pointwise, for LOO; on by default below 5e7 values),
-            ``warn=True`` (convergence warnings), ``backend="auto" | "kernel" |
-            "pytensor"`` (auto and kernel: a compiled collapsed kernel on nutpie —
-            :mod:`bayeslmm.bayes.kernel` for one grouping factor with at most two
-            random-effect columns, :mod:`bayeslmm.bayes.blocked` with every effect
-            integrated out for any other structure, :mod:`bayeslmm.bayes.partial`
-            with the other factors sampled when more than 200 effects lie outside
-            the largest — where the priors are ones they implement; PyMC's graph
-            otherwise), ``effects="auto" | "draws" |
-            "summary"`` (the integrated-out block's effects: every draw, or per-level
-            posterior means, sds and quantiles; auto stores draws up to
-            ``bayes.fit.MAX_EFFECT_VALUES`` values — see docs/bayes.md).
+            For NUTS: ``route`` (how the posterior is computed, docs/bayes.md "Routes"):
+            ``"auto"`` (default: the fastest exact route that applies), ``"kernel"``
+            (whichever compiled kernel applies), one compiled kernel by name —
+            ``"one-factor"`` (:mod:`bayeslmm.bayes.kernel`: one grouping factor, at most
+            two random-effect columns), ``"blocked"`` (:mod:`bayeslmm.bayes.blocked`:
+            every effect integrated out; auto's choice for other σ²I models with up to
+            200 effects outside the largest factor), ``"partial"``
+            (:mod:`bayeslmm.bayes.partial`: the largest factor integrated out, the
+            others sampled), ``"structured"`` (:mod:`bayeslmm.bayes.structured`: a
+            residual structure) — each an error saying why where it cannot fit the
+            model; ``"graph"`` (the PyMC graph, the largest factor integrated out) or
+            ``"graph-explicit"`` (the PyMC graph, every effect sampled; a model with a
+            residual structure is always sampled so on the graph). ``fit.route`` says
+            which ran. ``sampler="auto" | "pymc" | "nutpie"``: which NUTS runs a graph
+            route (auto: PyMC's for small gradients, nutpie's for big ones, see
+            ``bayes.fit.choose_sampler``; the compiled kernels always run on nutpie, and
+            ``sampler="pymc"`` with ``route="auto"`` means the graph). ``draws=1000``,
+            ``tune=1000``, ``chains=4``, ``cores`` (1 for PyMC's sampler; for nutpie
+            one thread per chain up to the number of processors), ``random_seed``,
+            ``priors`` (see :mod:`bayeslmm.bayes.priors`), ``target_accept=0.8``,
+            ``max_treedepth=10``, ``progressbar=True``, ``log_likelihood`` (pointwise,
+            for LOO; on by default below 5e7 values), ``warn=True`` (convergence
+            warnings), ``effects="auto" | "draws" | "summary"`` (the integrated-out
+            block's effects: every draw, or per-level posterior means, sds and
+            quantiles; auto stores draws up to ``bayes.fit.MAX_EFFECT_VALUES`` values —
+            see docs/bayes.md). The older ``backend=`` and ``parameterization=`` still
+            work, with a ``FutureWarning`` naming the ``route`` they spell
+            (docs/vocabulary.md).
 
         Returns
         -------
@@ -160,11 +169,12 @@ class Model:
         if not isinstance(method, str) or method.lower() not in METHODS:
             raise BayesLMMError(f"method must be one of {list(METHODS)}, got {method!r}")
         if method.lower() == "nuts":
-            from .bayes.fit import fit_bayes
+            from .bayes.fit import fit_bayes, route_from_old_keywords
 
             options = _known(options, _NUTS_OPTIONS)
-            if options.get("parameterization") == "explicit":
-                self.spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
+            if "backend" in options or "parameterization" in options:   # the older spellings of route=
+                options["route"] = route_from_old_keywords(options.get("route", "auto"), options.pop("backend", None),
+                                                           options.pop("parameterization", None))
             if options.get("log_likelihood"):
                 self.spec.require_rows("the pointwise log-likelihood (log_likelihood=True)")
             self._check_response()
@@ -299,9 +309,9 @@ def _with_residual(spec: ModelSpec, data: pd.DataFrame, variance, correlation, w
 
 _FREQ_OPTIONS = {"start", "ftol_rel", "ftol_abs", "xtol_abs", "xtol_rel", "maxeval", "restarts", "initial_step",
                  "blas_threads"}
-_NUTS_OPTIONS = {"draws", "tune", "chains", "cores", "random_seed", "sampler", "parameterization", "priors",
-                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn", "backend",
-                 "effects"}
+_NUTS_OPTIONS = {"draws", "tune", "chains", "cores", "random_seed", "sampler", "route", "priors",
+                 "target_accept", "max_treedepth", "progressbar", "log_likelihood", "warn", "effects",
+                 "backend", "parameterization"}   # the last two: the older spellings of route=
 
 
 def _known(options: dict, allowed: set[str]) -> dict:

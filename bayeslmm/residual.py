@@ -492,14 +492,6 @@ def check_nested(residual: ResidualModel, blocks) -> None:
                 f"(e.g. {type(corr.structure).__name__}({block.group!r})); crossed layouts are not covered yet")
 
 
-def refuse_structured(spec, what: str) -> None:
-    """Raise a ModelError when ``spec`` has a residual structure and ``what`` assumes R = σ² I."""
-    if getattr(spec, "residual", None) is not None:
-        raise ModelError(f"{what} is not available for a fit with a residual structure (variance=, correlation=, "
-                         "weights=) in this release; Wald intervals are (confint(method='wald')), and t and F tests "
-                         "have Satterthwaite's df")
-
-
 # -- R on a few rows, and one row's variance (marginal covariances, variance decomposition) ----------
 def relative_covariance(residual: ResidualModel, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Λ_R(u) = S C S on ``rows`` (whole groups of the correlation structure), dense: R / σ².

@@ -182,8 +182,7 @@ def _fit_bayeslmm(cfg, df):
     t1 = time.perf_counter()
     fit = model.fit(method="nuts", draws=cfg["draws"], tune=cfg["tune"], chains=cfg["chains"],
                     cores=cfg.get("cores"), random_seed=cfg["seed"], sampler=cfg["sampler"],
-                    parameterization=cfg["parameterization"], backend=cfg.get("backend", "auto"),
-                    progressbar=False)
+                    route=cfg.get("route", "auto"), progressbar=False)
     t2 = time.perf_counter()
     return fit, fit.idata, {"model": t1 - t0, "fit": t2 - t1, "wall": t2 - t0,
                             "engine_timings": dict(getattr(fit, "timings", {}) or {}),
@@ -592,17 +591,18 @@ def main(argv=None) -> int:
         data = tmp / "sleepstudy.npz"
         save_frame(load_dataset("sleepstudy"), data)
         configs = [
-            dict(engine="bayeslmm", sampler="auto", parameterization="collapsed"),
-            dict(engine="bayeslmm", sampler="pymc", parameterization="collapsed"),
-            dict(engine="bayeslmm", sampler="nutpie", parameterization="collapsed", backend="pytensor"),
-            dict(engine="bayeslmm", sampler="pymc", parameterization="explicit"),
+            # "parameterization" labels the rows; "route" is what fit() is given
+            dict(engine="bayeslmm", sampler="auto", parameterization="collapsed", route="auto"),
+            dict(engine="bayeslmm", sampler="pymc", parameterization="collapsed", route="graph"),
+            dict(engine="bayeslmm", sampler="nutpie", parameterization="collapsed", route="graph"),
+            dict(engine="bayeslmm", sampler="pymc", parameterization="explicit", route="graph-explicit"),
         ]
         if bambi_py:
             configs.append(dict(engine="bambi", sampler=None, parameterization=None))
         print(f"\n[1] sleepstudy, {SLEEP_FORMULA}: each in a fresh process, a cold then a warm fit", flush=True)
         for c in configs:
             tag = (f"sleep_{c['engine']}_{c['sampler'] or 'default'}_{c['parameterization'] or 'nc'}"
-                   + (f"_{c['backend']}" if c.get("backend") else ""))
+                   + ("_pytensor" if c.get("route") == "graph" and c["sampler"] == "nutpie" else ""))
             cfg = {**base, **c, "tag": tag, "dataset": "sleepstudy", "data": str(data), "formula": SLEEP_FORMULA,
                    "runs": 2, "effects_diagnostics": False}
             py = bambi_py if c["engine"] == "bambi" else sys.executable

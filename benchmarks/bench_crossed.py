@@ -30,8 +30,9 @@ Engines, each run in a fresh process with a budget (``--budget``, default 600 s,
 process: start-up, reading the data, the fit).  A process past it is killed with its process
 group and recorded as ``timeout``, never dropped; one that dies is ``failed``.
 
-* bayeslmm: ``Model(formula, df).fit(method="nuts", draws, tune, chains, random_seed,
-  progressbar=False)``, the package's defaults otherwise (route, sampler, priors, cores).
+* bayeslmm: ``Model(formula, df).fit(method="nuts", draws, tune, chains, random_seed, route,
+  progressbar=False)``, ``route`` from ``--route`` (default "auto"), the package's defaults otherwise
+  (sampler, priors, cores); the record keeps the route that ran.
   Then a second fresh process fits REML (``Model(...).fit()``, untimed, its own budget) for
   the check that the posterior medians of beta are within 0.1 posterior sd of REML's beta.
   The table also gives leapfrog steps per draw (the gradients each draw cost).
@@ -263,10 +264,11 @@ def nuts_result(bayeslmm, cfg: dict, df) -> dict:
         model = bayeslmm.Model(cfg["formula"], df)
         t1 = time.perf_counter()
         fit = model.fit(method="nuts", draws=cfg["draws"], tune=cfg["tune"], chains=cfg["chains"],
-                        random_seed=cfg["seed"], progressbar=False)
+                        random_seed=cfg["seed"], route=cfg.get("route", "auto"), progressbar=False)
         t2 = time.perf_counter()
     out = {"wall": t2 - t0, "model_seconds": t1 - t0, "fit_seconds": t2 - t1,
            "engine_timings": dict(getattr(fit, "timings", None) or {}), "sampler": getattr(fit, "sampler", None),
+           "route": getattr(fit, "route", None),
            "warnings": sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})}
     out["params"] = {str(k): {c: float(r[c]) for c in ("median", "sd", "ess_bulk", "r_hat")}
                      for k, r in fit.summary_table().iterrows()}
@@ -401,7 +403,7 @@ def bayeslmm_child(task: str, case: Case, data: Path, tmp: Path, a, mem_limit: f
     """(the child process's record, its JSON or None) of one bayeslmm worker task."""
     tag = f"{case.key}_bayeslmm_{task}"
     cfg = {"task": task, "formula": case.formula, "data": str(data), "draws": a.draws, "tune": a.tune,
-           "chains": a.chains, "seed": a.seed}
+           "chains": a.chains, "seed": a.seed, "route": a.route}
     cfg_path, out = tmp / f"{tag}.cfg.json", tmp / f"{tag}.out.json"
     cfg_path.write_text(json.dumps(cfg))
     child = ra.run_child([sys.executable, str(Path(__file__).resolve()), "--worker", str(cfg_path), str(out)],
@@ -418,8 +420,8 @@ def run_bayeslmm(case: Case, data: Path, tmp: Path, a, mem_limit: float) -> dict
     rec = new_record(case, "bayeslmm", 1, a.seed)
     child, res = bayeslmm_child("nuts", case, data, tmp, a, mem_limit)
     if res is not None:
-        keys = ("wall", "model_seconds", "fit_seconds", "import_seconds", "engine_timings", "sampler", "params",
-                "divergences", "mean_steps", "warnings", "version", "sources_sha256")
+        keys = ("wall", "model_seconds", "fit_seconds", "import_seconds", "engine_timings", "sampler", "route",
+                "params", "divergences", "mean_steps", "warnings", "version", "sources_sha256")
         rec.update({k: res.get(k) for k in keys})
     elif ra.classify(child, a.budget, mem_limit)[0] == "ok":
         rec["status"], rec["note"] = "failed", "no result from the worker"
@@ -639,6 +641,7 @@ def parse_args(argv):
     p.add_argument("--draws", type=int, default=None, help="default 1000 (rstanarm: iter = draws + tune)")
     p.add_argument("--tune", type=int, default=None, help="default 1000")
     p.add_argument("--chains", type=int, default=None, help="default 4")
+    p.add_argument("--route", default="auto", help="bayeslmm's fit(method='nuts', route=...) (default auto)")
     p.add_argument("--seed", type=int, default=20261121, help="random_seed of the first run (default 20261121)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the simulated data (default --seed)")
     p.add_argument("--quick", action="store_true", help="small sizes, 150 draws / 150 tune / 2 chains, one run "

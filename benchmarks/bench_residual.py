@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scale benchmark of a residual structure: AR(1) within groups with a random slope, REML.
+"""Scale benchmark of a residual structure: AR(1) within groups with a random slope, REML and NUTS.
 
 This is a benchmark, not a test: it simulates, times, compares and reports, and exits 0.
 
@@ -18,6 +18,10 @@ What is timed
 * bayeslmm: ``Model("y ~ x + (x | g)", df, correlation=CorAR1("g")).fit(method="reml")``
   from a loaded DataFrame to a finished fit (``time.perf_counter``), one repeat (the large
   fit is the point; no warm-up beyond one tiny fit that imports and compiles everything).
+* bayeslmm NUTS (``--no-nuts`` to skip): the same model, ``fit(method="nuts")`` by its default
+  route (the structured kernel, :mod:`bayeslmm.bayes.structured`: every effect integrated out,
+  the cost per gradient free of the rows), 4 chains × 1000 draws after 1000 tuning; minimum bulk
+  ESS per second over β, the sds, the correlation, σ and φ, R-hat, divergences, medians.
 * nlme: ``lme(y ~ x, random = ~ x | g, correlation = corAR1(form = ~ 1 | g), method =
   "REML")`` in ``Rscript`` on the same rows written to CSV, timed inside R with
   ``proc.time()`` (elapsed) after the data are read; killed after ``--nlme-timeout``
@@ -30,7 +34,7 @@ log-likelihoods of the two programs (the same criterion, so they should agree).
 Usage
 -----
     .venv/bin/python benchmarks/bench_residual.py [--sizes 1e5,1e6] [--nlme-timeout 600]
-        [--json results.json] [--no-nlme]
+        [--json results.json] [--no-nlme] [--no-nuts]
 """
 
 from __future__ import annotations
@@ -104,6 +108,29 @@ def time_bayeslmm(df: pd.DataFrame) -> dict:
             "evaluations": int(fit.optimization.n_evaluations)}
 
 
+def time_bayeslmm_nuts(df: pd.DataFrame, random_seed: int) -> dict:
+    """``fit(method="nuts")`` by the default route (the structured kernel: every effect integrated
+    out, the cost per gradient free of the rows), 4 chains × 1000 draws after 1000 tuning, from
+    the Model to a finished fit; minimum bulk ESS over β, sds, correlation, σ and φ per second."""
+    import arviz as az
+
+    import bayeslmm
+    from bayeslmm import CorAR1
+
+    t0 = time.perf_counter()
+    model = bayeslmm.Model("y ~ x + (x | g)", df, correlation=CorAR1("g"))
+    fit = model.fit(method="nuts", random_seed=random_seed, progressbar=False, warn=False)
+    seconds = time.perf_counter() - t0
+    post = fit.idata["posterior"].to_dataset()
+    names = [v for v in post.data_vars if post[v].ndim <= 3 and v not in ("g",)]
+    summ = az.summary(post[names], kind="diagnostics")
+    phi = post["residual_Phi"].to_numpy()
+    return {"seconds": seconds, "sample_seconds": float(fit.timings["sample"]), "backend": fit.timings["backend"],
+            "min_ess_bulk": float(summ["ess_bulk"].min()), "max_rhat": float(summ["r_hat"].max()),
+            "ess_per_second": float(summ["ess_bulk"].min()) / seconds, "divergences": int(fit.diagnostics().divergences),
+            "phi_median": float(np.median(phi)), "beta_median": [float(v) for v in fit.fixef_table()["median"]]}
+
+
 def time_nlme(df: pd.DataFrame, rscript: str, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         csv, script = Path(tmp) / "data.csv", Path(tmp) / "fit.R"
@@ -135,12 +162,15 @@ def main(argv=None) -> int:
     p.add_argument("--nlme-timeout", type=float, default=600.0)
     p.add_argument("--random-seed", type=int, default=20261207)
     p.add_argument("--no-nlme", action="store_true")
+    p.add_argument("--no-nuts", action="store_true", help="REML only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import bayeslmm
 
     time_bayeslmm(simulate(20, args.random_seed))  # imports and compiles everything once
+    if not args.no_nuts:
+        time_bayeslmm_nuts(simulate(20, args.random_seed), args.random_seed)
     rscript = shutil.which("Rscript")
     why_not = "--no-nlme" if args.no_nlme else nlme_available(rscript)
     results = {"when": _dt.datetime.now().isoformat(timespec="minutes"), "machine": platform.processor()
@@ -150,6 +180,9 @@ def main(argv=None) -> int:
         df = simulate(size // PER_GROUP, args.random_seed)
         run = {"rows": len(df), "groups": size // PER_GROUP, "bayeslmm": time_bayeslmm(df)}
         print(f"{len(df):>10,} rows: bayeslmm {run['bayeslmm']}", flush=True)
+        if not args.no_nuts:
+            run["nuts"] = time_bayeslmm_nuts(df, args.random_seed)
+            print(f"{'':>16} NUTS {run['nuts']}", flush=True)
         run["nlme"] = {"skipped": why_not} if why_not else time_nlme(df, rscript, args.nlme_timeout)
         print(f"{'':>16} nlme {run['nlme']}", flush=True)
         results["runs"].append(run)
@@ -181,6 +214,16 @@ def table(results: dict) -> str:
                     f"{ours['phi']:.4f} / {phi_n} | {ours['sigma']:.4f} | "
                     f"{ours['beta'][0]:.3f}, {ours['beta'][1]:.3f} | {ours['sd'][0]:.3f}, {ours['sd'][1]:.3f} | "
                     f"{dl} |")
+    nuts = [run for run in results["runs"] if "nuts" in run]
+    if nuts:
+        rows += ["", "| rows × groups | NUTS bayeslmm (route) | min bulk ESS | ESS/s | max R-hat | divergences | "
+                 "φ median (0.6) | β medians (2, 0.5) |", "|---|---:|---:|---:|---:|---:|---|---|"]
+        for run in nuts:
+            nu = run["nuts"]
+            rows.append(f"| {run['rows']:,} × {run['groups']:,} | {_secs(nu['seconds'])} ({nu['backend']}) | "
+                        f"{nu['min_ess_bulk']:.0f} | {nu['ess_per_second']:.1f} | {nu['max_rhat']:.3f} | "
+                        f"{nu['divergences']} | {nu['phi_median']:.4f} | "
+                        f"{nu['beta_median'][0]:.3f}, {nu['beta_median'][1]:.3f} |")
     return "\n".join(rows)
 
 

@@ -925,6 +925,7 @@ def run_job(rec: dict, ds: Dataset, data_dir: Path, tmp: Path, budget: float, me
                "cores": None, "runs": 1, "effects_diagnostics": False,
                "sampler": "auto" if engine == "bayeslmm" else None,
                "parameterization": "collapsed" if engine == "bayeslmm" else None,
+               "route": "auto" if engine == "bayeslmm" else None,
                "bambi_params": list(ds.bambi_params), "bambi_effects": list(ds.bambi_effects)}
         cfg_path.write_text(json.dumps(cfg))
         cmd = [bambi_py if engine == "bambi" else sys.executable, str(HERE / "bench_bayes.py"), "--worker",

@@ -74,6 +74,15 @@ def main(out_dir=None) -> dict:
     print(f"Phi = {phi:.4f}: a mare's residuals k days apart correlate Phi^k")
     print("  " + ", ".join(f"k = {k}: {phi ** k:.3f}" for k in range(1, 6)), end="\n\n")
 
+    kr, sat = ar1.fixef_table(ddf="kenward-roger"), ar1.fixef_table()
+    small = pd.DataFrame({"estimate": kr["estimate"], "SE KR": kr["std_error"], "df KR": kr["df"],
+                          "SE Satt": sat["std_error"], "df Satt": sat["df"]})
+    print("Kenward-Roger and Satterthwaite, AR(1) fit:")
+    print(small.round(4).to_string(), end="\n\n")
+    ci = ar1.confint()  # profile likelihood, Phi and sigma included
+    print(f"Phi {phi:.4f}: 95% profile interval ({ci.loc['Phi', 'lower']:.4f}, {ci.loc['Phi', 'upper']:.4f}); "
+          f"sigma {ar1.sigma:.4f}: ({ci.loc['sigma', 'lower']:.4f}, {ci.loc['sigma', 'upper']:.4f})", end="\n\n")
+
     mares = ovary["Mare"].to_numpy()
     before = acf_by_group(base.normalized_residuals.to_numpy(), mares)
     after = acf_by_group(ar1.normalized_residuals.to_numpy(), mares)
@@ -87,7 +96,8 @@ def main(out_dir=None) -> dict:
 
     acf_figure(acf, band).savefig(figures / "ovary_acf.png", dpi=80)
     print(f"figures written to {figures}")
-    return {"base": base, "ar1": ar1, "anova": lr_table, "acf": acf, "phi": phi, "figures": figures}
+    return {"base": base, "ar1": ar1, "anova": lr_table, "acf": acf, "phi": phi, "kenward_roger": small,
+            "confint": ci, "figures": figures}
 
 
 def _outside(values: pd.Series, band: pd.Series) -> list[int]:

@@ -691,6 +691,18 @@ def small_product(A, B, q, out, ta):
             out[a, b] = acc
 
 
+@cached_njit(error_model="numpy", inline="always")
+def level_weights_adjoint(T1, Pj, Gbj, q1, TP, GTP, K):
+    """One level's TP = T₁P_j, GTP = Ḡ_jT₁P_j and K = P_jT₁ᵀḠ_jT₁P_j + ½P_j: what both ∂ℓ/∂T₁ and
+    ∂ℓ/∂A_j are made of."""
+    small_product(T1, Pj, q1, TP, 0)
+    small_product(Gbj, TP, q1, GTP, 0)
+    small_product(TP, GTP, q1, K, 1)
+    for a in range(q1):
+        for b in range(q1):
+            K[a, b] += 0.5 * Pj[a, b]
+
+
 @cached_njit(error_model="numpy")
 def _first_block_gradient(A11, Gb, T1, q1, P, gT1):
     """∂ℓ/∂T₁ = Σ_j 2Ḡ_jT₁P_j − 2A_jT₁(K_j + ½P_j), K_j = P_jT₁ᵀḠ_jT₁P_j, into gT1."""
@@ -700,12 +712,7 @@ def _first_block_gradient(A11, Gb, T1, q1, P, gT1):
     TQ = np.empty((q1, q1))
     ATQ = np.empty((q1, q1))
     for j in range(A11.shape[0]):
-        small_product(T1, P[j], q1, TP, 0)           # T₁P_j
-        small_product(Gb[j], TP, q1, GTP, 0)         # Ḡ_jT₁P_j
-        small_product(TP, GTP, q1, K, 1)             # P_jT₁ᵀḠ_jT₁P_j
-        for a in range(q1):
-            for b in range(q1):
-                K[a, b] += 0.5 * P[j, a, b]
+        level_weights_adjoint(T1, P[j], Gb[j], q1, TP, GTP, K)
         small_product(T1, K, q1, TQ, 0)
         small_product(A11[j], TQ, q1, ATQ, 0)
         for a in range(q1):
@@ -746,8 +753,13 @@ def prior_logp(x, blk_q, blk_corr, blk_x0, Cm, mu_b, s_b, fam_sigma, par_sigma, 
 
 
 @cached_njit(nogil=True, error_model="numpy")
-def loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, n, gT):
-    """The log-likelihood with every effect integrated out; fills gT (∂ℓ/∂T_k) and returns (ℓ, ∂ℓ/∂β, ∂ℓ/∂σ at fixed T)."""
+def loglik_stages(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, n, gT):
+    """The log-likelihood with every effect integrated out, and what its reverse pass leaves behind.
+
+    Fills gT (∂ℓ/∂T_k); returns (ℓ, ∂ℓ/∂β, ∂ℓ/∂σ at fixed T, G_D = ∂ℓ/∂D, Ḡ_j = ∂ℓ/∂W_j, W_j, P_j) — the
+    last four are what the derivative in the cross-products themselves is made of
+    (:func:`crossproduct_adjoint`); where a factor is not positive definite ℓ = −inf and they are empty.
+    """
     p = beta.shape[0]
     m = Arr.shape[0]
     mR = m - p - 1
@@ -759,7 +771,7 @@ def loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nl
     gbeta = np.zeros(p)
     ok, logdet1, E, L = _augmented_factor(T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, mR, W, P)
     if not ok:
-        return -math.inf, gbeta, 0.0
+        return -math.inf, gbeta, 0.0, np.zeros((0, 0)), np.zeros((0, q1, q1)), W, P
     logdet_R, quad, Sb, Cinv, z = _dense_part(L, mR, beta)
     ll = -0.5 * (n * (LOG_2PI + math.log(s2)) + logdet1 + logdet_R + quad / s2)
     for i in range(p):
@@ -776,7 +788,68 @@ def loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nl
     for a in range(q1):
         for b in range(q1):
             gT[0, a, b] += gT1[a, b]
+    return ll, gbeta, dsigma, GD, Gb, W, P
+
+
+@cached_njit(nogil=True, error_model="numpy")
+def loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, n, gT):
+    """The log-likelihood with every effect integrated out; fills gT (∂ℓ/∂T_k) and returns (ℓ, ∂ℓ/∂β, ∂ℓ/∂σ at fixed T)."""
+    ll, gbeta, dsigma, _, _, _, _ = loglik_stages(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev,
+                                                  blk_q, n, gT)
     return ll, gbeta, dsigma
+
+
+@cached_njit(error_model="numpy")
+def crossproduct_adjoint(GD, Gb, W, P, T1, ptr, rows, vals, Bd):
+    """∂ℓ/∂(the cross-products) from what :func:`loglik_stages` leaves behind: (H, G_B) with
+
+    H_j = ∂ℓ/∂A_j = −T₁(K_j + ½P_j)T₁ᵀ, K_j = P_jT₁ᵀḠ_jT₁P_j (symmetric: dℓ = Σ H_j ∘ dA_j), and
+    G_B = ∂ℓ/∂B = −2 G_D B_j W_j per level (on B's pattern: (nnz, q1), or dense (m, n1·q1));
+    ∂ℓ/∂Arr is G_D itself.  D = Arr − Σ_j B_jW_jB_jᵀ gives G_B; −½log|M_j| and W_j = T₁P_jT₁ᵀ give H_j.
+    """
+    n1, q1 = W.shape[0], W.shape[1]
+    H = np.empty((n1, q1, q1))
+    TP = np.empty((q1, q1))
+    GTP = np.empty((q1, q1))
+    K = np.empty((q1, q1))
+    TK = np.empty((q1, q1))
+    for j in range(n1):
+        level_weights_adjoint(T1, P[j], Gb[j], q1, TP, GTP, K)
+        small_product(T1, K, q1, TK, 0)
+        for a in range(q1):
+            for b in range(q1):
+                acc = 0.0
+                for c in range(q1):
+                    acc += TK[a, c] * T1[b, c]
+                H[j, a, b] = -acc
+    if Bd.shape[0] > 0:
+        GB = GD @ Bd
+        out = np.empty_like(GB)
+        for r in range(GB.shape[0]):
+            for j in range(n1):
+                for b in range(q1):
+                    acc = 0.0
+                    for a in range(q1):
+                        acc += GB[r, j * q1 + a] * W[j, a, b]
+                    out[r, j * q1 + b] = -2.0 * acc
+        return H, out
+    out = np.zeros_like(vals)
+    gb = np.empty(q1)
+    for j in range(n1):
+        for ia in range(ptr[j], ptr[j + 1]):
+            ra = rows[ia]
+            for a in range(q1):
+                gb[a] = 0.0
+            for ib in range(ptr[j], ptr[j + 1]):    # (G_D B_j)[ra, :] on the level's rows
+                g = GD[ra, rows[ib]]
+                for a in range(q1):
+                    gb[a] += g * vals[ib, a]
+            for b in range(q1):
+                acc = 0.0
+                for a in range(q1):
+                    acc += gb[a] * W[j, a, b]
+                out[ia, b] = -2.0 * acc
+    return H, out
 
 
 @cached_njit(nogil=True, error_model="numpy")
@@ -786,17 +859,25 @@ def logp_grad(x, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, n, blk_q, b
     p = Cm.shape[0]
     lp, sigma, sd, Lc, C = prior_logp(x, blk_q, blk_corr, blk_x0, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd,
                                       par_sd, eta, lkj_const, grad)
-    K = blk_q.shape[0]
     T = C / sigma
     beta = Cm @ x[:p]
     gT = np.zeros_like(C)
     ll, gbeta, dsigma = loglik_grad(beta, sigma, T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, n,
                                     gT)
     lp += ll
+    likelihood_backprop(x, Cm, gbeta, gT, dsigma, T, sigma, sd, Lc, blk_q, blk_corr, blk_x0, grad)
+    return finite_or_rejected(lp, grad)
+
+
+@cached_njit(error_model="numpy")
+def likelihood_backprop(x, Cm, gbeta, gT, dsigma, T, sigma, sd, Lc, blk_q, blk_corr, blk_x0, grad):
+    """Add the log-likelihood's gradient in (β, T_k, σ at fixed T) to ``grad`` through the coordinates:
+    β = Cm β_c; T_k = C_k/σ, so σ also takes −Σ_k tr(∂ℓ/∂T_kᵀ T_k)/σ; C_k through its sds and correlations."""
+    p = Cm.shape[0]
     gbc = Cm.T @ gbeta
     for i in range(p):
         grad[i] += gbc[i]
-    for k in range(K):
+    for k in range(blk_q.shape[0]):
         q = blk_q[k]
         gC = np.zeros((q, q))
         for a in range(q):
@@ -807,11 +888,10 @@ def logp_grad(x, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, n, blk_q, b
                 gC[a, b] = gT[k, a, b] / sigma
         block_backprop(x, blk_x0[k], q, blk_corr[k], sd[k], Lc[k], gC, grad)
     grad[p] += dsigma * sigma
-    return finite_or_rejected(lp, grad)
 
 
 @cached_njit(nogil=True, error_model="numpy")
-def _draw_rest(betas, sigmas, Ts, eps, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, out):
+def rest_effect_draws(betas, sigmas, Ts, eps, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk_q, out):
     """Exact draws of the rest blocks' effects b_R | y, β, θ, σ (the first block integrated out), one per draw.
 
     With C the augmented matrix at draw s and u_R the rest's spherical effects (b = Λu),
@@ -862,14 +942,20 @@ def draw_rest_effects(bd: BlockedData, x: np.ndarray, rng: np.random.Generator) 
     S = x.shape[0]
     c = bd.constrain(x)
     blk_q = bd.priors.blk_q
-    K, qmax = len(blk_q), int(blk_q.max())
-    Ts = np.zeros((S, K, qmax, qmax))
-    for k, C in enumerate(c["factor"]):
-        q = int(blk_q[k])
-        Ts[:, k, :q, :q] = C / c["sigma"][:, None, None]
+    Ts = relative_factors(c, blk_q)
     mR = bd.Arr.shape[0] - bd.p - 1
     eps = rng.standard_normal((S, mR))
     out = np.zeros((S, mR))
-    _draw_rest(np.ascontiguousarray(c["beta"]), np.ascontiguousarray(c["sigma"]), Ts, eps, bd.A11, bd.ptr, bd.rows,
-               bd.vals, bd.Bd, bd.Arr, bd.rest_off, bd.rest_nlev, blk_q, out)
+    rest_effect_draws(np.ascontiguousarray(c["beta"]), np.ascontiguousarray(c["sigma"]), Ts, eps, bd.A11, bd.ptr,
+                      bd.rows, bd.vals, bd.Bd, bd.Arr, bd.rest_off, bd.rest_nlev, blk_q, out)
     return out
+
+
+def relative_factors(constrained: dict, blk_q: np.ndarray) -> np.ndarray:
+    """T_k = C_k/σ of every block at every draw, (S, K, qmax, qmax), from :meth:`PriorArrays.constrain`'s output."""
+    sigma = constrained["sigma"].reshape(-1)
+    Ts = np.zeros((sigma.size, len(blk_q), int(blk_q.max()), int(blk_q.max())))
+    for k, C in enumerate(constrained["factor"]):
+        q = int(blk_q[k])
+        Ts[:, k, :q, :q] = C.reshape(-1, q, q) / sigma[:, None, None]
+    return Ts

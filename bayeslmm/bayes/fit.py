@@ -25,12 +25,13 @@ import numpy as np
 import xarray as xr
 
 from ..crossprod import CrossProducts
+from ..deprecation import warn_replaced
 from ..errors import BayesLMMError, IncompleteTraceError, InsufficientMemoryError
 from ..spec import ModelSpec
 from . import diagnostics, naming
 from .collapsed import CollapsedData, ResponseScale
 from .compiled import private_cache_dir
-from . import blocked, partial
+from . import blocked, partial, structured
 from .kernel import KernelData, unsupported_reason
 from .model import PARAMETERIZATIONS, BuiltModel, build_pymc_model, centring_matrix
 from .naming import block_names
@@ -52,6 +53,18 @@ from .progress import pymc_progress_options
 from .results import BayesFit
 
 SAMPLERS = ("auto", "pymc", "nutpie")
+#: what ``fit(method="nuts", route=...)`` takes: the fastest exact route that applies ("auto"), whichever
+#: compiled kernel applies ("kernel"), one compiled kernel by name, or the PyMC graph with the largest
+#: factor integrated out ("graph") or every effect sampled ("graph-explicit"); docs/bayes.md, "Routes"
+ROUTES = ("auto", "kernel", "one-factor", "blocked", "partial", "structured", "graph", "graph-explicit")
+#: the compiled kernels: nutpie's NUTS runs them
+KERNEL_ROUTES = ("one-factor", "blocked", "partial", "structured")
+#: the older name of each route that ran (``fit.timings["backend"]``)
+BACKEND_OF_ROUTE = {"one-factor": "kernel", "blocked": "blocked", "partial": "partial", "structured": "structured",
+                    "graph": "pytensor", "graph-explicit": "pytensor"}
+#: the routes the older ``backend=`` values spelt ("auto": no choice)
+ROUTE_OF_BACKEND = {"auto": None, "kernel": "kernel", "blocked": "blocked", "partial": "partial",
+                    "structured": "structured", "pytensor": "graph"}
 #: per-gradient work (array elements touched) above which "auto" picks nutpie
 AUTO_NUTPIE_WORK = 20_000
 
@@ -62,8 +75,7 @@ def _positive_int(name, value, minimum=1):
     return int(value)
 
 
-def check_sampler_args(draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth,
-                       random_seed):
+def check_sampler_args(draws, tune, chains, cores, sampler, route, target_accept, max_treedepth, random_seed):
     """Validate the sampling arguments with messages that name the argument."""
     draws = _positive_int("draws", draws)
     tune = _positive_int("tune", tune, 0)
@@ -72,8 +84,8 @@ def check_sampler_args(draws, tune, chains, cores, sampler, parameterization, ta
         cores = _positive_int("cores", cores)
     if sampler not in SAMPLERS:
         raise BayesLMMError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-    if parameterization not in PARAMETERIZATIONS:
-        raise BayesLMMError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+    if route not in ROUTES:
+        raise BayesLMMError(f"route must be one of {list(ROUTES)}, got {route!r}")
     if not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
         raise BayesLMMError(f"target_accept must be a number strictly between 0 and 1, got {target_accept!r}")
     max_treedepth = _positive_int("max_treedepth", max_treedepth)
@@ -109,36 +121,48 @@ def fit_bayes(
     cores: int | None = None,
     random_seed: int | None = None,
     sampler: str = "auto",
-    parameterization: str = "collapsed",
+    route: str = "auto",
     priors: dict | None = None,
     target_accept: float = 0.8,
     max_treedepth: int = 10,
     progressbar: bool = True,
     log_likelihood: bool | None = None,
     warn: bool = True,
-    backend: str = "auto",
     effects: str = "auto",
     data_name: str | None = None,
+    backend: str | None = None,
+    parameterization: str | None = None,
 ) -> BayesFit:
-    """Sample the posterior of ``spec``; see :meth:`bayeslmm.Model.fit` for the arguments."""
+    """Sample the posterior of ``spec``; see :meth:`bayeslmm.Model.fit` for the arguments.
+
+    ``backend`` and ``parameterization`` are the older spellings of ``route``
+    (:func:`route_from_old_keywords`).
+    """
+    if backend is not None or parameterization is not None:
+        route = route_from_old_keywords(route, backend, parameterization, stacklevel=3)
     draws, tune, chains, cores, max_treedepth = check_sampler_args(
-        draws, tune, chains, cores, sampler, parameterization, target_accept, max_treedepth, random_seed)
-    if spec.residual is not None:
-        parameterization = _structured_route(spec, parameterization, backend, log_likelihood)
-        log_likelihood = False
+        draws, tune, chains, cores, sampler, route, target_accept, max_treedepth, random_seed)
     prior_set = resolve_priors(spec, priors)
-    route = compiled_route(spec, prior_set, parameterization, sampler, backend)
+    route = resolve_route(spec, prior_set, route, sampler)
+    parameterization = "explicit" if route == "graph-explicit" else "collapsed"
+    if route == "graph-explicit":
+        spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
+    if spec.residual is not None:
+        from .posterior import independent_rows
+
+        _check_structured_loglik(spec, log_likelihood)
+        if not independent_rows(spec):   # no pointwise log-likelihood under a correlation structure
+            log_likelihood = False
     if sampler == "auto":
-        sampler = "nutpie" if route is not None else choose_sampler(spec, parameterization)
+        sampler = "nutpie" if route in KERNEL_ROUTES else choose_sampler(spec, parameterization)
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
     check_memory(spec, chains, draws, parameterization, effects, log_likelihood)
     t0 = time.perf_counter()
-    built, dt, post, t1 = _sample_posterior(spec, crossprods, prior_set, route, parameterization, draws, tune,
-                                            chains, cores, seed, sampler, target_accept, max_treedepth,
-                                            progressbar)
+    built, dt, post, t1 = _sample_posterior(spec, crossprods, prior_set, route, draws, tune, chains, cores, seed,
+                                            sampler, target_accept, max_treedepth, progressbar)
     t2 = time.perf_counter()
     mode = "draws"
-    if parameterization == "collapsed":
+    if route in ("one-factor", "blocked", "partial", "graph"):   # the largest factor's effects are drawn here
         mode = _effects_mode(effects, spec.blocks[0].n_effects * chains * draws, log_likelihood)
         post = _store_effects(spec, built, dt, post, seed, mode, warn and effects == "auto")
     dt["posterior"] = xr.DataTree(post)
@@ -147,37 +171,77 @@ def fit_bayes(
     _store_loglik(spec, built, dt, post, mode, spec.n_obs * chains * draws, log_likelihood, warn)
     t3 = time.perf_counter()
     fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
-                   sampler=sampler, seed=seed, data_name=data_name,
+                   sampler=sampler, seed=seed, data_name=data_name, route=route,
                    residual_structure=None if spec.residual is None else spec.residual.describe(),
                    timings={"build": t1 - t0, "sample": t2 - t1, "postprocess": t3 - t2,
-                            "backend": route or "pytensor"})
+                            "backend": BACKEND_OF_ROUTE[route]})
     diag = fit.diagnostics()
     if warn:
         diagnostics.warn(diag, stacklevel=4)
     return fit
 
 
-def _sample_posterior(spec, crossprods, prior_set, route, parameterization, draws, tune, chains, cores, seed,
-                      sampler, target_accept, max_treedepth, progressbar):
-    """Build and sample by a compiled kernel (``route``) or the PyMC graph: (built model, DataTree,
+def route_from_old_keywords(route: str, backend: str | None, parameterization: str | None,
+                            stacklevel: int = 2) -> str:
+    """The ``route`` that the older keywords ``backend=`` and ``parameterization=`` spell, each with a
+    ``FutureWarning`` naming the new spelling (``stacklevel`` counts from this function's caller).
+
+    ``backend="kernel"``, ``"blocked"``, ``"partial"``, ``"structured"`` are the routes of those names,
+    ``"pytensor"`` is ``"graph"``, ``"auto"`` chooses nothing; ``parameterization="explicit"`` is
+    ``"graph-explicit"``, ``"collapsed"`` any other route.  Keywords that name different routes are
+    an error.
+    """
+    if backend is None and parameterization is None:
+        return route
+    if backend is not None and backend not in ROUTE_OF_BACKEND:
+        raise BayesLMMError(f"backend must be one of {list(ROUTE_OF_BACKEND)}, got {backend!r} (backend= is the "
+                            f"older name of route=, one of {list(ROUTES)})")
+    if parameterization is not None and parameterization not in PARAMETERIZATIONS:
+        raise BayesLMMError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+    said = {}   # the keywords given, as written, with the route each names (None: any but graph-explicit)
+    if backend is not None:
+        said[f"backend={backend!r}"] = ROUTE_OF_BACKEND[backend]
+    if parameterization is not None:
+        said[f"parameterization={parameterization!r}"] = "graph-explicit" if parameterization == "explicit" else None
+    if route != "auto":
+        said[f"route={route!r}"] = route
+    named = {r for r in said.values() if r is not None}
+    explicit_refused = parameterization == "collapsed" and "graph-explicit" in named
+    # the graph with every effect sampled is also "the PyMC graph" (backend='pytensor')
+    if named == {"graph", "graph-explicit"} and route != "graph":
+        named = {"graph-explicit"}
+    if len(named) > 1 or explicit_refused:
+        raise BayesLMMError(f"{' and '.join(said)} choose different routes: pass route= alone (one of "
+                            f"{list(ROUTES)}; docs/vocabulary.md)")
+    new = named.pop() if named else "auto"
+    old = ", ".join(k for k in said if not k.startswith("route="))
+    warn_replaced("fit()", old, f"route={new!r}", stacklevel + 1)
+    return new
+
+
+def _sample_posterior(spec, crossprods, prior_set, route, draws, tune, chains, cores, seed, sampler, target_accept,
+                      max_treedepth, progressbar):
+    """Build and sample by ``route`` (a compiled kernel or the PyMC graph): (built model, DataTree,
     posterior in y's units, the time the build ended)."""
     # sampled in standardised units of y (any magnitude looks alike to NUTS), reported in y's own
     scale = ResponseScale.of(spec, crossprods)
-    if route in ("blocked", "partial"):
+    if route in ("blocked", "partial", "structured"):
         built, kdata = compiled_model(spec, crossprods, prior_set, scale, route)
         t1 = time.perf_counter()
         with one_blas_thread():  # the chains' threads each call BLAS: more threads would only contend
             dt = sample_kernel(kdata, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
             raw = dt["posterior"].to_dataset()
-            post = (blocked_posterior(spec, kdata, built.names, raw, seed) if route == "blocked"
-                    else partial_posterior(spec, kdata, built.names, raw))
-    elif route == "kernel":
+            posterior = {"blocked": blocked_posterior, "partial": partial_posterior,
+                         "structured": structured_posterior}[route]
+            post = posterior(spec, kdata, built.names, raw, seed)
+    elif route == "one-factor":
         built, kd = kernel_model(spec, crossprods, prior_set, scale)
         t1 = time.perf_counter()
         dt = sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
         post = kernel_posterior(spec, kd, built.names, dt["posterior"].to_dataset())
     else:
         ensure_pytensor_compiledir()  # before PyTensor is first imported
+        parameterization = "explicit" if route == "graph-explicit" else "collapsed"
         built = build_pymc_model(spec, crossprods, prior_set, parameterization, scale=scale)
         t1 = time.perf_counter()
         dt = _sample(built.model, draws, tune, chains, cores, seed, sampler, target_accept, max_treedepth,
@@ -192,23 +256,14 @@ def _sample_posterior(spec, crossprods, prior_set, route, parameterization, draw
     return built, dt, in_units.assign({v: post[v] for v in unitless}), t1
 
 
-def _structured_route(spec, parameterization: str, backend: str, log_likelihood) -> str:
-    """The parameterisation of a model with a residual structure: explicit (see docs/bayes.md).
+def _check_structured_loglik(spec, log_likelihood) -> None:
+    """Refuse a pointwise log-likelihood under a correlation structure (its rows are not independent
+    given the effects: docs/bayes.md)."""
+    from .posterior import NO_LOGLIK_UNDER_CORRELATION, independent_rows
 
-    The default ``"collapsed"`` becomes ``"explicit"`` (recorded in ``fit.parameterization``);
-    the kernel and a pointwise log-likelihood are refused rather than given for R = σ²I.
-    """
-    if backend not in ("auto", "pytensor"):
-        raise BayesLMMError(f"backend={backend!r} cannot fit a model with a residual structure (variance=, "
-                            "correlation=, weights=); use backend='auto' or 'pytensor'")
-    if log_likelihood:
-        raise BayesLMMError("log_likelihood=True: a model with a residual structure stores no pointwise "
-                            "log-likelihood in this release (its rows are not independent given the effects "
-                            "under a correlation structure); leave log_likelihood unset")
-    if not spec.rows_in_memory:
-        raise BayesLMMError("a residual structure is sampled with the rows in memory (the explicit "
-                            "parameterisation)")
-    return "explicit"
+    if log_likelihood and not independent_rows(spec):
+        raise BayesLMMError("log_likelihood=True: " + NO_LOGLIK_UNDER_CORRELATION.format(
+            structure=type(spec.residual.correlation.structure).__name__) + "; leave log_likelihood unset")
 
 
 def _store_effects(spec, built, dt, post, seed: int, mode: str, warn: bool) -> xr.Dataset:
@@ -238,8 +293,8 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
             warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
                           "stored: the model was built out of memory (cross-products only)", UserWarning,
                           stacklevel=4)
-    elif mode == "summary":
-        pass  # the log-likelihood is conditional on the effects, whose draws were not kept
+    elif mode == "summary" or spec.residual is not None and spec.residual.correlation is not None:
+        pass  # conditional on the effects, whose draws were not kept; or no pointwise one (correlated rows)
     elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
         dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
     elif log_likelihood is None and warn:
@@ -248,8 +303,6 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
                       f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
                       "to store it for LOO", UserWarning, stacklevel=4)
 
-#: "kernel": whichever compiled kernel applies; "blocked", "partial": that one; "pytensor": PyMC's graph
-BACKENDS = ("auto", "kernel", "blocked", "partial", "pytensor")
 #: levels × columns from which the kernel samples chains on several threads
 KERNEL_THREADS_WORK = 2_000
 #: effects outside the first block (the dense part of the factorisation) up to which the blocked kernel
@@ -259,37 +312,65 @@ KERNEL_THREADS_WORK = 2_000
 BLOCKED_AUTO_MAX_REST = 200
 
 
-def compiled_route(spec, prior_set, parameterization, sampler, backend) -> str | None:
-    """The compiled kernel that samples this model — ``"kernel"`` (one factor, q ≤ 2: :mod:`.kernel`),
-    ``"blocked"`` (every effect integrated out: :mod:`.blocked`), ``"partial"`` (the other factors
-    sampled: :mod:`.partial`) — or ``None`` for a PyMC graph."""
-    if backend not in BACKENDS:
-        raise BayesLMMError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    forced = backend not in ("auto", "pytensor")
+def resolve_route(spec, prior_set, route: str = "auto", sampler: str = "auto") -> str:
+    """The route that samples this model (one of ``results.RAN_ROUTES``), for ``route`` as asked.
 
-    def refuse(why: str):
-        if forced:
-            raise BayesLMMError(f"backend={backend!r} cannot fit this model: {why}; use backend='auto' or "
-                                "'pytensor'")
-        return None
+    "auto": the compiled kernel that applies — :mod:`.kernel` ("one-factor": one factor, q ≤ 2),
+    :mod:`.blocked` (every effect integrated out), :mod:`.partial` (more than
+    ``BLOCKED_AUTO_MAX_REST`` effects outside the largest factor: those sampled), :mod:`.structured`
+    (a residual structure) — else the PyMC graph; ``sampler="pymc"`` means the graph.  A kernel asked
+    for by name (or "kernel": any) is an error that says why when it cannot sample the model.  On a
+    model with a residual structure the graph samples every effect ("graph-explicit").
+    """
+    if route not in ROUTES:
+        raise BayesLMMError(f"route must be one of {list(ROUTES)}, got {route!r}")
+    graph = "graph-explicit" if route == "graph-explicit" or spec.residual is not None else "graph"
+    if route in ("graph", "graph-explicit"):
+        return graph
+    if sampler == "pymc":
+        if route != "auto":
+            raise BayesLMMError(f"route={route!r} is a compiled kernel, which runs on nutpie's NUTS only: use "
+                                "sampler='nutpie' or 'auto', or route='graph' for PyMC's NUTS")
+        return graph
+    kernel, why = _kernel_route(spec, prior_set, route)
+    if kernel is not None:
+        return kernel
+    if route != "auto":
+        raise BayesLMMError(f"route={route!r} cannot fit this model: {why}; use route='auto' or 'graph'")
+    return graph
 
+
+def _kernel_route(spec, prior_set, route: str) -> tuple[str | None, str | None]:
+    """(the compiled kernel for ``route`` — "auto", "kernel" or a kernel's name — or None, and why not)."""
     if spec.residual is not None:
-        return None  # the kernels sample R = σ²I only (the route is checked in _structured_route)
-    if backend == "pytensor" or sampler == "pymc":
-        if forced:
-            raise BayesLMMError(f"backend={backend!r} runs on nutpie's NUTS: use sampler='nutpie' or 'auto'")
-        return None
-    if parameterization != "collapsed":
-        return refuse("the kernels are for the collapsed parameterisation")
-    if backend in ("auto", "kernel") and unsupported_reason(spec, prior_set, parameterization) is None:
-        return "kernel"
+        return _structured_kernel(spec, prior_set, route)
+    if route == "structured":
+        return None, ("the structured kernel is for models with a residual structure (variance=, correlation=, "
+                      "weights=)")
+    one_factor = unsupported_reason(spec, prior_set, "collapsed")
+    if route == "one-factor" or (route in ("auto", "kernel") and one_factor is None):
+        return ("one-factor", None) if one_factor is None else (None, one_factor)
     reason = blocked.unsupported_reason(spec, prior_set)
     if reason is not None:
-        return refuse(reason)
-    if backend in ("blocked", "partial"):
-        return backend
+        return None, reason
+    if route in ("blocked", "partial"):
+        return route, None
     rest = sum(b.n_effects for b in spec.blocks[1:])
-    return "blocked" if rest <= BLOCKED_AUTO_MAX_REST else "partial"
+    return ("blocked" if rest <= BLOCKED_AUTO_MAX_REST else "partial"), None
+
+
+def _structured_kernel(spec, prior_set, route: str) -> tuple[str | None, str | None]:
+    """The kernel of a model with a residual structure: the structured kernel (:mod:`.structured`), or
+    none (the PyMC graph) where its pieces would be too many or its dense part too large (O(N) per
+    gradient): (kernel or None, why not)."""
+    if route in ("one-factor", "blocked", "partial"):
+        return None, ("the one-factor, blocked and partly collapsed kernels sample R = σ²I; the structured "
+                      "kernel samples residual structures")
+    reason = structured.unsupported_reason(spec, prior_set)
+    rest = sum(b.n_effects for b in spec.blocks[1:])
+    if reason is None and rest > BLOCKED_AUTO_MAX_REST and route == "auto":
+        reason = f"{rest} effects outside the largest factor (the dense part; auto takes up to {BLOCKED_AUTO_MAX_REST})"
+    return ("structured", None) if reason is None else (None, reason)
 
 
 def one_blas_thread():
@@ -304,11 +385,14 @@ def compiled_model(spec, crossprods, prior_set, scale: ResponseScale | None = No
     standardised units when given, and the model in y's own units."""
     if scale is not None:
         prior_set = scale.priors(prior_set)
-    kind = blocked.BlockedData if route == "blocked" else partial.PartialData
+    kind = {"blocked": blocked.BlockedData, "partial": partial.PartialData,
+            "structured": structured.StructuredData}[route]
     data = kind.build(spec, crossprods, prior_set, centring_matrix(spec, prior_set),
                       scale=1.0 if scale is None else scale.scale)
-    built = BuiltModel(model=None, parameterization="collapsed", names=block_names(spec),
-                       collapsed=CollapsedData.from_crossprods(crossprods), internal=[])
+    # the structured route draws every block's effects at each draw's ρ: no σ²I conditional is kept
+    collapsed = None if route == "structured" else CollapsedData.from_crossprods(crossprods)
+    built = BuiltModel(model=None, parameterization="collapsed", names=block_names(spec), collapsed=collapsed,
+                       internal=[])
     return built, data
 
 
@@ -326,7 +410,29 @@ def blocked_posterior(spec, bd, names, raw: xr.Dataset, seed: int) -> xr.Dataset
     return _compiled_posterior(spec, names, raw, bd.constrain(x), effects)
 
 
-def partial_posterior(spec, pdata, names, raw: xr.Dataset) -> xr.Dataset:
+def structured_posterior(spec, sdata, names, raw: xr.Dataset, seed: int) -> xr.Dataset:
+    """The structured kernel's draws as the posterior variables: every block's effects drawn exactly at each
+    draw's residual parameters (stream (seed, 2)), and the residual parameters on nlme's scale."""
+    x = raw["x"].to_numpy()
+    C, D = x.shape[:2]
+    first_b, rest = structured.draw_effects(sdata, x, np.random.default_rng([seed, 2]))
+    effects, start = [], 0
+    for block in spec.blocks[1:]:
+        effects.append(rest[:, start : start + block.n_effects].reshape(C, D, block.n_levels, block.q))
+        start += block.n_effects
+    vals = sdata.constrain(x)
+    post = _compiled_posterior(spec, names, raw, vals, effects)
+    first, name = spec.blocks[0], names[0]
+    post[name] = xr.DataArray(first_b.reshape(C, D, first.n_levels, first.q),
+                              dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
+                              coords={naming.level_dim(name): list(first.levels),
+                                      naming.effect_dim(name): list(first.columns)})
+    for i, var in enumerate(naming.residual_vars(spec)):
+        post[var] = (("chain", "draw"), vals["residual"][..., i])
+    return post[[name] + [v for v in post.data_vars if v != name]]
+
+
+def partial_posterior(spec, pdata, names, raw: xr.Dataset, seed: int = 0) -> xr.Dataset:
     """The partly collapsed kernel's draws as the posterior variables (the other blocks' effects were sampled)."""
     vals = pdata.constrain(raw["x"].to_numpy())
     return _compiled_posterior(spec, names, raw, vals, vals["effects"])

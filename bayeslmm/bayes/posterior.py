@@ -105,9 +105,45 @@ def linear_predictor(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> np.
     return mu
 
 
+def residual_natural(spec: ModelSpec, post: xr.Dataset) -> dict[str, np.ndarray]:
+    """The residual structure's parameter draws on nlme's scale, flattened over (chain, draw), by the
+    structure's names (``Phi``, ``power``, a VarIdent level); empty for R = σ²I."""
+    res = spec.residual
+    if res is None:
+        return {}
+    return {n: post[naming.residual_var(n)].to_numpy().reshape(-1) for n in res.names}
+
+
+def independent_rows(spec: ModelSpec) -> bool:
+    """Whether the rows are independent given the effects: no correlation structure (a variance
+    function or weights only rescale each row's noise)."""
+    return spec.residual is None or spec.residual.correlation is None
+
+
+#: why a correlation structure has no pointwise log-likelihood (and so no PSIS-LOO)
+NO_LOGLIK_UNDER_CORRELATION = (
+    "under a correlation structure ({structure}) the rows of a group are not independent given the effects, so "
+    "there is no pointwise (row by row) log-likelihood and no leave-one-out over rows; leave-one-group-out "
+    "(the joint density of each group's rows) is what would apply, and is not in this release. LOO works for "
+    "variance functions and weights (variance=, weights=) without correlation=")
+
+
 def pointwise_loglik(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> xr.Dataset:
-    """log N(y_i | X_iβ + Z_ib, σ) per observation and draw (conditional on the effects, as brms)."""
+    """log N(y_i | X_iβ + Z_ib, σ s_i) per observation and draw (conditional on the effects, as brms).
+
+    s_i is a variance function's (and the weights') relative sd of row i in each draw, 1 for
+    R = σ²I; a correlation structure is refused (:data:`NO_LOGLIK_UNDER_CORRELATION`).
+    """
+    from ..residual_draws import relative_sd_draws
+
+    if not independent_rows(spec):
+        raise BayesLMMError(NO_LOGLIK_UNDER_CORRELATION.format(
+            structure=type(spec.residual.correlation.structure).__name__))
     mu = linear_predictor(spec, post, names)
-    sigma = post["sigma"].to_numpy()[..., None]
-    ll = -0.5 * np.log(2 * np.pi) - np.log(sigma) - 0.5 * ((spec.y - mu) / sigma) ** 2
+    sd = post["sigma"].to_numpy()[..., None]
+    if spec.residual is not None:
+        s = relative_sd_draws(spec.residual, residual_natural(spec, post))
+        if s is not None:  # (1, rows) when no parameter varies it
+            sd = sd * (s[0] if len(s) == 1 else s.reshape(mu.shape))
+    ll = -0.5 * np.log(2 * np.pi) - np.log(sd) - 0.5 * ((spec.y - mu) / sd) ** 2
     return xr.Dataset({"y": (("chain", "draw", "obs"), ll)}, coords={"obs": np.arange(spec.n_obs)})

@@ -23,6 +23,18 @@ SUMMARY_COLUMNS = ["mean", "sd", "median", "lower", "upper", "r_hat", "ess_bulk"
 #: core ``estimate, std_error, lower, upper`` first, as FreqFit's
 TABLE_NAMES = {"mean": "estimate", "sd": "std_error"}
 TABLE_COLUMNS = ["estimate", "std_error", "lower", "upper", "median", "r_hat", "ess_bulk", "ess_tail"]
+#: the routes a NUTS fit can have run (``fit.route``; ``fit(method="nuts", route=...)`` in bayes/fit.py)
+RAN_ROUTES = ("one-factor", "blocked", "partial", "structured", "graph", "graph-explicit")
+
+
+def route_of(backend: str | None, parameterization: str) -> str:
+    """The route a fit ran, from what fits recorded before ``fit.route``: ``timings["backend"]`` (the
+    engine; absent from fits made elsewhere, e.g. :meth:`BayesFit.from_pymc`) and the parameterisation."""
+    if backend == "kernel":
+        return "one-factor"
+    if backend in ("blocked", "partial", "structured"):
+        return backend
+    return "graph-explicit" if parameterization == "explicit" else "graph"
 
 
 def summarize_draws(draws: dict[str, np.ndarray], ci_prob: float | None = None) -> pd.DataFrame:
@@ -117,6 +129,14 @@ def _with_residual(spec: ModelSpec, structure: dict, source: str) -> ModelSpec:
     return replace(spec, residual=res)
 
 
+def _rows_frame(newdata, n_rows: int) -> pd.DataFrame:
+    """``newdata`` (a DataFrame or a dict of columns) as a frame of the ``n_rows`` rows predicted."""
+    frame = newdata if isinstance(newdata, pd.DataFrame) else pd.DataFrame(dict(newdata))
+    if len(frame) != n_rows:  # the design keeps every row or refuses; a mismatch is a bug here
+        raise BayesLMMError(f"newdata has {len(frame)} rows, its design {n_rows}")
+    return frame
+
+
 def _shared_table(summary: pd.DataFrame, prob: float) -> pd.DataFrame:
     """A :func:`summarize_draws` frame with the shared tables' names and column order."""
     out = summary[SUMMARY_COLUMNS].rename(columns=TABLE_NAMES)[TABLE_COLUMNS]
@@ -136,6 +156,8 @@ class BayesFit:
         ``constant_data`` and (unless too large) a pointwise ``log_likelihood``.
     priors : PriorSet
     parameterization : {"collapsed", "explicit"}
+        The older name of what ``route`` says: ``"explicit"`` for ``"graph-explicit"`` (every
+        effect sampled), ``"collapsed"`` otherwise.
     sampler : {"pymc", "nutpie"}
     seed : int
         The seed the draws came from (reuse it to reproduce them).
@@ -143,6 +165,12 @@ class BayesFit:
         The residual structure's description (``ResidualModel.describe``; what a save
         keeps to rebuild it), None for R = σ²I.  Its parameters' draws are the posterior's
         ``residual_*`` variables (:meth:`residual_table`).
+    timings : dict
+        Seconds spent building, sampling and post-processing; ``timings["backend"]`` is the older
+        name of the route (``"kernel"`` for ``"one-factor"``, ``"pytensor"`` for either graph).
+    route : {"one-factor", "blocked", "partial", "structured", "graph", "graph-explicit"}
+        The route that sampled the posterior (``fit(method="nuts", route=...)``, docs/bayes.md);
+        when not given, inferred from ``timings["backend"]`` and ``parameterization``.
     """
 
     spec: ModelSpec
@@ -155,6 +183,13 @@ class BayesFit:
     data_name: str | None = None
     timings: dict = field(default_factory=dict)
     residual_structure: dict | None = None
+    route: str | None = None
+
+    def __post_init__(self):
+        if self.route is None:  # fits recorded before the route was (and draws sampled elsewhere)
+            object.__setattr__(self, "route", route_of((self.timings or {}).get("backend"), self.parameterization))
+        elif self.route not in RAN_ROUTES:
+            raise BayesLMMError(f"route must be one of {list(RAN_ROUTES)}, got {self.route!r}")
 
     @classmethod
     def from_pymc(cls, model, idata, priors: dict | None = None, random_seed: int = 0,
@@ -183,7 +218,7 @@ class BayesFit:
         and keeps the rest (``mu`` included); a pointwise ``log_likelihood`` is added
         when absent, under the same size limit as ``fit()``.
         """
-        from .posterior import MAX_LOGLIK_VALUES, pointwise_loglik
+        from .posterior import MAX_LOGLIK_VALUES, independent_rows, pointwise_loglik
         from .priors import resolve_priors
 
         spec = getattr(model, "spec", model)
@@ -200,7 +235,8 @@ class BayesFit:
         dt = idata.copy()
         dt["posterior"] = xr.DataTree(post)
         n_values = spec.n_obs * post.sizes["chain"] * post.sizes["draw"]
-        if "log_likelihood" not in dt.children and spec.rows_in_memory and n_values <= MAX_LOGLIK_VALUES:
+        if ("log_likelihood" not in dt.children and spec.rows_in_memory and n_values <= MAX_LOGLIK_VALUES
+                and independent_rows(spec)):
             dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, names))
         sampler = str(post.attrs.get("inference_library", "pymc"))
         timings = {"sample": post.attrs["sampling_time"]} if "sampling_time" in post.attrs else {}
@@ -344,13 +380,6 @@ class BayesFit:
         if not names:
             return pd.DataFrame(columns=TABLE_COLUMNS)
         return _shared_table(summarize_draws({n: self.posterior[n].to_numpy() for n in names}, prob), prob)
-
-    def _refuse_structured(self, what: str) -> None:
-        """Refuse what assumes R = σ²I rather than return it for the wrong model."""
-        if self.spec.residual is not None:
-            raise BayesLMMError(f"{what} is not available for a NUTS fit with a residual structure in this release "
-                                "(it would assume R = σ²I); the posterior, summaries, fitted values and predicted "
-                                "means are")
 
     def confint(self, ci_prob: float = 0.95) -> pd.DataFrame:
         """Equal-tailed posterior intervals, rows and columns as ``FreqFit.confint``.
@@ -511,14 +540,15 @@ class BayesFit:
     # -- predictions ------------------------------------------------------------
     def posterior_predictive(self, random_seed: int | None = None, *, newdata=None, kind: str = "conditional",
                              new_groups: str = "population") -> xr.DataArray:
-        """Replicated responses y_rep = Xβ + Zb + σε, one per posterior draw.
+        """Replicated responses y_rep = Xβ + Zb + ε, ε ~ N(0, σ²I) or N(0, σ²Λ_R(ρ)), one per posterior draw.
 
         For the training rows by default: the draws ArviZ's posterior predictive
         checks compare with the observed ``y``.  Those draws (``newdata`` omitted)
         are also stored as ``fit.idata["posterior_predictive"]`` (replacing any
         earlier ones), so ``arviz.plot_ppc_dist(fit.idata)`` works right after this
         call.  Draws for ``newdata`` are returned only: their rows are not the
-        observed ones.  Each draw uses that draw's β, effects b and σ.
+        observed ones.  Each draw uses that draw's β, effects b and σ, and with a residual
+        structure its parameters ρ (:meth:`predict_draws` says how ε is drawn then).
 
         Parameters
         ----------
@@ -533,10 +563,7 @@ class BayesFit:
         xarray.DataArray named ``y`` with dims ``(chain, draw, obs)``; ``obs`` is the row
         position, and the coordinate ``row`` holds the data's index labels.
         """
-        from ..predict import bayes_draws
-
-        self._refuse_structured("posterior predictive draws")
-        yrep = bayes_draws(self, newdata, kind, new_groups, True, random_seed)[0]
+        yrep = self._draws(newdata, kind, new_groups, True, random_seed)[0]
         if newdata is None:
             self._attach_predictive(yrep)
         return yrep
@@ -547,12 +574,35 @@ class BayesFit:
 
     def predict_draws(self, newdata=None, kind: str = "conditional", new_groups: str = "population",
                       predictive: bool = False, random_seed: int | None = None) -> xr.DataArray:
-        """Per-draw predicted means (or, ``predictive=True``, new responses): DataArray (chain, draw, obs)."""
+        """Per-draw predicted means (or, ``predictive=True``, new responses): DataArray (chain, draw, obs).
+
+        With a residual structure a new response is the mean plus ε ~ N(0, σ²Λ_R(ρ)) of that
+        draw (:mod:`bayeslmm.residual_draws`): a variance function is evaluated at each row
+        (``newdata`` must have its column: a fitted level for VarIdent), and a correlation
+        structure correlates the rows it puts in one group (``newdata`` must have the group
+        and any time column; AR(1) without a time takes the rows' order within a group).  New
+        rows' noise is a fresh series: it does not continue the training rows' residuals.
+        """
+        return self._draws(newdata, kind, new_groups, predictive, random_seed)[0]
+
+    def _draws(self, newdata, kind: str, new_groups: str, predictive: bool, random_seed):
+        """(draws (chain, draw, obs), the rows' design): means, or means plus the residual noise."""
         from ..predict import bayes_draws
 
-        if predictive:
-            self._refuse_structured("predictive draws (predictive=True)")
-        return bayes_draws(self, newdata, kind, new_groups, predictive, random_seed)[0]
+        if not predictive or self.spec.residual is None:
+            return bayes_draws(self, newdata, kind, new_groups, predictive, random_seed)
+        from ..residual_draws import noise_draws
+        from .posterior import residual_natural
+
+        mu, d = bayes_draws(self, newdata, kind, new_groups, False, random_seed)
+        frame = None if newdata is None else _rows_frame(newdata, d.n_rows)
+        post = self.posterior
+        # a stream of its own: new groups' effects (bayes_draws) come from the seed's stream 2 itself
+        rng = self.random_stream(random_seed, 2).spawn(1)[0]
+        eps = noise_draws(rng, self.spec.residual, residual_natural(self.spec, post), post["sigma"].to_numpy(), frame)
+        y = mu.copy(data=mu.to_numpy() + eps.reshape(mu.shape)).rename("y")
+        y.attrs["predictive"] = 1
+        return y, d
 
     def predict(self, newdata=None, kind: str = "conditional", new_groups: str = "population",
                 predictive: bool = False, ci_prob: float | None = None,
@@ -575,7 +625,7 @@ class BayesFit:
         predictive : bool
             ``False``: the posterior of the mean (its interval is the uncertainty of
             the mean).  ``True``: posterior predictive draws of new observations,
-            residual noise σε included.
+            residual noise included (with a residual structure: see :meth:`predict_draws`).
         ci_prob : float, optional
             Probability of the equal-tailed interval (ArviZ's default, 0.89).
         random_seed : int, optional
@@ -586,11 +636,16 @@ class BayesFit:
         DataFrame indexed like ``newdata`` with columns ``mean, sd, median, lower, upper``;
         ``attrs`` records the kind, the interval and the unseen levels.
         """
-        from ..predict import bayes_predict
+        from ..predict import bayes_predict, new_levels_note, summarize_rows
 
-        if predictive:
-            self._refuse_structured("predictive draws (predictive=True)")
-        return bayes_predict(self, newdata, kind, new_groups, predictive, ci_prob, random_seed)
+        if not predictive or self.spec.residual is None:
+            return bayes_predict(self, newdata, kind, new_groups, predictive, ci_prob, random_seed)
+        prob = posterior_ci_prob(ci_prob)
+        draws, d = self._draws(newdata, kind, new_groups, True, random_seed)
+        out = summarize_rows(draws.to_numpy().reshape(-1, d.n_rows), d.index, prob)
+        out.attrs.update(kind=kind, predictive=True, interval=f"eti{round(prob * 100):d}",
+                         new_levels=new_levels_note(self.spec, d))
+        return out
 
     def add_posterior_predictive(self, random_seed: int | None = None):
         """Store :meth:`posterior_predictive` draws as ``idata["posterior_predictive"]`` and return ``idata``.
@@ -609,10 +664,20 @@ class BayesFit:
         The log-likelihood is conditional on the drawn group effects (as brms stores
         it), so this estimates the predictive accuracy for new observations of the
         fitted groups.  Extra keyword arguments go to ``arviz.loo``.
+
+        With a variance function or weights each row's term is log N(y_i | μ_i, σ² s_i²),
+        computed here (and stored) when the fit did not store it; a correlation structure
+        has no pointwise log-likelihood, and is refused with what would apply.
         """
         import arviz as az
 
-        self._refuse_structured("LOO (a pointwise log-likelihood)")
+        from .posterior import NO_LOGLIK_UNDER_CORRELATION, independent_rows
+
+        if not independent_rows(self.spec):
+            raise BayesLMMError("LOO is not available for this fit: " + NO_LOGLIK_UNDER_CORRELATION.format(
+                structure=type(self.spec.residual.correlation.structure).__name__))
+        if "log_likelihood" not in self.idata.children and self.spec.residual is not None:
+            self._attach_loglik()
         if "log_likelihood" not in self.idata.children:
             from ..predict import require_rows
 
@@ -620,6 +685,17 @@ class BayesFit:
             raise BayesLMMError("this fit has no pointwise log-likelihood (it is skipped above 5e7 rows × draws); "
                                 "refit with fit(method='nuts', log_likelihood=True) to use LOO")
         return az.loo(self.idata, pointwise=pointwise, var_name="y", **kwargs)
+
+    def _attach_loglik(self) -> None:
+        """Store the pointwise log-likelihood of a fit sampled without it, when the rows and effects allow."""
+        from ..predict import require_rows
+        from .posterior import MAX_LOGLIK_VALUES, pointwise_loglik
+
+        require_rows(self.spec, "LOO (a pointwise log-likelihood over the rows)")
+        if self.spec.n_obs * self.n_draws > MAX_LOGLIK_VALUES:
+            raise BayesLMMError(f"LOO would need {self.spec.n_obs * self.n_draws:.2g} pointwise log-likelihood "
+                                f"values (more than {MAX_LOGLIK_VALUES:.0e}); thin the draws first")
+        self.idata["log_likelihood"] = xr.DataTree(pointwise_loglik(self.spec, self.posterior, self.names))
 
     # -- variance decomposition and R² -----------------------------------------------
     def block_covariance_draws(self) -> list[np.ndarray]:
@@ -634,15 +710,33 @@ class BayesFit:
         return out
 
     def variance_component_draws(self, at: dict | None = None) -> dict[str, np.ndarray]:
-        """Per-draw variance of each grouping factor's part of Var(y) at ``at``, ``Residual`` and ``Total``."""
+        """Per-draw variance of each grouping factor's part of Var(y) at ``at``, ``Residual`` and ``Total``.
+
+        With a variance function (``variance=``, ``weights=``) ``Residual`` is σ² s² of a row at
+        the values ``at`` gives its columns, else the mean of σ² s_i² over the rows, per draw:
+        the REML fit's convention (``FreqFit.variance_components``; Nakagawa et al. 2017).
+        """
         from .. import variance as V
 
-        self._refuse_structured("the variance decomposition (and ICC)")
-        z = V.z_at(self.spec, at)
+        z = V.z_at(self.spec, at, also=V.residual_columns(self.spec))
         out = V.group_variances(self.spec, z, self.block_covariance_draws())
-        out["Residual"] = self.posterior["sigma"].to_numpy() ** 2
+        out["Residual"] = self._residual_variance_draws(at)
         out["Total"] = sum(out.values())
         return out
+
+    def _residual_variance_draws(self, at) -> np.ndarray:
+        """σ² per draw (chain, draw); with a residual structure σ² s² at ``at`` or its mean over the rows."""
+        from .. import variance as V
+        from .posterior import residual_natural
+
+        sigma2 = self.posterior["sigma"].to_numpy() ** 2
+        res = self.spec.residual
+        if res is None:
+            return sigma2
+        natural, flat = residual_natural(self.spec, self.posterior), sigma2.reshape(-1)
+        out = [V.residual_variance(self.spec, flat[k], res.unconstrained({n: v[k] for n, v in natural.items()}), at)
+               for k in range(flat.size)]
+        return np.asarray(out).reshape(sigma2.shape)
 
     def variance_components(self, at: dict | None = None, ci_prob: float | None = None) -> pd.DataFrame:
         """Posterior of Var(y)'s decomposition at the point ``at`` (see ``FreqFit.variance_components``).
@@ -674,20 +768,21 @@ class BayesFit:
 
         ``method="nakagawa"``: Nakagawa & Schielzeth (2013) with Johnson's (2014)
         random-slope extension; ``"gelman"``: Gelman, Goodrich, Gabry & Vehtari (2019),
-        residual form as ``brms::bayes_R2``.  See :mod:`bayeslmm.variance`.
+        residual form as ``brms::bayes_R2``.  See :mod:`bayeslmm.variance`.  With a variance
+        function Nakagawa's residual variance is, per draw, the mean of σ² s_i² over the rows
+        (Nakagawa et al. 2017), as the REML fit's.
         """
         from .. import variance as V
         from ..predict import require_rows
         from .posterior import linear_predictor
 
         V.check_r2_method(method)
-        self._refuse_structured("R²")
         require_rows(self.spec, "R² (variances over the rows)")
         post = self.posterior
         beta = post["beta"].to_numpy()
         if method == "nakagawa":
             marg, cond = V.nakagawa_r2(self.spec, beta, self.block_covariance_draws(),
-                                       post["sigma"].to_numpy() ** 2)
+                                       self._residual_variance_draws(None))
         else:
             marg = V.gelman_r2(self.spec.y, np.einsum("cdp,np->cdn", beta, self.spec.X))
             cond = V.gelman_r2(self.spec.y, linear_predictor(self.spec, post, self.names))
@@ -744,6 +839,7 @@ class BayesFit:
             "method": "NUTS",
             "nobs": self.spec.n_obs,
             "sampler": self.sampler,
+            "route": self.route,
             "parameterization": self.parameterization,
             "seed": self.seed,
             "chains": int(post.sizes["chain"]),
@@ -768,13 +864,13 @@ class BayesFit:
 
     #: the fields :meth:`to_record` stores in its own way; any other (added later) goes under "extra"
     RECORD_FIELDS = frozenset({"spec", "idata", "priors", "names", "parameterization", "sampler", "seed",
-                               "data_name", "timings"})
+                               "data_name", "timings", "route"})
 
     def to_record(self) -> tuple[dict, dict]:
         """What a save holds of this fit: its JSON record and the DataTree's groups ``{name: Dataset}``.
 
         The record has the priors (every family and parameter), the block names,
-        parameterisation, sampler, seed, timings and the names of the groups; the
+        route, parameterisation, sampler, seed, timings and the names of the groups; the
         model's data and the format's header are the store's (:mod:`bayeslmm.store`).
         """
         from .. import store
@@ -785,6 +881,7 @@ class BayesFit:
             "spec": store.spec_record(self.spec),
             "priors": self.priors.to_record(),
             "names": list(self.names),
+            "route": self.route,
             "parameterization": self.parameterization,
             "sampler": self.sampler,
             "seed": int(self.seed),
@@ -802,7 +899,7 @@ class BayesFit:
         the priors ones a fit accepts; otherwise a
         :class:`~bayeslmm.errors.DataError` naming ``source`` (the file).  Files saved
         before the distinct-correlation layout (whole correlation matrices) are read as
-        today's.
+        today's, and files saved before ``route`` was recorded have it inferred (:func:`route_of`).
         """
         from .. import store
 
@@ -818,6 +915,7 @@ class BayesFit:
         _check_draws_match_spec(idata, spec, source)
         return cls(spec=spec, idata=idata, priors=PriorSet.from_record(record["priors"], spec, source),
                    names=list(record["names"]), parameterization=record["parameterization"],
+                   route=record.get("route"),
                    sampler=record["sampler"], seed=int(record["seed"]), data_name=record["data_name"],
                    timings=dict(record["timings"]), **store.known_extra(cls, record))
 

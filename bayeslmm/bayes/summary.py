@@ -30,9 +30,14 @@ def _formatters(table: pd.DataFrame) -> dict:
     return out
 
 
-#: what the compiled kernels beyond one factor integrate out, said in the summary's header
-ROUTE_NOTES = {"blocked": ": every random effect integrated out",
-               "partial": ": the largest factor integrated out, the others sampled"}
+#: what each route (``fit.route``) integrates out and samples, said in the summary's header
+ROUTE_NOTES = {"one-factor": "compiled kernel: the random effects integrated out",
+               "blocked": "compiled kernel: every random effect integrated out",
+               "partial": "compiled kernel: the largest factor integrated out, the others sampled",
+               "structured": "compiled kernel: every random effect integrated out, on the residual structure's "
+                             "cross-products",
+               "graph": "PyMC graph: the largest factor integrated out, the others sampled",
+               "graph-explicit": "PyMC graph: every random effect sampled"}
 
 
 class BayesSummary:
@@ -59,9 +64,9 @@ class BayesSummary:
         if fit.data_name:
             lines.append(f"   Data: {fit.data_name}")
         lines.append(fit.spec.counts_line())
-        how = ROUTE_NOTES.get((fit.timings or {}).get("backend"), "")
-        lines.append(f"Draws: {post.sizes['chain']} chains × {post.sizes['draw']} ({fit.sampler} NUTS, "
-                     f"{fit.parameterization} parameterisation{how}, seed {fit.seed})")
+        lines.append(f"Draws: {post.sizes['chain']} chains × {post.sizes['draw']} ({fit.sampler} NUTS, seed "
+                     f"{fit.seed})")
+        lines.append(f"Route: {fit.route} ({ROUTE_NOTES[fit.route]})")
         return lines
 
     def tables(self) -> dict[str, pd.DataFrame]:

@@ -9,7 +9,8 @@ also adjusts the covariance of β̂ (the SEs and F statistics use Φ_A, as lmerT
 ``ddf = "Kenward-Roger"``); the hypotheses per term from :mod:`bayeslmm.hypotheses`.
 ``ddf="none"`` gives Wald tests (infinite df), which is what lme4's summary reports
 without lmerTest.  Fits with a residual structure (R = σ² Λ_R(ρ)) have Satterthwaite's df
-in (θ, ρ, σ) and Wald tests; Kenward–Roger's are refused for them.
+in (θ, ρ, σ), and Kenward–Roger's in (Σ, the residual parameters, σ²) (see
+:class:`~bayeslmm.reml.kenward_roger.KenwardRoger`).
 """
 
 from __future__ import annotations
@@ -37,15 +38,12 @@ def check_ddf(ddf: str) -> str:
 
 
 def kenward_roger_for(fit) -> KenwardRoger:
-    """The fit's Kenward–Roger pieces at its θ and σ; REML fits only."""
-    if fit.spec.residual is not None:
-        raise ModelError("Kenward-Roger degrees of freedom are not available for a fit with a residual structure "
-                         "(variance=, correlation=, weights=) in this release; use ddf='satterthwaite' (the default), "
-                         "which is, or ddf='none' for Wald tests")
+    """The fit's Kenward–Roger pieces at its θ, σ (and residual parameters); REML fits only."""
     if fit.method != "REML":
         raise ModelError("Kenward-Roger degrees of freedom are defined for REML fits only: refit with "
                          "method='reml', or use ddf='satterthwaite' with this ML fit")
-    return KenwardRoger(fit.spec, fit.theta, fit.sigma)
+    rho = None if fit.spec.residual is None else fit.spec.residual.unconstrained(fit.residual_params)
+    return KenwardRoger(fit.spec, fit.theta, fit.sigma, residual=rho)
 
 
 def satterthwaite_for(fit) -> Satterthwaite | None:

@@ -34,6 +34,16 @@ unconstrained BOBYQA minimisation over a minimal set of free values:
 
 Every T here is lower triangular, so θ (lme4's layout) is read off it directly; the
 sign convention of lme4 (a non-negative diagonal) is not needed for Σ = σ²TTᵀ.
+
+With a residual structure R = σ²Λ_R(ρ) the deviance is the σ²I one on the data whitened at ρ
+plus log|Λ_R(ρ)| (:class:`~bayeslmm.reml.residual_fit.JointCriterion`, ML), the optimum is
+the joint one in (θ, ρ) (a REML fit refitted by ML), and every profile point re-optimises ρ
+(unconstrained) with the rest.  The structure's parameters are profiled too, on nlme's scale
+(Phi, Rho, a power or exponent, VarIdent's sd ratios): ψ = v fixes that entry of ρ, the others
+and T are free and σ is profiled out.  Their ranges are open where Λ_R turns singular (φ = ±1,
+a ratio of 0, ρ at −1/(m−1) or 1), so the walk toward such a bound stops 1e-6 of the way short,
+and a profile still below the cutoff there ends at the bound with a note; a power's or
+exponent's may be unbounded either way (±inf).
 """
 
 from __future__ import annotations
@@ -48,19 +58,22 @@ from scipy import optimize, stats
 
 from ..deprecation import renamed_kwargs
 from ..errors import BayesLMMError
-from ..residual import refuse_structured
+from ..residual import VarIdent
 from .deviance import ProfiledDeviance
 from .optimize import blas_threads, minimize_bobyqa
+from .residual_fit import JointCriterion, residual_optimum
 
 
 @dataclass(frozen=True)
 class VarParam:
-    """One variance parameter: an sd (``i == j``), a correlation (``i > j``, rows of T) or σ (``block`` None)."""
+    """One variance parameter: an sd (``i == j``), a correlation (``i > j``, rows of T), σ (``block``
+    None), or entry ``residual`` of a residual structure's parameters (``block`` None)."""
 
     label: str
     block: int | None
     i: int = 0
     j: int = 0
+    residual: int | None = None
 
 
 def variance_parameters(spec) -> list[VarParam]:
@@ -75,6 +88,14 @@ def variance_parameters(spec) -> list[VarParam]:
                     out.append(VarParam(f"cor_{block.columns[j]}.{block.columns[i]}|{block.group}", b, j, i))
     out.append(VarParam("sigma", None))
     return out
+
+
+def profiled_parameters(spec) -> list[VarParam]:
+    """What the profiles cover: :func:`variance_parameters`, then a residual structure's parameters
+    (Phi, Rho, a power, VarIdent's sd ratios) on nlme's scale."""
+    residual = getattr(spec, "residual", None)
+    extra = [] if residual is None else [VarParam(name, None, residual=k) for k, name in enumerate(residual.names)]
+    return variance_parameters(spec) + extra
 
 
 def crossproducts(spec):
@@ -93,6 +114,16 @@ class Profiler:
     """Profiles of the ML deviance of one model (see the module docstring)."""
 
     def __init__(self, fit, crossprods=None):
+        spec = fit.spec
+        self.spec, self.n, self.params = spec, spec.n_obs, profiled_parameters(spec)
+        if spec.residual is None:
+            theta, self.u_hat, objective, sigma = self._sigma2_identity_ml(fit, crossprods)
+        else:
+            theta, self.u_hat, objective, sigma = self._structured_ml(fit)
+        self.base, self.sigma_hat = float(objective), float(sigma)
+        self.T_hat = [block.T(t) for block, t in zip(spec.blocks, spec.split_theta(theta))]
+
+    def _sigma2_identity_ml(self, fit, crossprods):
         from .solve import optimum  # below the results: a FreqFit's confint refits by ML here
 
         spec = fit.spec
@@ -100,35 +131,59 @@ class Profiler:
             crossprods = crossproducts(spec)
         if fit.method != "ML":
             fit = optimum(spec, reml=False, crossprods=crossprods)  # θ, objective and σ are all it needs
-        self.spec = spec
         self.ml_fit = fit
         self.dev = ProfiledDeviance(spec, crossprods, reml=False)
-        self.n = spec.n_obs
-        self.base = float(fit.objective)
-        self.sigma_hat = float(fit.sigma)
-        self.T_hat = [block.T(t) for block, t in zip(spec.blocks, spec.split_theta(fit.theta))]
-        self.params = variance_parameters(spec)
+        self._criterion = None
+        return fit.theta, np.zeros(0), fit.objective, fit.sigma
+
+    def _structured_ml(self, fit):
+        """The ML optimum in (θ, u) (a REML fit refitted from its own θ); the profiles re-optimise u
+        with the rest, on the data whitened at each u (:class:`~.residual_fit.JointCriterion`)."""
+        spec = fit.spec
+        self._criterion = JointCriterion(spec, reml=False)
+        if fit.method == "ML":
+            theta, u, objective, sigma = fit.theta, spec.residual.unconstrained(fit.residual_params), \
+                fit.objective, fit.sigma
+        else:
+            theta, u, objective, est, _ = residual_optimum(spec, reml=False, start=fit.theta)
+            sigma = est.sigma
+        self.ml_fit, self.dev = None, None  # the ML optimum is (θ, u) here; the deviance is the criterion's
+        return theta, np.asarray(u, float), objective, sigma
 
     # -- the deviance in (T, σ) ----------------------------------------------------
     def theta_of(self, Ts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([T[block.theta_index] for block, T in zip(self.spec.blocks, Ts)])
 
-    def deviance(self, Ts: list[np.ndarray], sigma: float | None) -> float:
-        """D(θ, σ); with ``sigma=None``, σ profiled out (the ML profiled deviance d(θ))."""
+    def deviance(self, Ts: list[np.ndarray], sigma: float | None, u: np.ndarray | None = None) -> float:
+        """D(θ, σ) (and the residual parameters u, unconstrained: D on the data whitened at u plus
+        log|Λ_R(u)|); with ``sigma=None``, σ profiled out (the ML profiled deviance d(θ))."""
         theta = self.theta_of(Ts)
+        dev, logdet = self.dev, 0.0
+        if self._criterion is not None:
+            with np.errstate(all="ignore"):
+                logdet = self.spec.residual.log_det(u)
+                if not np.isfinite(logdet):
+                    return np.inf
+                try:
+                    dev = self._criterion.deviance(u)
+                except (FloatingPointError, ValueError, np.linalg.LinAlgError, BayesLMMError):
+                    return np.inf
         if sigma is None:
-            return self.dev(theta)
+            val = dev(theta) + logdet
+            return float(val) if np.isfinite(val) else np.inf
         if not (np.isfinite(sigma) and sigma > 0):
             return np.inf
         try:
-            f = self.dev.factor(theta)
+            f = dev.factor(theta)
         except (np.linalg.LinAlgError, ValueError):
             return np.inf
-        val = f.logdet_Z + f.pwrss / sigma**2 + self.n * np.log(2 * np.pi * sigma**2)
+        val = f.logdet_Z + f.pwrss / sigma**2 + self.n * np.log(2 * np.pi * sigma**2) + logdet
         return float(val) if np.isfinite(val) else np.inf
 
-    def value(self, p: VarParam, Ts: list[np.ndarray], sigma: float) -> float:
-        """ψ at (T, σ)."""
+    def value(self, p: VarParam, Ts: list[np.ndarray], sigma: float, u: np.ndarray | None = None) -> float:
+        """ψ at (T, σ, u)."""
+        if p.residual is not None:
+            return self._natural(p, self.u_hat if u is None else u)
         if p.block is None:
             return sigma
         T = Ts[p.block]
@@ -150,8 +205,44 @@ class Profiler:
             layout.append((rows[keep], cols[keep]))
         return layout
 
-    def _pack(self, p: VarParam, Ts: list[np.ndarray], sigma: float) -> np.ndarray:
-        """The free vector φ of (T, σ); see :meth:`_unpack` for its layout."""
+    # -- the residual parameters: unconstrained u, all free but the one profiled ----------------------
+    def _natural(self, p: VarParam, u: np.ndarray) -> float:
+        return self.spec.residual.natural(u)[p.label]
+
+    def _u_free(self, p: VarParam) -> np.ndarray:
+        """Which entries of u a profile point re-optimises: all but the one ψ fixes."""
+        return np.arange(len(self.u_hat)) != (-1 if p.residual is None else p.residual)
+
+    def _u_at(self, p: VarParam, v: float, free: np.ndarray) -> np.ndarray:
+        """u with its free entries ``free`` and, for a residual ψ, ψ = v (natural scale)."""
+        u = self.u_hat.copy()
+        u[self._u_free(p)] = free
+        if p.residual is not None:
+            natural = self.spec.residual.natural(u)
+            natural[p.label] = v
+            with np.errstate(all="ignore"):
+                u = self.spec.residual.unconstrained(natural)
+        return u
+
+    def _pack(self, p: VarParam, Ts: list[np.ndarray], sigma: float, u: np.ndarray | None = None) -> np.ndarray:
+        """The free vector φ of (T, σ, u): that of (T, σ) (:meth:`_pack_variances`), then u's free entries."""
+        u = self.u_hat if u is None else u
+        return np.concatenate([self._pack_variances(p, Ts, sigma), u[self._u_free(p)]])
+
+    def _unpack(self, p: VarParam, v: float, phi: np.ndarray):
+        """(T list, σ or None, u) with ψ = v from the free vector φ; None when undefined."""
+        n_u = int(self._u_free(p).sum())
+        head, tail = phi[: len(phi) - n_u], phi[len(phi) - n_u:]
+        got = self._unpack_variances(p, v, head)
+        if got is None:
+            return None
+        Ts, sigma = got
+        if p.residual is not None:
+            sigma = None  # σ is profiled out analytically, as for a correlation
+        return Ts, sigma, self._u_at(p, v, tail)
+
+    def _pack_variances(self, p: VarParam, Ts: list[np.ndarray], sigma: float) -> np.ndarray:
+        """The free vector φ of (T, σ); see :meth:`_unpack_variances` for its layout."""
         layout = self._free_layout(p)
         parts = [T[r, c] for T, (r, c) in zip(Ts, layout)]
         if p.block is not None:
@@ -170,7 +261,7 @@ class Profiler:
         """For a correlation: the entry of row j's direction u that the orthogonality solves for."""
         return int(np.argmax(np.abs(self.T_hat[p.block][p.j, : p.i])))
 
-    def _unpack(self, p: VarParam, v: float, phi: np.ndarray):
+    def _unpack_variances(self, p: VarParam, v: float, phi: np.ndarray):
         """(T list, σ or None) with ψ = v, from the free vector φ; None when undefined.
 
         φ holds every stored entry of T outside the row i that ψ constrains, then
@@ -254,6 +345,8 @@ class Profiler:
 
     def _path(self, p: VarParam, est: float, direction: int) -> tuple[np.ndarray, float | None]:
         """Values of ψ to walk through from ``est``, and the boundary they end on (None: unbounded)."""
+        if p.residual is not None:
+            return self._residual_path(p, est, direction)
         if p.block is not None and p.i != p.j:  # a correlation, bounded by ±1
             edge = float(direction)
             return est + _BOUNDED_STEPS * (edge - est), edge
@@ -262,6 +355,21 @@ class Profiler:
             return est * (1 - steps), 0.0
         scale = est if est > 0 else self.sigma_hat
         return est + scale * _UNBOUNDED_STEPS, None
+
+    def _residual_path(self, p: VarParam, est: float, direction: int) -> tuple[np.ndarray, float | None]:
+        """As :meth:`_path` for a residual parameter on nlme's scale.  Its range is open (at φ = ±1 or a
+        ratio of 0, Λ_R is singular): the walk stops 1e-6 of the way short of a bound."""
+        res = self.spec.residual
+        if p.residual >= len(res.variance.names if res.variance else ()):
+            edge = 1.0 if direction > 0 else float(res.correlation.lower)  # Phi, Rho
+        elif isinstance(res.variance.structure, VarIdent):
+            edge = 0.0 if direction < 0 else None                          # a ratio of sds
+        else:
+            edge = None                                                    # a power or exponent
+        if edge is None:
+            scale = max(abs(est), 0.1)
+            return est + direction * scale * _UNBOUNDED_STEPS, None
+        return est + np.minimum(_BOUNDED_STEPS, 1 - 1e-6) * (edge - est), edge
 
     def _g(self, p: VarParam, v: float, starts: list[np.ndarray], cutoff: float) -> tuple[float, np.ndarray]:
         """Profile deviance above the cutoff at ψ = v, minimised from each start (the best kept)."""
@@ -315,6 +423,9 @@ class Profiler:
             # between the two points, warm-start from the inner one, and from the outer one too
             # where that lies on another branch of the profile
             return self._crossing(p, inner, outer, [inner[2], phi] if restarted else [inner[2]], cutoff)
+        if edge is None and direction < 0:  # a power or exponent of a variance function
+            notes.append(f"{p.label}: the profile stays below the cutoff however small it gets: no lower end (-inf)")
+            return -np.inf
         if edge is None:
             notes.append(f"{p.label}: the profile stays below the cutoff however large it gets: no upper end (inf)")
             return np.inf
@@ -356,7 +467,6 @@ def profile_intervals(fit, ci_prob: float = 0.95, crossprods=None) -> pd.DataFra
     """
     if isinstance(ci_prob, bool) or not isinstance(ci_prob, (int, float)) or not 0 < ci_prob < 1:
         raise BayesLMMError(f"ci_prob must be a probability strictly between 0 and 1, got {ci_prob!r}")
-    refuse_structured(fit.spec, "profile-likelihood intervals")
     cache = _INTERVALS.setdefault(fit, {})
     if float(ci_prob) in cache:
         return _copy(cache[float(ci_prob)])
@@ -364,9 +474,10 @@ def profile_intervals(fit, ci_prob: float = 0.95, crossprods=None) -> pd.DataFra
     if prof is None:
         with blas_threads():  # a REML fit is refitted by ML here
             prof = _PROFILERS[fit] = Profiler(fit, crossprods)
-    vc = fit.varcorr
+    res = fit.spec.residual
+    estimates = list(fit.varcorr["sdcor"]) + ([] if res is None else [fit.residual_params[n] for n in res.names])
     rows, notes = [], []
-    for p, est in zip(prof.params, vc["sdcor"]):
+    for p, est in zip(prof.params, estimates):
         try:
             with blas_threads():
                 lo, hi, more = prof.interval(p, ci_prob)

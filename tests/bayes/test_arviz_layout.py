@@ -51,7 +51,7 @@ def test_three_columns_on_the_pytensor_graph_have_three_pairs():
     b = rng.normal(size=(J, 3)) * [1.0, 0.5, 0.5]
     codes = np.repeat(np.arange(J), n // J)
     d["y"] = 1 + d.x + b[codes, 0] + b[codes, 1] * d.x + b[codes, 2] * d.z + rng.normal(size=n)
-    fit = Model("y ~ x + z + (1 + x + z | g)", d).fit(method="nuts", backend="pytensor", sampler="pymc", **QUICK)
+    fit = Model("y ~ x + z + (1 + x + z | g)", d).fit(method="nuts", route="graph", sampler="pymc", **QUICK)
     corr = fit.posterior["g_corr"]
     assert corr.dims == ("chain", "draw", "g_pair")
     assert corr["g_pair"].values.tolist() == ["(Intercept),x", "(Intercept),z", "x,z"]

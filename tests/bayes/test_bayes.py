@@ -108,7 +108,7 @@ def _mc_agree(a, b, names):
 
 
 def test_collapsed_equals_explicit(sleep_model, sleep_fit):
-    explicit = sleep_model.fit(method="nuts", random_seed=12, parameterization="explicit", **FAST)
+    explicit = sleep_model.fit(method="nuts", random_seed=12, route="graph-explicit", **FAST)
     _mc_agree(sleep_fit.summary_table(), explicit.summary_table(),
               ["beta[(Intercept)]", "beta[Days]", "sd[Subject|(Intercept)]", "sd[Subject|Days]",
                "corr[Subject|(Intercept),Days]", "sigma"])
@@ -124,7 +124,7 @@ def test_crossed_partial_collapse_equals_explicit():
     model = Model("diameter ~ 1 + (1 | plate) + (1 | sample)", load_dataset("Penicillin"))
     kw = dict(draws=600, tune=600, target_accept=0.95, warn=False, **FAST)
     a = model.fit(method="nuts", random_seed=1, **kw)
-    b = model.fit(method="nuts", random_seed=2, parameterization="explicit", **kw)
+    b = model.fit(method="nuts", random_seed=2, route="graph-explicit", **kw)
     _mc_agree(a.summary_table(), b.summary_table(), ["sd[plate|(Intercept)]", "sigma"])
     assert set(a.ranef()) == {"plate", "sample"}
 
@@ -179,7 +179,7 @@ def test_invalid_priors(sleep_model, priors, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(draws=0), "draws"), (dict(chains=1.5), "chains"), (dict(sampler="stan"), "sampler"),
-    (dict(parameterization="centred"), "parameterization"), (dict(target_accept=1.2), "target_accept"),
+    (dict(route="centred"), "route must be one of"), (dict(target_accept=1.2), "target_accept"),
     (dict(random_seed=-1), "random_seed"), (dict(tune=-5), "tune"), (dict(drawz=10), "drawz"),
 ])
 def test_invalid_sampler_arguments(sleep_model, kwargs, match):

@@ -71,7 +71,7 @@ CHILD = textwrap.dedent('''
 
     route, phase, marker = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
     options = {"kernel": {}, "pymc": {"sampler": "pymc"},
-               "pytensor": {"sampler": "nutpie", "backend": "pytensor"}}[route]
+               "pytensor": {"sampler": "nutpie", "route": "graph"}}[route]
     # long enough that the interrupt lands in PHASE whatever the machine's speed
     tune, draws = (1_000_000, 1_000_000) if phase == "tuning" else (50, 10_000_000)
 

@@ -47,7 +47,7 @@ def test_divergences_warn():
     model = Model("Yield ~ 1 + (1 | Batch)", load_dataset("Dyestuff"))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        fit = model.fit(method="nuts", parameterization="explicit", target_accept=0.2, draws=300, tune=300,
+        fit = model.fit(method="nuts", route="graph-explicit", target_accept=0.2, draws=300, tune=300,
                         chains=2, random_seed=3, progressbar=False)
     assert fit.diagnostics().divergences > 0
     assert any("divergent transitions" in m and "target_accept" in m for m in _messages(rec))

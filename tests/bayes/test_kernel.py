@@ -96,29 +96,29 @@ def test_which_models_the_kernel_takes():
     pen = Model("diameter ~ 1 + (1 | plate) + (1 | sample)", "Penicillin")
     assert "one random-effect term" in unsupported_reason(pen.spec, resolve_priors(pen.spec, None), "collapsed")
     # two crossed factors go to the blocked kernel (bayes/blocked.py), which refuses what it does not implement
-    fit = pen.fit(method="nuts", backend="kernel", draws=10, tune=10, chains=1, progressbar=False, warn=False)
-    assert fit.timings["backend"] == "blocked"
-    with pytest.raises(BayesLMMError, match="backend='kernel' cannot fit this model: .*Normal priors"):
-        pen.fit(method="nuts", backend="kernel", draws=10, tune=10, chains=1, progressbar=False,
+    fit = pen.fit(method="nuts", route="kernel", draws=10, tune=10, chains=1, progressbar=False, warn=False)
+    assert fit.route == "blocked"
+    with pytest.raises(BayesLMMError, match="route='kernel' cannot fit this model: .*Normal priors"):
+        pen.fit(method="nuts", route="kernel", draws=10, tune=10, chains=1, progressbar=False,
                 priors={"(Intercept)": Prior("StudentT", nu=3, mu=20, sigma=10)})
-    with pytest.raises(BayesLMMError, match="backend must be one of"):
-        m.fit(method="nuts", backend="jax", progressbar=False)
+    with pytest.raises(BayesLMMError, match="route must be one of"):
+        m.fit(method="nuts", route="jax", progressbar=False)
     with pytest.raises(BayesLMMError, match="use sampler='nutpie' or 'auto'"):
-        m.fit(method="nuts", backend="kernel", sampler="pymc", progressbar=False)
+        m.fit(method="nuts", route="kernel", sampler="pymc", progressbar=False)
 
 
 @pytest.fixture(scope="module")
 def sleep_fits():
     m = Model("Reaction ~ Days + (Days | Subject)", "sleepstudy")
     kw = dict(draws=800, tune=800, chains=2, random_seed=11, progressbar=False, warn=False)
-    return m.fit(method="nuts", **kw), m.fit(method="nuts", backend="pytensor", sampler="nutpie", **kw)
+    return m.fit(method="nuts", **kw), m.fit(method="nuts", route="graph", sampler="nutpie", **kw)
 
 
 def test_kernel_posterior_equals_pytensor_posterior(sleep_fits):
     """Same model, two implementations: summaries agree within Monte Carlo error."""
     kern, graph = sleep_fits
-    assert kern.timings["backend"] == "kernel" and kern.sampler == "nutpie"
-    assert graph.timings["backend"] == "pytensor"
+    assert kern.route == "one-factor" and kern.sampler == "nutpie"
+    assert graph.route == "graph"
     a, b = kern.summary_table(), graph.summary_table()
     assert list(a.index) == list(b.index)
     for name in a.index:

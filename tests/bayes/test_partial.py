@@ -104,7 +104,7 @@ def test_posterior_equals_the_blocked_kernels(formula, monkeypatch):
     whole = m.fit(**opts)
     monkeypatch.setattr(bayes_fit, "BLOCKED_AUTO_MAX_REST", -1)
     part = m.fit(**opts)
-    assert whole.timings["backend"] == "blocked" and part.timings["backend"] == "partial"
+    assert whole.route == "blocked" and part.route == "partial"
     _agree_within_mcse(whole, part)
     for name in part.names:       # every block's effects are in both posteriors, in the same layout
         assert part.posterior[name].dims == whole.posterior[name].dims

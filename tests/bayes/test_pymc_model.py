@@ -42,7 +42,7 @@ def test_fits_do_not_name_mu_so_their_posteriors_stay_small(slopes):
     from bayeslmm.bayes.model import build_pymc_model
     from bayeslmm.bayes.priors import resolve_priors
 
-    # fit(method="nuts", parameterization="explicit") samples this model: no rows × draws Deterministic
+    # fit(method="nuts", route="graph-explicit") samples this model: no rows × draws Deterministic
     built = build_pymc_model(slopes.spec, slopes.crossprods, resolve_priors(slopes.spec, None), "explicit")
     assert "mu" not in built.model.named_vars and "y" in built.model.named_vars
     collapsed = slopes.pymc_model(parameterization="collapsed")

@@ -2,7 +2,7 @@
 to the same numbers.
 
 Every sampling path is covered: nutpie on the compiled collapsed kernel (what ``sampler="auto"``
-picks for one grouping factor), PyMC's NUTS in both parameterisations, and (slow: ~10 s of numba
+picks for one grouping factor), PyMC's NUTS on both graph routes, and (slow: ~10 s of numba
 compilation per fit) nutpie on the PyMC model.  Runs are tiny (50 + 50 draws): reproducibility is
 about bits, not about convergence.
 """
@@ -52,7 +52,7 @@ def _values_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def assert_same_draws(a, b):
     """Every posterior draw (effects included), sampler statistic and log-likelihood value is identical."""
-    assert a.seed == b.seed and a.sampler == b.sampler and a.parameterization == b.parameterization
+    assert a.seed == b.seed and a.sampler == b.sampler and a.route == b.route
     for group in ("posterior", "sample_stats", "log_likelihood"):
         da, db = a.idata[group].dataset, b.idata[group].dataset
         assert sorted(da.data_vars) == sorted(db.data_vars), group
@@ -73,7 +73,7 @@ def assert_other_draws(a, b):
 def test_kernel_same_seed_same_draws(fits, chains):
     a = fits("a", chains=chains, random_seed=2024)
     b = fits("b", chains=chains, random_seed=2024)
-    assert a.sampler == "nutpie" and a.timings["backend"] == "kernel"
+    assert a.sampler == "nutpie" and a.route == "one-factor"
     assert a.posterior.sizes["chain"] == chains
     assert_same_draws(a, b)
 
@@ -98,50 +98,48 @@ def test_unseeded_fit_records_the_seed_that_reproduces_it(fits):
 
 
 # -- PyMC's NUTS (one process) -----------------------------------------------------------------------
-PYMC_FAST = [("collapsed", 4), ("explicit", 1)]
-PYMC_SLOW = [("collapsed", 1), ("explicit", 4)]
+PYMC_FAST = [("graph", 4), ("graph-explicit", 1)]
+PYMC_SLOW = [("graph", 1), ("graph-explicit", 4)]
 
 
-def _pymc_pair(fits, parameterization, chains):
-    kw = {"sampler": "pymc", "parameterization": parameterization, "chains": chains, "random_seed": 7}
+def _pymc_pair(fits, route, chains):
+    kw = {"sampler": "pymc", "route": route, "chains": chains, "random_seed": 7}
     return fits("a", **kw), fits("b", **kw)
 
 
-@pytest.mark.parametrize("parameterization,chains", PYMC_FAST)
-def test_pymc_same_seed_same_draws(fits, parameterization, chains):
-    a, b = _pymc_pair(fits, parameterization, chains)
-    assert a.sampler == "pymc" and a.timings["backend"] == "pytensor"
+@pytest.mark.parametrize("route,chains", PYMC_FAST)
+def test_pymc_same_seed_same_draws(fits, route, chains):
+    a, b = _pymc_pair(fits, route, chains)
+    assert a.sampler == "pymc" and a.route == route
     assert a.posterior.sizes["chain"] == chains
     assert_same_draws(a, b)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parameterization,chains", PYMC_SLOW)
-def test_pymc_same_seed_same_draws_other_combinations(fits, parameterization, chains):
-    assert_same_draws(*_pymc_pair(fits, parameterization, chains))
+@pytest.mark.parametrize("route,chains", PYMC_SLOW)
+def test_pymc_same_seed_same_draws_other_combinations(fits, route, chains):
+    assert_same_draws(*_pymc_pair(fits, route, chains))
 
 
 def test_pymc_other_seed_other_draws(fits):
-    a = fits("a", sampler="pymc", parameterization="explicit", chains=1, random_seed=7)
-    assert_other_draws(a, fits("a", sampler="pymc", parameterization="explicit", chains=1, random_seed=8))
+    a = fits("a", sampler="pymc", route="graph-explicit", chains=1, random_seed=7)
+    assert_other_draws(a, fits("a", sampler="pymc", route="graph-explicit", chains=1, random_seed=8))
 
 
 @pytest.mark.slow
 def test_pymc_worker_processes_do_not_change_the_draws(fits):
-    a = fits("a", sampler="pymc", parameterization="collapsed", chains=4, random_seed=7)
-    assert_same_draws(a, fits("procs", sampler="pymc", parameterization="collapsed", chains=4, random_seed=7,
+    a = fits("a", sampler="pymc", route="graph", chains=4, random_seed=7)
+    assert_same_draws(a, fits("procs", sampler="pymc", route="graph", chains=4, random_seed=7,
                               cores=2))
 
 
 # -- nutpie on the PyMC model (numba-compiled; used for large or crossed models) ------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("parameterization,chains", [("collapsed", 1), ("collapsed", 4), ("explicit", 1),
-                                                     ("explicit", 4)])
-def test_nutpie_pytensor_same_seed_same_draws(fits, parameterization, chains):
-    kw = {"sampler": "nutpie", "backend": "pytensor", "parameterization": parameterization, "chains": chains,
-          "random_seed": 31}
+@pytest.mark.parametrize("route,chains", [("graph", 1), ("graph", 4), ("graph-explicit", 1), ("graph-explicit", 4)])
+def test_nutpie_pytensor_same_seed_same_draws(fits, route, chains):
+    kw = {"sampler": "nutpie", "route": route, "chains": chains, "random_seed": 31}
     a, b = fits("a", **kw), fits("b", **kw)     # chains run on min(chains, processors) threads
-    assert a.timings["backend"] == "pytensor" and a.sampler == "nutpie"
+    assert a.route == route and a.sampler == "nutpie"
     assert_same_draws(a, b)
     if chains == 4:
         assert_other_draws(a, fits("a", **{**kw, "random_seed": 32}))
@@ -149,7 +147,7 @@ def test_nutpie_pytensor_same_seed_same_draws(fits, parameterization, chains):
 
 # -- saved and reloaded ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [{"chains": 4, "random_seed": 2024},
-                                     {"sampler": "pymc", "parameterization": "collapsed", "chains": 4,
+                                     {"sampler": "pymc", "route": "graph", "chains": 4,
                                       "random_seed": 7}], ids=["kernel", "pymc"])
 def test_saved_fit_reloads_to_the_same_numbers(fits, tmp_path, options):
     fit = fits("a", **options)

@@ -253,7 +253,7 @@ def test_user_priors_in_data_units_give_the_same_model():
     scaled = {"Days": Prior("Normal", mu=5.0 * c, sigma=10.0 * c), "sigma": Prior("HalfStudentT", nu=3, sigma=50.0 * c),
               "Subject": {"sd": Prior("HalfCauchy", beta=[30.0 * c, 8.0 * c]), "eta": 2.0}}
     a, b = _scaled_fit(1.0, priors=priors), _scaled_fit(c, priors=scaled)
-    assert a.timings["backend"] == b.timings["backend"] == "kernel"
+    assert a.route == b.route == "one-factor"
     for var in POSTERIOR_VARS:
         want = a.posterior[var].to_numpy() * (1.0 if var.endswith("_corr") else c)
         np.testing.assert_array_equal(b.posterior[var].to_numpy(), want, err_msg=var)
@@ -319,8 +319,7 @@ def test_pytensor_model_is_built_on_the_standardised_scale():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [dict(backend="pytensor", sampler="pymc"),
-                                  dict(parameterization="explicit", sampler="pymc")])
+@pytest.mark.parametrize("kind", [dict(route="graph", sampler="pymc"), dict(route="graph-explicit", sampler="pymc")])
 def test_pytensor_routes_scale_with_the_response(kind):
     # measured: identical draws for c = 2^30 (collapsed) and 2^-20 (explicit); c = 1e50 within MC error
     ref = _scaled_fit(1.0, **kind)

@@ -232,7 +232,7 @@ def test_bad_input_is_named():
         Model("y ~ x + (1 | a)", dd.from_pandas(df.iloc[:0], npartitions=1))
     ooc = Model("y ~ x + (1 | a)", ddf)
     with pytest.raises(DataError, match="explicit parameterisation .* needs the data's rows"):
-        ooc.fit(method="nuts", parameterization="explicit")
+        ooc.fit(method="nuts", route="graph-explicit")
     with pytest.raises(DataError, match="prior predictive"):
         ooc.prior_predictive()
 

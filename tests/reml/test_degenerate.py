@@ -254,7 +254,7 @@ def test_crossed_factor_without_variance_nuts(crossed_one_without_variance):
 
 def test_dyestuff2_explicit_parameterisation(dyestuff2):
     """The general PyMC graph (non-centred effects, likelihood over the rows) at a zero variance."""
-    fit = fit_nuts(dyestuff2, parameterization="explicit")
+    fit = fit_nuts(dyestuff2, route="graph-explicit")
     finite_posterior(fit)
     assert np.median(fit.idata.posterior["Batch_sd"].to_numpy()) < 0.5 * np.median(
         fit.idata.posterior["sigma"].to_numpy())

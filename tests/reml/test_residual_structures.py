@@ -308,13 +308,11 @@ def test_nonpositive_weights():
 
 def test_what_assumes_sigma2_identity_is_refused(fits):
     """NUTS samples these models (tests/bayes/test_residual_nuts.py); the public PyMC model does not
-    carry the structure yet, and profile intervals and Kenward–Roger assume R = σ²I."""
+    carry the structure yet.  Profile intervals and Kenward–Roger cover residual structures
+    (tests/reml/test_residual_kr_profile.py)."""
     model = Model("y ~ x + (1 | g)", small_data(), correlation=CorAR1("g"))
     with pytest.raises(ModelError, match="residual structure"):
         model.pymc_model()
     fit = fits["ovary_ar1"]
-    # profile intervals and Kenward–Roger stay refused (the rest: tests/reml/test_residual_inference.py)
-    for call in (lambda: fit.confint(), lambda: fit.fixef_table(ddf="kenward-roger")):
-        with pytest.raises(ModelError, match="residual structure"):
-            call()
+    assert np.all(np.isfinite(fit.fixef_table(ddf="kenward-roger")["df"]))
     assert np.all(np.isfinite(fit.fixef_table(ddf="none")["p_value"]))

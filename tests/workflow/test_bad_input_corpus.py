@@ -278,6 +278,14 @@ NUTS_CASES = [
     ("target-accept-string", {"target_accept": "high"}, r"target_accept must be a number", None),
     ("parameterization-unknown", {"parameterization": "centred"},
      r"parameterization must be one of \['collapsed', 'explicit'\], got 'centred'", None),
+    ("route-unknown", {"route": "stan"}, r"route must be one of \['auto', 'kernel', 'one-factor', 'blocked', "
+     r"'partial', 'structured', 'graph', 'graph-explicit'\], got 'stan'", None),
+    ("route-kernel-on-pymc", {"route": "blocked", "sampler": "pymc"},
+     r"route='blocked' is a compiled kernel, which runs on nutpie's NUTS only", ["--route", "blocked", "--sampler",
+                                                                                "pymc"]),
+    ("route-structured-without-structure", {"route": "structured"},
+     r"route='structured' cannot fit this model: the structured kernel is for models with a residual structure",
+     ["--route", "structured"]),
     ("max-treedepth-zero", {"max_treedepth": 0}, r"max_treedepth must be an integer ≥ 1, got 0", None),
     ("seed-negative", {"random_seed": -3}, r"random_seed must be a non-negative integer or None, got -3",
      ["--seed", "-3"]),
@@ -420,6 +428,6 @@ def test_corpus_size():
 def test_tripwires_catch_a_valid_fit(model, no_sampling):
     """The fail-fast tests above mean something: with valid arguments the tripwire is hit."""
     with pytest.raises(AssertionError, match="built or sampled"):
-        model.fit(method="nuts", draws=10, tune=10, chains=1, progressbar=False, backend="pytensor")
+        model.fit(method="nuts", draws=10, tune=10, chains=1, progressbar=False, route="graph")
     with pytest.raises(AssertionError, match="built or sampled"):
         model.fit(method="nuts", draws=10, tune=10, chains=1, progressbar=False)

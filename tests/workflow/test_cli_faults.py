@@ -292,20 +292,23 @@ def test_intervals_accepts_only_profile_wald_none(capsys):
     assert exc.value.code == 2 and "invalid choice: 'auto'" in capsys.readouterr().err
 
 
-def test_sampler_help_says_what_runs(capsys):
+def test_route_help_says_what_runs(capsys):
     """The help's claim, checked: auto samples one term with ≤ 2 columns on the compiled kernel by nutpie."""
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     help_text = re.sub(r"- ", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps after hyphens
-    assert ("auto (default): for one random-effect term with at most two columns, nutpie on bayeslmm's compiled "
-            "(numba) collapsed log-posterior; otherwise the PyMC model") in help_text
+    assert ("auto (default): the fastest exact route that applies: a compiled (numba, cached) kernel sampled by "
+            "nutpie where one applies, else the PyMC graph") in help_text
+    assert ("one-factor: the kernel for one random-effect term with at most two columns, its effects integrated "
+            "out") in help_text
+    assert "--route {auto,kernel,one-factor,blocked,partial,structured,graph,graph-explicit}" in help_text
     assert "--target-accept P" in help_text and "--intervals {profile,wald,none}" in help_text
     assert "130 interrupted" in help_text
     from bayeslmm import Model
 
     fit = Model("Yield ~ 1 + (1 | Batch)", "Dyestuff").fit(method="nuts", draws=50, tune=50, chains=1,
                                                             random_seed=1, progressbar=False, warn=False)
-    assert fit.sampler == "nutpie" and fit.timings["backend"] == "kernel"
+    assert fit.sampler == "nutpie" and fit.route == "one-factor"
 
 
 def test_ctrl_c_while_a_fits_files_are_written_completes_them_first(tmp_path):

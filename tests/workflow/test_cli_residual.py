@@ -141,16 +141,40 @@ def test_bad_expressions_exit_2_with_one_line(capsys, tmp_path, option, text, ne
     assert "REML criterion" not in out and not out_dir.exists()  # refused before fitting, nothing left
 
 
-@pytest.mark.parametrize("method", ["nuts", "both"])
-def test_nuts_refused_before_fitting(capsys, tmp_path, method):
+NUTS_FAST = ("--draws", "200", "--tune", "200", "--chains", "2", "--seed", "1")
+
+
+def test_nuts_with_a_correlation_writes_its_outputs_and_notes_no_loo(capsys, tmp_path):
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, OVARY_CSV, OVARY, "--correlation", "ar1(Mare)", "--method", method,
-                         "--out", str(out_dir))
-    assert code == 2
-    assert err.startswith("bayeslmm: error: residual structures are fitted by REML/ML in this release of the "
-                          "command line")
-    assert "--method reml or ml" in err and err.count("\n") == 1
-    assert out == "" and not out_dir.exists()  # no REML fit ran first for --method both
+    code, out, err = run(capsys, OVARY_CSV, "follicles ~ np.sin(2*3.141592653589793*Time) + (1 | Mare)",
+                         "--correlation", "ar1(Mare)", "--method", "nuts", *NUTS_FAST, "--out", str(out_dir))
+    assert code == 0, err
+    assert "Traceback" not in err and "not written" not in err and "Skipped" not in out
+    assert "Note: no LOO for this fit: under a correlation structure (CorAR1)" in out
+    assert "leave-one-group-out" in (out_dir / "summary.txt").read_text()
+    saved = json.loads((out_dir / "nuts.json").read_text())
+    assert "residual_Phi" in saved["posterior"] and saved["residual_structure"]["correlation"]["type"] == "CorAR1"
+    assert {"nuts.nc", "ppc.png", "variance.png"} <= {p.name for p in out_dir.iterdir()}
+
+
+def test_both_with_a_variance_function_compares_and_keeps_loo(capsys, tmp_path):
+    from bayeslmm import load
+
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, str(DATA / "Orthodont.csv"), "distance ~ age + (1 | Subject)",
+                         "--variance", "ident(Sex)", "--method", "both", *NUTS_FAST, "--out", str(out_dir))
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "residual[Male]" in out   # the comparison table has the structure's parameter (Female the reference)
+    assert "no LOO" not in out  # a variance function keeps a pointwise log-likelihood
+    names = {p.name for p in out_dir.iterdir()}
+    assert {"reml.nc", "nuts.nc", "ppc.png", "variance.png", "comparison.csv"} <= names
+    table = pd.read_csv(out_dir / "comparison.csv", index_col=0)
+    reml = json.loads((out_dir / "reml.json").read_text())
+    assert table.loc["residual[Male]", "estimate"] == pytest.approx(reml["residual_params"]["Male"], rel=1e-12)
+    assert abs(table.loc["residual[Male]", "diff_sd"]) < 2
+    fit = load(out_dir / "nuts.nc")
+    assert fit.spec.residual is not None and np.isfinite(fit.loo().elpd)
 
 
 def test_ml_with_structure_and_out_folder(capsys, tmp_path):

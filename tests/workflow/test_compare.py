@@ -175,3 +175,24 @@ def test_auto_is_decided_by_size_not_time(sleep_bayes, sleep_reml, monkeypatch):
     note = " ".join(skipped.notes)
     assert "profile work 2.3e+03 > 1e+03" in note
     assert "intervals='profile' (command line: --intervals profile)" in note
+
+
+def test_compare_a_residual_structure():
+    """Ovary with AR(1) within mares: a residual[Phi] row, the REML estimate nlme's, its profile interval
+    the fit's own confint; fits of different residual structures are refused, saying so."""
+    from bayeslmm import CorAR1
+
+    f = "follicles ~ np.sin(2*3.141592653589793*Time) + np.cos(2*3.141592653589793*Time) + (1 | Mare)"
+    m = Model(f, "Ovary", correlation=CorAR1("Mare"))
+    reml = m.fit()
+    bayes = m.fit(method="nuts", draws=300, tune=300, chains=2, random_seed=3, progressbar=False, warn=False)
+    t = compare(bayes, reml, ci_prob=0.95)
+    assert list(t.index[-2:]) == ["sigma", "residual[Phi]"]
+    row = t.loc["residual[Phi]"]
+    assert row["group"] == "residual" and row["estimate"] == reml.residual_params["Phi"]
+    ci = reml.confint(0.95)
+    assert (row["lower"], row["upper"]) == (ci.loc["Phi", "lower"], ci.loc["Phi", "upper"])
+    assert row["post_mean"] == pytest.approx(bayes.residual_table()["estimate"]["residual_Phi"], rel=1e-12)
+    assert abs(row["diff_sd"]) < 2
+    with pytest.raises(ModelError, match="residual structures differ"):
+        compare(bayes, Model(f, "Ovary").fit())
