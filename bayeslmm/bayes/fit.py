@@ -153,6 +153,8 @@ def fit_bayes(
         _check_structured_loglik(spec, log_likelihood)
         if not independent_rows(spec):   # no pointwise log-likelihood under a correlation structure
             log_likelihood = False
+    if route == "structured":
+        effects = _structured_effects(spec, effects, chains, draws, warn)
     if sampler == "auto":
         sampler = "nutpie" if route in KERNEL_ROUTES else choose_sampler(spec, parameterization)
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
@@ -254,6 +256,24 @@ def _sample_posterior(spec, crossprods, prior_set, route, draws, tune, chains, c
     unitless = naming.residual_vars(spec)
     in_units = scale.to_data_units(post.drop_vars(unitless), built.names)
     return built, dt, in_units.assign({v: post[v] for v in unitless}), t1
+
+
+def _structured_effects(spec, effects: str, chains: int, draws: int, warn: bool) -> str:
+    """The structured route keeps every block's effects' draws (they are drawn at each draw's residual
+    parameters, so there is no per-level summary to redraw from): ``effects="summary"`` is refused and an
+    ``"auto"`` past ``MAX_EFFECT_VALUES`` keeps them all, saying so; the memory check counts them."""
+    if effects not in EFFECTS:
+        raise BayesLMMError(f"effects must be one of {list(EFFECTS)}, got {effects!r}")
+    if effects == "summary":
+        raise BayesLMMError("effects='summary' keeps per-level summaries of the σ²I routes' integrated-out effects; "
+                            "with a residual structure every effect's draws are kept (they are drawn at each "
+                            "draw's residual parameters): leave effects unset, or ask for fewer draws")
+    n_values = spec.blocks[0].n_effects * chains * draws
+    if effects == "auto" and n_values > MAX_EFFECT_VALUES and warn:
+        warnings.warn(f"every draw of {spec.blocks[0].group}'s {spec.blocks[0].n_effects:,} random effects is kept "
+                      f"({n_values:.2g} values, {8 * n_values / 2**30:.1f} GiB): a residual structure's route has no "
+                      "per-level summary mode; ask for fewer draws or chains to keep less", UserWarning, stacklevel=4)
+    return "draws"
 
 
 def _check_structured_loglik(spec, log_likelihood) -> None:

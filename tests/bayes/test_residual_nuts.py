@@ -295,6 +295,7 @@ def _check_uniform(ranks: dict, n_ranks: int, ci_prob: float):
     return out
 
 
+@pytest.mark.slow   # the default route's (the structured kernel's) SBC smoke runs in tests/bayes/test_sbc_structured.py
 def test_sbc_smoke_ar1_random_intercept():
     ranks, n_ranks = _sbc_ranks(20, random_seed=4)
     # 20 simulations see only gross miscalibration (a wrong Jacobian or whitening moves every rank of

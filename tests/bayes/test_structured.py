@@ -213,3 +213,19 @@ def test_posterior_equals_the_pymc_graphs(name):
     assert graph.route == "graph-explicit"
     _agree_within_mcse(fast, graph)
     assert "residual structure's cross-products" in str(fast.summary())
+
+
+def test_effects_summary_is_refused_and_every_draw_is_kept(monkeypatch):
+    """No per-level summary mode on this route: effects='summary' is refused, and past the storage default
+    every draw is kept with a warning that says so (never silently)."""
+    import bayeslmm.bayes.fit as fit_module
+
+    formula, structure = CASES["ar1_rows"]
+    m = Model(formula, _data(), **structure)
+    opts = dict(method="nuts", draws=50, tune=50, chains=1, random_seed=1, progressbar=False)
+    with pytest.raises(BayesLMMError, match="effects='summary'"):
+        m.fit(effects="summary", **opts)
+    monkeypatch.setattr(fit_module, "MAX_EFFECT_VALUES", 10)
+    with pytest.warns(UserWarning, match="every draw of g's 12 random effects is kept"):
+        fit = m.fit(warn=True, **opts)
+    assert fit.posterior["g"].shape == (1, 50, 12, 1)
