@@ -354,7 +354,11 @@ class StructuredData(CompiledKernel):
 
     def initial_point(self, rng: np.random.Generator) -> np.ndarray:
         x = self.priors.initial_point(rng, self.ndim)
-        x[self.res_x0:] = rng.uniform(-1, 1, self.n_res) * 0.5   # near ratio 1, power 0, the range's middle
+        # near the prior's centre: a ratio near 1, a power or exponent within its prior's sd of its mean
+        # (an exponent's prior sd is 1/sd(v): δ·v stays O(1)), a correlation mid-range
+        jitter = rng.uniform(-0.5, 0.5, self.n_res)
+        normal = self.res_fam == RES_NORMAL
+        x[self.res_x0:] = np.where(normal, self.res_par[:, 0] + jitter * np.minimum(self.res_par[:, 1], 1.0), jitter)
         return x
 
     def constrain(self, x: np.ndarray) -> dict:
