@@ -9,7 +9,6 @@
 * An SBC smoke (20 simulations, AR(1) with a random intercept), 200 behind ``slow``.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,30 +21,13 @@ from bayeslmm.bayes.model import build_pymc_model, centring_matrix
 from bayeslmm.bayes.priors import resolve_priors
 from bayeslmm.errors import BayesLMMError
 from bayeslmm.residual import relative_covariance
+from conftest import (NLME_MODELS, thinned_rank, nlme_reference_data as reference_data,
+                      residual_small_data as small_data)
 
 pm = pytest.importorskip("pymc")
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-REF = json.loads((DATA / "nlme_reference.json").read_text())["models"]
-
-
-def reference_data(ref: dict) -> pd.DataFrame:
-    data = pd.read_csv(DATA / f"{ref['dataset']}.csv")
-    for col, levels in ref["categorical"].items():
-        data[col] = data[col].astype(str)
-        if levels is not None:
-            data[col] = pd.Categorical(data[col], categories=levels)
-    return data
-
-
-def small_data(seed: int = 0, groups: int = 8, per: int = 6) -> pd.DataFrame:
-    """Groups with integer times with gaps (AR(1) by time), a two-level factor, a positive covariate, weights."""
-    rng = np.random.default_rng(seed)
-    g = np.repeat([f"g{k}" for k in range(groups)], per)
-    t = np.concatenate([np.sort(rng.choice(12, per, replace=False)) for _ in range(groups)]).astype(float)
-    return pd.DataFrame({"y": rng.normal(10, 2, groups * per), "x": rng.normal(size=groups * per), "g": g, "t": t,
-                         "tc": t + rng.uniform(0, 0.5, groups * per), "s": rng.choice(["a", "b"], groups * per),
-                         "v": rng.uniform(0.5, 3.0, groups * per), "w": rng.uniform(0.5, 2.0, groups * per)})
+REF = NLME_MODELS
 
 
 # -- the log density against a dense reference ------------------------------------------------------
@@ -280,9 +262,7 @@ def _sbc_ranks(n_sims: int, random_seed: int, n_ranks: int = 39):
         truth = {"beta0": params["beta"][i, 0], "beta1": params["beta"][i, 1], "sigma": params["sigma"][i],
                  "g_sd": params["g_sd"][i, 0], "Phi": float(phis[i])}
         for q, d in draws.items():
-            flat = np.asarray(d).reshape(-1)
-            keep = np.floor((np.arange(n_ranks) + 0.5) * flat.size / n_ranks).astype(int)
-            ranks[q].append(int(np.sum(flat[keep] < truth[q])))
+            ranks[q].append(thinned_rank(d, truth[q], n_ranks))
     return {q: np.array(r) for q, r in ranks.items()}, n_ranks
 
 

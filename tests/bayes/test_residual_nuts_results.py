@@ -14,7 +14,6 @@
   Orthodont varIdent and Ovary AR(1).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +26,12 @@ from bayeslmm.bayes.posterior import linear_predictor, residual_natural
 from bayeslmm.errors import BayesLMMError, DataError
 from bayeslmm.residual import relative_covariance
 from bayeslmm.residual_draws import colour, correlation_on, noise_draws, relative_sd_draws
+from conftest import NLME_MODELS, nlme_reference_data as reference_data, residual_small_data as small_data
 
 pytest.importorskip("pymc")
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-REF = json.loads((DATA / "nlme_reference.json").read_text())["models"]
-
-
-def small_data(seed: int = 0, groups: int = 8, per: int = 6) -> pd.DataFrame:
-    """Groups with integer times with gaps, a two-level factor, a positive covariate, weights."""
-    rng = np.random.default_rng(seed)
-    g = np.repeat([f"g{k}" for k in range(groups)], per)
-    t = np.concatenate([np.sort(rng.choice(12, per, replace=False)) for _ in range(groups)]).astype(float)
-    return pd.DataFrame({"y": rng.normal(10, 2, groups * per), "x": rng.normal(size=groups * per), "g": g, "t": t,
-                         "tc": t + rng.uniform(0, 0.5, groups * per), "s": rng.choice(["a", "b"], groups * per),
-                         "v": rng.uniform(0.5, 3.0, groups * per), "w": rng.uniform(0.5, 2.0, groups * per)})
+REF = NLME_MODELS
 
 
 # -- the colouring, with fixed parameters ----------------------------------------------------------------
@@ -234,7 +224,7 @@ def test_loo_under_a_correlation_structure_names_leave_one_group_out(ar1_fit, ar
 
 # -- variance decomposition, ICC, R² ---------------------------------------------------------------------
 def test_residual_variance_per_draw_is_the_rows_mean_or_the_row_at(ar1_fit):
-    post, res = ar1_fit.posterior, ar1_fit.spec.residual
+    post = ar1_fit.posterior
     sigma2 = post["sigma"].to_numpy().reshape(-1) ** 2
     ratio = post["residual_b"].to_numpy().reshape(-1)
     share = np.mean(small_data(1)["s"].to_numpy() == "b")
@@ -246,15 +236,6 @@ def test_residual_variance_per_draw_is_the_rows_mean_or_the_row_at(ar1_fit):
     icc = ar1_fit.icc(at={"s": "a"})
     at_a = ar1_fit.variance_component_draws(at={"s": "a"})
     assert icc.loc["g", "mean"] == pytest.approx(float(np.mean(at_a["g"] / at_a["Total"])), rel=1e-12)
-
-
-def reference_data(ref: dict) -> pd.DataFrame:
-    data = pd.read_csv(DATA / f"{ref['dataset']}.csv")
-    for col, levels in ref["categorical"].items():
-        data[col] = data[col].astype(str)
-        if levels is not None:
-            data[col] = pd.Categorical(data[col], categories=levels)
-    return data
 
 
 CASES = {"orthodont_varident": (dict(variance=VarIdent("Sex")), {"age": 11}),

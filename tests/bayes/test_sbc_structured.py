@@ -22,6 +22,7 @@ from bayeslmm.bayes.sbc import draw_prior, ecdf_test, fixed_priors
 from bayeslmm.bayes.structured import StructuredData
 from bayeslmm.crossprod import CrossProducts
 from bayeslmm.residual import relative_covariance
+from conftest import thinned_rank
 
 QUANTITIES = ("beta0", "beta1", "sigma", "g_sd", "Phi")
 
@@ -59,9 +60,7 @@ def _ranks(n_sims, random_seed, truth_priors=None, n_ranks=39):
         truth = {"beta0": params["beta"][i, 0], "beta1": params["beta"][i, 1], "sigma": params["sigma"][i],
                  "g_sd": params["g_sd"][i, 0], "Phi": float(phis[i])}
         for q, d in draws.items():
-            flat = np.asarray(d).reshape(-1)
-            keep = np.floor((np.arange(n_ranks) + 0.5) * flat.size / n_ranks).astype(int)
-            ranks[q].append(int(np.sum(flat[keep] < truth[q])))
+            ranks[q].append(thinned_rank(d, truth[q], n_ranks))
     return {q: np.array(r) for q, r in ranks.items()}, n_ranks
 
 

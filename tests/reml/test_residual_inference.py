@@ -22,19 +22,10 @@ import pandas as pd
 import pytest
 
 from bayeslmm import CorAR1, CorCAR1, CorCompSymm, DataError, Model, ModelError, VarExp, VarIdent, VarPower
+from conftest import NLME_MODELS, nlme_reference_data as reference_data
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-REF = json.loads((DATA / "nlme_reference.json").read_text())["models"]
-
-
-def reference_data(key: str) -> pd.DataFrame:
-    ref = REF[key]
-    data = pd.read_csv(DATA / f"{ref['dataset']}.csv")
-    for col, levels in ref["categorical"].items():
-        data[col] = data[col].astype(str)
-        if levels is not None:
-            data[col] = pd.Categorical(data[col], categories=levels)
-    return data
+REF = NLME_MODELS
 
 
 def orthodont():

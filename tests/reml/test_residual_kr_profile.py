@@ -13,7 +13,6 @@ scipy's Nelder–Mead over the other parameters, its own optimum as the base —
 cutoff: the crossing lies within 1e-4 relative of the end (reached ≤ 5e-8).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,10 @@ from bayeslmm.crossprod import block_Z
 from bayeslmm.reml.kenward_roger import KenwardRoger
 from bayeslmm.reml.profile import Profiler
 from bayeslmm.reml.residual_fit import JointCriterion
+from conftest import NLME_MODELS, nlme_reference_data as reference_data
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-REF = json.loads((DATA / "nlme_reference.json").read_text())["models"]
-
-
-def reference_data(key: str) -> pd.DataFrame:
-    """A reference model's data as tests/reml/test_residual_inference.py reads them."""
-    ref = REF[key]
-    data = pd.read_csv(DATA / f"{ref['dataset']}.csv")
-    for col, levels in ref["categorical"].items():
-        data[col] = data[col].astype(str)
-        if levels is not None:
-            data[col] = pd.Categorical(data[col], categories=levels)
-    return data
+REF = NLME_MODELS
 
 
 def orthodont():

@@ -8,7 +8,6 @@ correlations 2e-3 absolute (nlme prints 3 digits).  The dense check builds V = Ï
 from each structure's definition and compares âˆ’2 log-likelihoods to 1e-10.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,10 @@ import pytest
 import bayeslmm
 from bayeslmm import CorAR1, CorCAR1, CorCompSymm, DataError, Model, ModelError, VarExp, VarFixed, VarIdent, VarPower
 from bayeslmm.reml.residual_fit import JointCriterion
+from conftest import NLME_MODELS, nlme_reference_data as reference_data
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-REF = json.loads((DATA / "nlme_reference.json").read_text())["models"]
+REF = NLME_MODELS
 
 STRUCTURES = {
     "orthodont_varident": dict(variance=VarIdent("Sex")),
@@ -29,16 +29,6 @@ STRUCTURES = {
     "bodyweight_varpower_time": dict(variance=VarPower("Time")),
     "bodyweight_varfixed_time": dict(variance=VarFixed("Time")),
 }
-
-
-def reference_data(ref: dict) -> pd.DataFrame:
-    """The CSV with the reference's factors as nlme has them (level order where it sets the reference)."""
-    data = pd.read_csv(DATA / f"{ref['dataset']}.csv")
-    for col, levels in ref["categorical"].items():
-        data[col] = data[col].astype(str)
-        if levels is not None:
-            data[col] = pd.Categorical(data[col], categories=levels)
-    return data
 
 
 def plain(name: str) -> str:
