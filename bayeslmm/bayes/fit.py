@@ -147,14 +147,7 @@ def fit_bayes(
     parameterization = "explicit" if route == "graph-explicit" else "collapsed"
     if route == "graph-explicit":
         spec.require_rows("the explicit parameterisation (a likelihood over the rows)")
-    if spec.residual is not None:
-        from .posterior import independent_rows
-
-        _check_structured_loglik(spec, log_likelihood)
-        if not independent_rows(spec):   # no pointwise log-likelihood under a correlation structure
-            log_likelihood = False
-    if route == "structured":
-        effects = _structured_effects(spec, effects, chains, draws, warn)
+    effects, log_likelihood = _what_to_store(spec, route, effects, log_likelihood, chains, draws, warn)
     if sampler == "auto":
         sampler = "nutpie" if route in KERNEL_ROUTES else choose_sampler(spec, parameterization)
     seed = int(np.random.SeedSequence().entropy % (2**31)) if random_seed is None else int(random_seed)
@@ -163,14 +156,7 @@ def fit_bayes(
     built, dt, post, t1 = _sample_posterior(spec, crossprods, prior_set, route, draws, tune, chains, cores, seed,
                                             sampler, target_accept, max_treedepth, progressbar)
     t2 = time.perf_counter()
-    mode = "draws"
-    if route in ("one-factor", "blocked", "partial", "graph"):   # the largest factor's effects are drawn here
-        mode = _effects_mode(effects, spec.blocks[0].n_effects * chains * draws, log_likelihood)
-        post = _store_effects(spec, built, dt, post, seed, mode, warn and effects == "auto")
-    dt["posterior"] = xr.DataTree(post)
-    if spec.rows_in_memory:
-        _add_data_groups(dt, spec)
-    _store_loglik(spec, built, dt, post, mode, spec.n_obs * chains * draws, log_likelihood, warn)
+    _postprocess(spec, built, dt, post, route, seed, effects, log_likelihood, warn)
     t3 = time.perf_counter()
     fit = BayesFit(spec=spec, idata=dt, priors=prior_set, names=built.names, parameterization=parameterization,
                    sampler=sampler, seed=seed, data_name=data_name, route=route,
@@ -181,6 +167,34 @@ def fit_bayes(
     if warn:
         diagnostics.warn(diag, stacklevel=4)
     return fit
+
+
+def _what_to_store(spec, route: str, effects: str, log_likelihood, chains: int, draws: int, warn: bool):
+    """(effects, log_likelihood) as the route and a residual structure allow: no pointwise log-likelihood
+    under a correlation structure (asked for: an error), every effect's draws on the structured route."""
+    if spec.residual is not None:
+        from .posterior import independent_rows
+
+        _check_structured_loglik(spec, log_likelihood)
+        if not independent_rows(spec):
+            log_likelihood = False
+    if route == "structured":
+        effects = _structured_effects(spec, effects, chains, draws, warn)
+    return effects, log_likelihood
+
+
+def _postprocess(spec, built, dt, post, route: str, seed: int, effects: str, log_likelihood, warn: bool) -> None:
+    """The DataTree's groups: the posterior with the largest factor's effects (drawn here where the route
+    integrated them out: every draw, or per-level summaries), the data, the pointwise log-likelihood."""
+    chains, draws = post.sizes["chain"], post.sizes["draw"]
+    mode = "draws"
+    if route in ("one-factor", "blocked", "partial", "graph"):
+        mode = _effects_mode(effects, spec.blocks[0].n_effects * chains * draws, log_likelihood)
+        post = _store_effects(spec, built, dt, post, seed, mode, warn and effects == "auto")
+    dt["posterior"] = xr.DataTree(post)
+    if spec.rows_in_memory:
+        _add_data_groups(dt, spec)
+    _store_loglik(spec, built, dt, post, mode, spec.n_obs * chains * draws, log_likelihood, warn)
 
 
 def route_from_old_keywords(route: str, backend: str | None, parameterization: str | None,
@@ -272,7 +286,7 @@ def _structured_effects(spec, effects: str, chains: int, draws: int, warn: bool)
     if effects == "auto" and n_values > MAX_EFFECT_VALUES and warn:
         warnings.warn(f"every draw of {spec.blocks[0].group}'s {spec.blocks[0].n_effects:,} random effects is kept "
                       f"({n_values:.2g} values, {8 * n_values / 2**30:.1f} GiB): a residual structure's route has no "
-                      "per-level summary mode; ask for fewer draws or chains to keep less", UserWarning, stacklevel=4)
+                      "per-level summary mode; ask for fewer draws or chains to keep less", UserWarning, stacklevel=5)
     return "draws"
 
 
@@ -301,7 +315,7 @@ def _store_effects(spec, built, dt, post, seed: int, mode: str, warn: bool) -> x
             f"({n_values:.2g} values, more than {MAX_EFFECT_VALUES:.0e}): "
             f"idata['{EFFECTS_GROUP}'] holds each effect's posterior mean, sd and quantiles, and "
             "bayeslmm.bayes.fit.effect_draws(fit, levels) redraws chosen levels exactly; pass "
-            "effects='draws' to store them all", UserWarning, stacklevel=4)
+            "effects='draws' to store them all", UserWarning, stacklevel=5)
     return post
 
 
@@ -312,7 +326,7 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
         if warn:
             warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
                           "stored: the model was built out of memory (cross-products only)", UserWarning,
-                          stacklevel=4)
+                          stacklevel=5)
     elif mode == "summary" or spec.residual is not None and spec.residual.correlation is not None:
         pass  # conditional on the effects, whose draws were not kept; or no pointwise one (correlated rows)
     elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
@@ -321,7 +335,7 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
         draws = n_values // spec.n_obs
         warnings.warn(f"the pointwise log-likelihood was not stored: {spec.n_obs} rows × {draws} draws "
                       f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
-                      "to store it for LOO", UserWarning, stacklevel=4)
+                      "to store it for LOO", UserWarning, stacklevel=5)
 
 #: levels × columns from which the kernel samples chains on several threads
 KERNEL_THREADS_WORK = 2_000

@@ -181,79 +181,81 @@ def residual_pieces(spec: ModelSpec) -> ResidualPieces:
 
 def _pieces_of(spec: ModelSpec) -> ResidualPieces:
     res = spec.residual
-    n = spec.n_obs
-    stratum, G, fixed = _strata(res, n)
-    out = {"kind": [], "d": [], "a": [], "b": [], "left": [], "right": [], "sym": []}
-
-    def add(kind, d, rows_l, rows_r, sym):
-        """One piece per stratum pair of the row pairs (rows_l[i], rows_r[i])."""
-        sa, sb = stratum[rows_l], stratum[rows_r]
-        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
-        for a, b in sorted(set(zip(lo.tolist(), hi.tolist()))):
-            keep = (lo == a) & (hi == b)
-            out["kind"].append(kind)
-            out["d"].append(float(d))
-            out["a"].append(a)
-            out["b"].append(b)
-            out["left"].append(_selector(rows_l[keep], n))
-            out["right"].append(_selector(rows_r[keep], n))
-            out["sym"].append(int(sym))
-
+    stratum, G, fixed = _strata(res, spec.n_obs)
+    pieces = _PieceList(stratum)
     corr = res.correlation
-    corr_kind, corr_d, corr_count = NO_CORR, np.zeros(0), np.zeros(0)
     if corr is None:
-        rows = np.arange(n)
-        add(ONE, 0.0, rows, rows, False)
+        corr_kind, corr_d, corr_count = NO_CORR, np.zeros(0), np.zeros(0)
+        pieces.add(ONE, 0.0, np.arange(spec.n_obs), np.arange(spec.n_obs))
     elif isinstance(corr.structure, CorCompSymm):
-        corr_kind = COMPSYMM
-        rows = np.arange(n)
-        add(CS_I, 0.0, rows, rows, False)
-        corr_d, corr_count = np.unique(corr.sizes, return_counts=True)
-        _group_sum_pieces(out, corr, stratum, n)
+        corr_kind, (corr_d, corr_count) = COMPSYMM, _compsymm_pieces(pieces, corr)
     else:
-        corr_kind = MARKOV
-        has = corr.prev >= 0
-        first = np.flatnonzero(~has)
-        add(ONE, 0.0, first, first, False)
-        t = np.flatnonzero(has)
-        prev, lag = corr.prev[has], corr.lag[has]
-        corr_d, corr_count = np.unique(lag, return_counts=True)
-        if len(corr_d) > MAX_LAGS:
-            raise _TooMany(f"the correlation's times have {len(corr_d)} distinct lags (the structured kernel keeps "
-                           f"up to {MAX_LAGS})")
-        for d in corr_d:
-            sel = lag == d
-            add(CUR, d, t[sel], t[sel], False)
-            add(PREV, d, prev[sel], prev[sel], False)
-            add(LAG, d, t[sel], prev[sel], True)
-    return ResidualPieces(kind=np.array(out["kind"], dtype=np.int64), d=np.array(out["d"]),
-                          a=np.array(out["a"], dtype=np.int64), b=np.array(out["b"], dtype=np.int64),
-                          left=out["left"], right=out["right"], sym=np.array(out["sym"], dtype=np.int64),
+        corr_kind, (corr_d, corr_count) = MARKOV, _markov_pieces(pieces, corr)
+    return ResidualPieces(kind=np.array(pieces.kind, dtype=np.int64), d=np.array(pieces.d),
+                          a=np.array(pieces.a, dtype=np.int64), b=np.array(pieces.b, dtype=np.int64),
+                          left=pieces.left, right=pieces.right, sym=np.array(pieces.sym, dtype=np.int64),
                           G=np.ascontiguousarray(G, dtype=float),
                           n_stratum=np.bincount(stratum, minlength=G.shape[0]).astype(float), fixed=fixed,
                           corr_kind=corr_kind, corr_d=np.asarray(corr_d, dtype=float),
                           corr_count=np.asarray(corr_count, dtype=float), n_var=G.shape[1])
 
 
-def _group_sum_pieces(out: dict, corr, stratum: np.ndarray, n: int) -> None:
-    """Compound symmetry's J pieces: per group size n_g and stratum pair, Σ_g 1_{g,a} 1_{g,b}ᵀ (+ transpose)."""
-    size = corr.sizes[corr.group]
-    n_groups = len(corr.sizes)
+class _PieceList:
+    """The pieces as they are found: kind, Δ or n, the strata pair, the row maps (left, right), symmetric."""
+
+    def __init__(self, stratum: np.ndarray):
+        self.stratum, self.n = stratum, len(stratum)
+        self.kind, self.d, self.a, self.b, self.left, self.right, self.sym = [], [], [], [], [], [], []
+
+    def append(self, kind, d, a, b, left, right, sym) -> None:
+        for lst, v in zip((self.kind, self.d, self.a, self.b, self.left, self.right, self.sym),
+                          (kind, float(d), int(a), int(b), left, right, int(sym))):
+            lst.append(v)
+
+    def add(self, kind, d, rows_l, rows_r, sym=False) -> None:
+        """One piece per stratum pair of the row pairs (rows_l[i], rows_r[i])."""
+        sa, sb = self.stratum[rows_l], self.stratum[rows_r]
+        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
+        for a, b in sorted(set(zip(lo.tolist(), hi.tolist()))):
+            keep = (lo == a) & (hi == b)
+            self.append(kind, d, a, b, _selector(rows_l[keep], self.n), _selector(rows_r[keep], self.n), sym)
+
+
+def _markov_pieces(pieces: _PieceList, corr) -> tuple[np.ndarray, np.ndarray]:
+    """AR(1)/CAR(1): the groups' first rows, then per distinct lag the current, previous and cross pieces;
+    returns (the distinct lags, how many predecessor pairs have each)."""
+    has = corr.prev >= 0
+    first = np.flatnonzero(~has)
+    pieces.add(ONE, 0.0, first, first)
+    t, prev, lag = np.flatnonzero(has), corr.prev[has], corr.lag[has]
+    lags, counts = np.unique(lag, return_counts=True)
+    if len(lags) > MAX_LAGS:
+        raise _TooMany(f"the correlation's times have {len(lags)} distinct lags (the structured kernel keeps "
+                       f"up to {MAX_LAGS})")
+    for d in lags:
+        sel = lag == d
+        pieces.add(CUR, d, t[sel], t[sel])
+        pieces.add(PREV, d, prev[sel], prev[sel])
+        pieces.add(LAG, d, t[sel], prev[sel], sym=True)
+    return lags, counts
+
+
+def _compsymm_pieces(pieces: _PieceList, corr) -> tuple[np.ndarray, np.ndarray]:
+    """Compound symmetry: I, then per group size n_g and strata pair Σ_g 1_{g,a} 1_{g,b}ᵀ (+ transpose);
+    returns (the distinct group sizes, how many groups have each)."""
+    rows = np.arange(pieces.n)
+    pieces.add(CS_I, 0.0, rows, rows)
+    stratum, size = pieces.stratum, corr.sizes[corr.group]
     for ng in np.unique(corr.sizes):
-        in_size = size == ng
-        strata = np.unique(stratum[in_size])
-        sums = {a: sp.csr_matrix((np.ones(int(np.sum(in_size & (stratum == a)))),
-                                  (corr.group[in_size & (stratum == a)], np.flatnonzero(in_size & (stratum == a)))),
-                                 shape=(n_groups, n)) for a in strata}
+        strata = np.unique(stratum[size == ng])
+        sums = {}
+        for a in strata:
+            sel = np.flatnonzero((size == ng) & (stratum == a))
+            sums[a] = sp.csr_matrix((np.ones(len(sel)), (corr.group[sel], sel)), shape=(len(corr.sizes), pieces.n))
         for i, a in enumerate(strata):
             for b in strata[i:]:
-                out["kind"].append(CS_J)
-                out["d"].append(float(ng))
-                out["a"].append(int(a))
-                out["b"].append(int(b))
-                out["left"].append(sums[a])
-                out["right"].append(sums[b])
-                out["sym"].append(int(a != b))
+                pieces.append(CS_J, ng, a, b, sums[a], sums[b], a != b)
+    return np.unique(corr.sizes, return_counts=True)
 
 
 def _selector(rows: np.ndarray, n: int) -> sp.csr_matrix:
