@@ -418,6 +418,8 @@ def _small_cholesky_inverse(M, q, Lw, Li, P):
 @cached_njit(error_model="numpy")
 def first_block_weights(A11, T1, q1, W, P):
     """Per level: P_j = (T₁ᵀA_jT₁ + I)⁻¹ and W_j = T₁P_jT₁ᵀ; returns Σ_j log|M_j| (−inf when not PD)."""
+    if q1 == 2:
+        return _weights_two_columns(A11, T1, W, P)
     n1 = A11.shape[0]
     M = np.empty((q1, q1))
     Lw = np.zeros((q1, q1))
@@ -454,6 +456,35 @@ def first_block_weights(A11, T1, q1, W, P):
                 for c in range(q1):
                     acc += TP[a, c] * T1[b, c]
                 W[j, a, b] = acc
+    return logdet
+
+
+@cached_njit(error_model="numpy")
+def _weights_two_columns(A11, T1, W, P):
+    """:func:`first_block_weights` for q₁ = 2 written out (the commonest correlated block, (1 + x | g)):
+    M = TᵀAT + I by its three entries, P = M⁻¹ by the 2 × 2 adjugate, W = TPTᵀ (T lower triangular)."""
+    t00, t10, t11 = T1[0, 0], T1[1, 0], T1[1, 1]
+    logdet = 0.0
+    for j in range(A11.shape[0]):
+        a00, a01, a11 = A11[j, 0, 0], A11[j, 0, 1], A11[j, 1, 1]
+        # AT's columns, then M = Tᵀ(AT) + I
+        c00, c10 = a00 * t00 + a01 * t10, a01 * t00 + a11 * t10
+        c01, c11 = a01 * t11, a11 * t11
+        m00 = t00 * c00 + t10 * c10 + 1.0
+        m01 = t00 * c01 + t10 * c11
+        m11 = t11 * c11 + 1.0
+        det = m00 * m11 - m01 * m01
+        if not (m00 > 0.0 and det > 0.0):
+            return -math.inf
+        logdet += math.log(det)
+        p00, p01, p11 = m11 / det, -m01 / det, m00 / det
+        P[j, 0, 0], P[j, 0, 1], P[j, 1, 0], P[j, 1, 1] = p00, p01, p01, p11
+        # W = T P Tᵀ with T = [[t00, 0], [t10, t11]]
+        r0, r1 = t10 * p00 + t11 * p01, t10 * p01 + t11 * p11     # row 1 of T P
+        w00 = t00 * t00 * p00
+        w01 = t00 * (p00 * t10 + p01 * t11)
+        w11 = r0 * t10 + r1 * t11
+        W[j, 0, 0], W[j, 0, 1], W[j, 1, 0], W[j, 1, 1] = w00, w01, w01, w11
     return logdet
 
 
@@ -703,9 +734,35 @@ def level_weights_adjoint(T1, Pj, Gbj, q1, TP, GTP, K):
             K[a, b] += 0.5 * Pj[a, b]
 
 
+@cached_njit(error_model="numpy", inline="always")
+def _level_two_columns(T1, Pj, Gbj):
+    """:func:`level_weights_adjoint` for q₁ = 2 written out: (Ḡ_jT₁P_j row-major, then T₁K row-major)."""
+    t00, t10, t11 = T1[0, 0], T1[1, 0], T1[1, 1]
+    p00, p01, p11 = Pj[0, 0], Pj[0, 1], Pj[1, 1]
+    g00, g01, g11 = Gbj[0, 0], Gbj[0, 1], Gbj[1, 1]
+    q00, q01 = t00 * p00, t00 * p01                                  # TP = T₁P_j
+    q10, q11 = t10 * p00 + t11 * p01, t10 * p01 + t11 * p11
+    r00, r01 = g00 * q00 + g01 * q10, g00 * q01 + g01 * q11          # GTP = Ḡ_j TP
+    r10, r11 = g01 * q00 + g11 * q10, g01 * q01 + g11 * q11
+    k00 = q00 * r00 + q10 * r10 + 0.5 * p00                          # K = TPᵀ GTP + ½P_j
+    k01 = q00 * r01 + q10 * r11 + 0.5 * p01
+    k11 = q01 * r01 + q11 * r11 + 0.5 * p11
+    # T₁K (K symmetric)
+    return r00, r01, r10, r11, t00 * k00, t00 * k01, t10 * k00 + t11 * k01, t10 * k01 + t11 * k11
+
+
 @cached_njit(error_model="numpy")
 def _first_block_gradient(A11, Gb, T1, q1, P, gT1):
     """∂ℓ/∂T₁ = Σ_j 2Ḡ_jT₁P_j − 2A_jT₁(K_j + ½P_j), K_j = P_jT₁ᵀḠ_jT₁P_j, into gT1."""
+    if q1 == 2:
+        for j in range(A11.shape[0]):
+            g00, g01, g10, g11, k00, k01, k10, k11 = _level_two_columns(T1, P[j], Gb[j])
+            a = A11[j]
+            gT1[0, 0] += 2.0 * (g00 - a[0, 0] * k00 - a[0, 1] * k10)
+            gT1[0, 1] += 2.0 * (g01 - a[0, 0] * k01 - a[0, 1] * k11)
+            gT1[1, 0] += 2.0 * (g10 - a[1, 0] * k00 - a[1, 1] * k10)
+            gT1[1, 1] += 2.0 * (g11 - a[1, 0] * k01 - a[1, 1] * k11)
+        return
     TP = np.empty((q1, q1))
     GTP = np.empty((q1, q1))
     K = np.empty((q1, q1))
@@ -814,6 +871,14 @@ def crossproduct_adjoint(GD, Gb, W, P, T1, ptr, rows, vals, Bd):
     K = np.empty((q1, q1))
     TK = np.empty((q1, q1))
     for j in range(n1):
+        if q1 == 2:   # H = −(TK)Tᵀ written out
+            _, _, _, _, k00, k01, k10, k11 = _level_two_columns(T1, P[j], Gb[j])
+            h01 = -(k00 * T1[1, 0] + k01 * T1[1, 1])
+            H[j, 0, 0] = -k00 * T1[0, 0]
+            H[j, 0, 1] = h01
+            H[j, 1, 0] = -k10 * T1[0, 0]
+            H[j, 1, 1] = -(k10 * T1[1, 0] + k11 * T1[1, 1])
+            continue
         level_weights_adjoint(T1, P[j], Gb[j], q1, TP, GTP, K)
         small_product(T1, K, q1, TK, 0)
         for a in range(q1):
