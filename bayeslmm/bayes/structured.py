@@ -600,6 +600,17 @@ def logp_grad(x, cA11, ptr, rows, cvals, cBd, cArr, kind, d, a, b, G, n_stratum,
     return finite_or_rejected(lp, grad)
 
 
+@cached_njit(error_model="numpy", inline="always")
+def _small_cholesky(M, q, L):
+    """The lower Cholesky factor of the small SPD matrix M into L (M = P_j: positive definite by construction)."""
+    for i in range(q):
+        for j in range(i + 1):
+            acc = M[i, j]
+            for k in range(j):
+                acc -= L[i, k] * L[j, k]
+            L[i, j] = math.sqrt(acc) if i == j else acc / L[j, j]
+
+
 @cached_njit(error_model="numpy")
 def first_block_draw(beta, sigma, T1, A11, ptr, rows, vals, Bd, b_rest, eps, out):
     """Exact draws of the first block's effects given the others' (b_rest), β, θ, σ: per level
@@ -617,6 +628,7 @@ def first_block_draw(beta, sigma, T1, A11, ptr, rows, vals, Bd, b_rest, eps, out
     first_block_weights(A11, T1, q1, W, P)
     c = np.empty(q1)
     u = np.empty(q1)
+    Lp = np.zeros((q1, q1))
     for j in range(n1):
         for a in range(q1):
             acc = 0.0
@@ -627,7 +639,7 @@ def first_block_draw(beta, sigma, T1, A11, ptr, rows, vals, Bd, b_rest, eps, out
                 for ia in range(ptr[j], ptr[j + 1]):
                     acc += vals[ia, a] * w[rows[ia]]
             c[a] = acc
-        Lp = np.linalg.cholesky(P[j])
+        _small_cholesky(P[j], q1, Lp)      # q₁ is small: loops, not a LAPACK call per level and draw
         for a in range(q1):
             acc = 0.0
             for b in range(q1):
