@@ -119,6 +119,7 @@ def test_collapsed_equals_explicit(sleep_model, sleep_fit):
     assert (np.abs(a["mean"] - b["mean"]) < 5 * se).all()
 
 
+@pytest.mark.slow   # two PyMC graphs, ~30 s; the compiled kernels' own graph comparisons run in the default suite
 def test_crossed_partial_collapse_equals_explicit():
     """Penicillin: plate integrated out, sample drawn non-centred; same posterior as fully explicit."""
     model = Model("diameter ~ 1 + (1 | plate) + (1 | sample)", load_dataset("Penicillin"))
