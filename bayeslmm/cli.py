@@ -532,14 +532,13 @@ class _Run:
 
     def _residual_notes(self, fit) -> None:
         """Say what a NUTS fit with a residual structure cannot give (printed, and in summary.txt)."""
-        from .bayes.posterior import NO_LOGLIK_UNDER_CORRELATION, independent_rows
+        from .bayes.posterior import no_pointwise_loglik
 
-        residual = fit.spec.residual
-        if residual is None or independent_rows(fit.spec):
+        why = no_pointwise_loglik(fit.spec)
+        if why is None:
             return
-        structure = type(residual.correlation.structure).__name__
         self.show("")
-        self.show("Note: no LOO for this fit: " + NO_LOGLIK_UNDER_CORRELATION.format(structure=structure) + ".")
+        self.show(f"Note: no LOO for this fit: {why}.")
         with self._writing("the notes"):
             self._write_summary()
 

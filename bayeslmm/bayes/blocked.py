@@ -67,6 +67,11 @@ def unsupported_reason(spec: ModelSpec, priors: PriorSet) -> str | None:
     """Why the blocked kernel cannot sample this model (``None`` when it can)."""
     if spec.residual is not None:
         return "the blocked kernel samples R = σ²I"
+    return unsupported_prior(priors)
+
+
+def unsupported_prior(priors: PriorSet) -> str | None:
+    """Why :class:`PriorArrays` cannot hold these priors on β, σ and the sds (``None`` when it can)."""
     if any(p.family != "Normal" for p in priors.beta):
         return "the blocked kernel handles Normal priors on the fixed effects"
     for prior in (priors.sigma,) + tuple(bp.sd for bp in priors.blocks):

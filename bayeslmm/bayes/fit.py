@@ -172,12 +172,13 @@ def fit_bayes(
 def _what_to_store(spec, route: str, effects: str, log_likelihood, chains: int, draws: int, warn: bool):
     """(effects, log_likelihood) as the route and a residual structure allow: no pointwise log-likelihood
     under a correlation structure (asked for: an error), every effect's draws on the structured route."""
-    if spec.residual is not None:
-        from .posterior import independent_rows
+    from .posterior import no_pointwise_loglik
 
-        _check_structured_loglik(spec, log_likelihood)
-        if not independent_rows(spec):
-            log_likelihood = False
+    why = no_pointwise_loglik(spec)
+    if why is not None:
+        if log_likelihood:
+            raise BayesLMMError(f"log_likelihood=True: {why}; leave log_likelihood unset")
+        log_likelihood = False
     if route == "structured":
         effects = _structured_effects(spec, effects, chains, draws, warn)
     return effects, log_likelihood
@@ -247,9 +248,11 @@ def _sample_posterior(spec, crossprods, prior_set, route, draws, tune, chains, c
         with one_blas_thread():  # the chains' threads each call BLAS: more threads would only contend
             dt = sample_kernel(kdata, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar)
             raw = dt["posterior"].to_dataset()
-            posterior = {"blocked": blocked_posterior, "partial": partial_posterior,
-                         "structured": structured_posterior}[route]
-            post = posterior(spec, kdata, built.names, raw, seed)
+            if route == "partial":
+                post = partial_posterior(spec, kdata, built.names, raw)
+            else:
+                draw = blocked_posterior if route == "blocked" else structured_posterior
+                post = draw(spec, kdata, built.names, raw, seed)
     elif route == "one-factor":
         built, kd = kernel_model(spec, crossprods, prior_set, scale)
         t1 = time.perf_counter()
@@ -290,16 +293,6 @@ def _structured_effects(spec, effects: str, chains: int, draws: int, warn: bool)
     return "draws"
 
 
-def _check_structured_loglik(spec, log_likelihood) -> None:
-    """Refuse a pointwise log-likelihood under a correlation structure (its rows are not independent
-    given the effects: docs/bayes.md)."""
-    from .posterior import NO_LOGLIK_UNDER_CORRELATION, independent_rows
-
-    if log_likelihood and not independent_rows(spec):
-        raise BayesLMMError("log_likelihood=True: " + NO_LOGLIK_UNDER_CORRELATION.format(
-            structure=type(spec.residual.correlation.structure).__name__) + "; leave log_likelihood unset")
-
-
 def _store_effects(spec, built, dt, post, seed: int, mode: str, warn: bool) -> xr.Dataset:
     """The integrated-out block's effects: every draw in the posterior, or per-level summaries in
     their own group (with a warning when that was chosen for the user)."""
@@ -327,8 +320,8 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
             warnings.warn("the pointwise log-likelihood and the observed_data/constant_data groups were not "
                           "stored: the model was built out of memory (cross-products only)", UserWarning,
                           stacklevel=5)
-    elif mode == "summary" or spec.residual is not None and spec.residual.correlation is not None:
-        pass  # conditional on the effects, whose draws were not kept; or no pointwise one (correlated rows)
+    elif mode == "summary":
+        pass  # the log-likelihood is conditional on the effects, whose draws were not kept
     elif log_likelihood or (log_likelihood is None and n_values <= MAX_LOGLIK_VALUES):
         dt["log_likelihood"] = xr.DataTree(pointwise_loglik(spec, post, built.names))
     elif log_likelihood is None and warn:
@@ -415,7 +408,7 @@ def one_blas_thread():
 
 
 def compiled_model(spec, crossprods, prior_set, scale: ResponseScale | None = None, route: str = "blocked"):
-    """The arrays of the blocked (or, with ``route="partial"``, the partly collapsed) kernel, in ``scale``'s
+    """The arrays of the compiled kernel ``route`` ("blocked", "partial" or "structured"), in ``scale``'s
     standardised units when given, and the model in y's own units."""
     if scale is not None:
         prior_set = scale.priors(prior_set)
@@ -435,38 +428,42 @@ def blocked_posterior(spec, bd, names, raw: xr.Dataset, seed: int) -> xr.Dataset
     first drawn exactly from their conditional (stream (seed, 2)); the first block's are drawn later
     from theirs given these, as for every collapsed fit."""
     x = raw["x"].to_numpy()
-    C, D = x.shape[:2]
     rest = blocked.draw_rest_effects(bd, x, np.random.default_rng([seed, 2]))
+    return _compiled_posterior(spec, names, raw, bd.constrain(x), _rest_blocks(spec, rest, x.shape[:2]))
+
+
+def _rest_blocks(spec, rest: np.ndarray, shape: tuple) -> list[np.ndarray]:
+    """The draws of every block's effects but the first, (draws, mR) level-major, as (chain, draw, levels, q)
+    per block."""
     effects, start = [], 0
     for block in spec.blocks[1:]:
-        effects.append(rest[:, start : start + block.n_effects].reshape(C, D, block.n_levels, block.q))
+        effects.append(rest[:, start : start + block.n_effects].reshape(*shape, block.n_levels, block.q))
         start += block.n_effects
-    return _compiled_posterior(spec, names, raw, bd.constrain(x), effects)
+    return effects
+
+
+def _with_first_block(spec, names, post: xr.Dataset, b: np.ndarray) -> xr.Dataset:
+    """``post`` with the first block's effect draws ``b`` (chain, draw, levels, q) as its first variable."""
+    first, name = spec.blocks[0], names[0]
+    post[name] = xr.DataArray(b, dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
+                              coords={naming.level_dim(name): list(first.levels),
+                                      naming.effect_dim(name): list(first.columns)})
+    return post[[name] + [v for v in post.data_vars if v != name]]
 
 
 def structured_posterior(spec, sdata, names, raw: xr.Dataset, seed: int) -> xr.Dataset:
     """The structured kernel's draws as the posterior variables: every block's effects drawn exactly at each
     draw's residual parameters (stream (seed, 2)), and the residual parameters on nlme's scale."""
     x = raw["x"].to_numpy()
-    C, D = x.shape[:2]
     first_b, rest = structured.draw_effects(sdata, x, np.random.default_rng([seed, 2]))
-    effects, start = [], 0
-    for block in spec.blocks[1:]:
-        effects.append(rest[:, start : start + block.n_effects].reshape(C, D, block.n_levels, block.q))
-        start += block.n_effects
     vals = sdata.constrain(x)
-    post = _compiled_posterior(spec, names, raw, vals, effects)
-    first, name = spec.blocks[0], names[0]
-    post[name] = xr.DataArray(first_b.reshape(C, D, first.n_levels, first.q),
-                              dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
-                              coords={naming.level_dim(name): list(first.levels),
-                                      naming.effect_dim(name): list(first.columns)})
+    post = _compiled_posterior(spec, names, raw, vals, _rest_blocks(spec, rest, x.shape[:2]))
     for i, var in enumerate(naming.residual_vars(spec)):
         post[var] = (("chain", "draw"), vals["residual"][..., i])
-    return post[[name] + [v for v in post.data_vars if v != name]]
+    return _with_first_block(spec, names, post, first_b.reshape(x.shape[:2] + first_b.shape[1:]))
 
 
-def partial_posterior(spec, pdata, names, raw: xr.Dataset, seed: int = 0) -> xr.Dataset:
+def partial_posterior(spec, pdata, names, raw: xr.Dataset) -> xr.Dataset:
     """The partly collapsed kernel's draws as the posterior variables (the other blocks' effects were sampled)."""
     vals = pdata.constrain(raw["x"].to_numpy())
     return _compiled_posterior(spec, names, raw, vals, vals["effects"])
@@ -878,17 +875,14 @@ def _effects_mode(effects, n_values, log_likelihood) -> str:
 
 def _add_first_block(spec, built, post, seed: int):
     """Draw the integrated-out effects exactly from their Gaussian conditional."""
-    first, name = spec.blocks[0], built.names[0]
+    first = spec.blocks[0]
     C, D = post.sizes["chain"], post.sizes["draw"]
     gamma, L, sigma = first_block_inputs(post, built.names, first)
     n_chunks = -(-first.n_levels // LEVEL_CHUNK)
     b = np.empty((C * D, first.n_levels, first.q))
     for k, d in draw_chunks(built.collapsed, gamma, L, sigma, seed, range(n_chunks)):
         b[:, k * LEVEL_CHUNK : k * LEVEL_CHUNK + d.shape[1]] = d
-    b = b.reshape(C, D, first.n_levels, first.q)
-    post[name] = xr.DataArray(b, dims=("chain", "draw", naming.level_dim(name), naming.effect_dim(name)),
-                              coords={naming.level_dim(name): list(first.levels), naming.effect_dim(name): list(first.columns)})
-    return post[[name] + [v for v in post.data_vars if v != name]]
+    return _with_first_block(spec, built.names, post, b.reshape(C, D, first.n_levels, first.q))
 
 
 def _summarise_effects(d: np.ndarray) -> np.ndarray:

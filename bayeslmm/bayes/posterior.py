@@ -128,6 +128,14 @@ NO_LOGLIK_UNDER_CORRELATION = (
     "variance functions and weights (variance=, weights=) without correlation=")
 
 
+def no_pointwise_loglik(spec: ModelSpec) -> str | None:
+    """Why ``spec`` has no pointwise log-likelihood (:data:`NO_LOGLIK_UNDER_CORRELATION`, its structure
+    named), or None where its rows are independent given the effects."""
+    if independent_rows(spec):
+        return None
+    return NO_LOGLIK_UNDER_CORRELATION.format(structure=type(spec.residual.correlation.structure).__name__)
+
+
 def pointwise_loglik(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> xr.Dataset:
     """log N(y_i | X_iβ + Z_ib, σ s_i) per observation and draw (conditional on the effects, as brms).
 
@@ -136,9 +144,9 @@ def pointwise_loglik(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> xr.
     """
     from ..residual_draws import relative_sd_draws
 
-    if not independent_rows(spec):
-        raise BayesLMMError(NO_LOGLIK_UNDER_CORRELATION.format(
-            structure=type(spec.residual.correlation.structure).__name__))
+    why = no_pointwise_loglik(spec)
+    if why is not None:
+        raise BayesLMMError(why)
     mu = linear_predictor(spec, post, names)
     sd = post["sigma"].to_numpy()[..., None]
     if spec.residual is not None:

@@ -671,11 +671,11 @@ class BayesFit:
         """
         import arviz as az
 
-        from .posterior import NO_LOGLIK_UNDER_CORRELATION, independent_rows
+        from .posterior import no_pointwise_loglik
 
-        if not independent_rows(self.spec):
-            raise BayesLMMError("LOO is not available for this fit: " + NO_LOGLIK_UNDER_CORRELATION.format(
-                structure=type(self.spec.residual.correlation.structure).__name__))
+        why = no_pointwise_loglik(self.spec)
+        if why is not None:
+            raise BayesLMMError(f"LOO is not available for this fit: {why}")
         if "log_likelihood" not in self.idata.children and self.spec.residual is not None:
             self._attach_loglik()
         if "log_likelihood" not in self.idata.children:

@@ -56,8 +56,7 @@ from ..residual import CorCompSymm, VarExp, VarFixed, VarIdent, VarPower
 from ..spec import ModelSpec
 from .blocked import (DENSE_COUPLING, CompiledKernel, PriorArrays, crossproduct_adjoint, first_block_weights,
                       likelihood_backprop, loglik_stages, per_level_coupling, prior_logp, relative_factors,
-                      rest_effect_draws)
-from .blocked import unsupported_reason as blocked_reason
+                      rest_effect_draws, unsupported_prior)
 from .compiled import cached_njit
 from .densities import SCALE_FAMILIES, finite_or_rejected, scale_logp, scale_params
 from .priors import PriorSet
@@ -86,7 +85,7 @@ def unsupported_reason(spec: ModelSpec, priors: PriorSet) -> str | None:
         return "the model has no residual structure"
     if not spec.rows_in_memory:
         return "the residual pieces are computed from the rows, and this model was built out of memory"
-    reason = blocked_reason(_unstructured(spec), priors)
+    reason = unsupported_prior(priors)
     if reason is not None:
         return reason
     for name, prior in priors.residual:
@@ -99,12 +98,6 @@ def unsupported_reason(spec: ModelSpec, priors: PriorSet) -> str | None:
     if len(pieces.kind) > MAX_COMPONENTS:
         return f"the residual structure splits into {len(pieces.kind)} pieces (at most {MAX_COMPONENTS})"
     return None
-
-
-def _unstructured(spec: ModelSpec) -> ModelSpec:
-    from dataclasses import replace
-
-    return replace(spec, residual=None)
 
 
 def _residual_prior_code(prior) -> tuple[int, np.ndarray] | None:

@@ -26,25 +26,14 @@ from bayeslmm.reml.kenward_roger import KenwardRoger
 from bayeslmm.reml.profile import Profiler
 from bayeslmm.reml.residual_fit import JointCriterion
 from conftest import NLME_MODELS, nlme_reference_data as reference_data
+from test_residual_inference import orthodont, ovary
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REF = NLME_MODELS
 
 
-def orthodont():
-    d = reference_data("orthodont_varident")
-    d["age_c"] = d["age"] - 11.0
-    return d
-
-
 def bodyweight():
-    return reference_data("bodyweight_varpower_time")
-
-
-def ovary():
-    d = reference_data("ovary_ar1")
-    d["s"], d["c"] = np.sin(2 * np.pi * d["Time"]), np.cos(2 * np.pi * d["Time"])
-    return d
+    return reference_data("bodyweight_varpower_time")   # Time unscaled (test_residual_inference's divides by 10)
 
 
 # -- Kenward–Roger, dense -------------------------------------------------------------------------------
