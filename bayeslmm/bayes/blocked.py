@@ -494,19 +494,57 @@ def _weights_two_columns(A11, T1, W, P):
 
 
 @cached_njit(error_model="numpy")
+def _times_levels(Bd, W):
+    """B·blockdiag(W_j) for a dense B (m, n1·q1): flat loops over the levels, one per (a, b), that vectorise."""
+    n1, q1 = W.shape[0], W.shape[1]
+    Wt = np.empty((q1, q1, n1))
+    for j in range(n1):
+        for a in range(q1):
+            for b in range(q1):
+                Wt[a, b, j] = W[j, a, b]
+    out = np.zeros_like(Bd)
+    for r in range(Bd.shape[0]):
+        brow, orow = Bd[r], out[r]
+        if q1 == 2:    # (1 + x | g): both columns of a level at once
+            for j in range(n1):
+                b0, b1 = brow[2 * j], brow[2 * j + 1]
+                orow[2 * j] = b0 * Wt[0, 0, j] + b1 * Wt[1, 0, j]
+                orow[2 * j + 1] = b0 * Wt[0, 1, j] + b1 * Wt[1, 1, j]
+            continue
+        for a in range(q1):
+            for b in range(q1):
+                w = Wt[a, b]
+                for j in range(n1):
+                    orow[j * q1 + b] += brow[j * q1 + a] * w[j]
+    return out
+
+
+@cached_njit(error_model="numpy")
+def _level_inner_products(U, V, n1, q1, scale):
+    """scale · U_jᵀV_j for each level's q1 columns of the dense U, V (m, n1·q1), as (n1, q1, q1): row by row,
+    one flat loop over the levels per (a, b)."""
+    acc = np.zeros((q1, q1, n1))
+    for r in range(U.shape[0]):
+        urow, vrow = U[r], V[r]
+        for a in range(q1):
+            for b in range(q1):
+                out = acc[a, b]
+                for j in range(n1):
+                    out[j] += urow[j * q1 + a] * vrow[j * q1 + b]
+    G = np.empty((n1, q1, q1))
+    for j in range(n1):
+        for a in range(q1):
+            for b in range(q1):
+                G[j, a, b] = scale * acc[a, b, j]
+    return G
+
+
+@cached_njit(error_model="numpy")
 def _schur_first_block(Arr, ptr, rows, vals, Bd, W, q1):
     """D = Arr − Σ_j B_jW_jB_jᵀ (full, symmetric): by BLAS when B is dense, else level by level."""
     n1 = W.shape[0]
     if Bd.shape[0] > 0:
-        BW = np.empty_like(Bd)
-        for r in range(Bd.shape[0]):        # row by row: B is C-ordered
-            for j in range(n1):
-                for b in range(q1):
-                    acc = 0.0
-                    for a in range(q1):
-                        acc += Bd[r, j * q1 + a] * W[j, a, b]
-                    BW[r, j * q1 + b] = acc
-        return Arr - BW @ Bd.T
+        return Arr - _times_levels(Bd, W) @ Bd.T
     D = Arr.copy()
     bw = np.empty(q1)
     for j in range(n1):
@@ -528,33 +566,27 @@ def _schur_first_block(Arr, ptr, rows, vals, Bd, W, q1):
 
 
 @cached_njit(error_model="numpy")
-def _apply_rest_factor(D, T, rest_off, rest_nlev, blk_q, right):
-    """D Λᵣ (right) or Λᵣᵀ D (left) for Λᵣ = blockdiag over the rest blocks of I ⊗ T_k, then I on X and y.
+def _left_rest_factor(D, T, rest_off, rest_nlev, blk_q, transpose):
+    """Λᵣᵀ D (transpose) or Λᵣ D for Λᵣ = blockdiag over the rest blocks of I ⊗ T_k, then I on X and y.
 
-    Both run along rows (D is C-ordered): the left product as row combinations, the right one
-    as small q-vector products within each row.
+    Only products from the left: each is a combination of a level's q rows, contiguous in
+    the C-ordered D (a product from the right would stride down its columns).  A symmetric
+    D's right products are the transposes: DΛᵣ = (Λᵣᵀ D)ᵀ.
     """
-    m = D.shape[0]
+    m = D.shape[1]
     out = D.copy()
     for k in range(1, blk_q.shape[0]):
         q = blk_q[k]
         for lev in range(rest_nlev[k]):
             c0 = rest_off[k] + lev * q
-            if right:
-                for r in range(m):
-                    for b in range(q):
-                        acc = 0.0
-                        for a in range(b, q):       # T lower triangular
-                            acc += D[r, c0 + a] * T[k, a, b]
-                        out[r, c0 + b] = acc
-            else:
-                for b in range(q):
+            for i in range(q):
+                for c in range(m):
+                    out[c0 + i, c] = 0.0
+                lo, hi = (i, q) if transpose else (0, i + 1)
+                for j in range(lo, hi):    # T lower triangular: (Λᵀ)_ij = T_ji, j ≥ i; Λ_ij = T_ij, j ≤ i
+                    t = T[k, j, i] if transpose else T[k, i, j]
                     for c in range(m):
-                        out[c0 + b, c] = 0.0
-                    for a in range(b, q):
-                        t = T[k, a, b]
-                        for c in range(m):
-                            out[c0 + b, c] += t * D[c0 + a, c]
+                        out[c0 + i, c] += t * D[c0 + j, c]
     return out
 
 
@@ -588,8 +620,8 @@ def _augmented_factor(T, A11, ptr, rows, vals, Bd, Arr, rest_off, rest_nlev, blk
     if logdet1 == -math.inf:
         return False, logdet1, Arr, Arr
     D = _schur_first_block(Arr, ptr, rows, vals, Bd, W, q1)
-    E = _apply_rest_factor(D, T, rest_off, rest_nlev, blk_q, True)
-    C = _apply_rest_factor(E, T, rest_off, rest_nlev, blk_q, False)
+    E = np.ascontiguousarray(_left_rest_factor(D, T, rest_off, rest_nlev, blk_q, True).T)   # DΛᵣ, D symmetric
+    C = _left_rest_factor(E, T, rest_off, rest_nlev, blk_q, True)
     for i in range(mR):
         C[i, i] += 1.0
     try:
@@ -665,46 +697,17 @@ def _rest_gradients(E, GC, T, rest_off, rest_nlev, blk_q, gT):
                     for c in range(m):              # G_C is symmetric: its row, not its column
                         acc += E[c0 + a, c] * GC[c0 + b, c]
                     gT[k, a, b] += 2.0 * acc
-    # Λᵣ G_C Λᵣᵀ: Λᵣᵀ-multiplications from the right and from the left, i.e. with Tᵀ
-    Tt = np.empty_like(T)
-    for k in range(T.shape[0]):
-        Tt[k] = T[k].T
-    F = _apply_upper_factor(GC, Tt, rest_off, rest_nlev, blk_q)
-    return _apply_upper_factor(F.T.copy(), Tt, rest_off, rest_nlev, blk_q)
-
-
-@cached_njit(error_model="numpy")
-def _apply_upper_factor(G, U, rest_off, rest_nlev, blk_q):
-    """G Λᵣᵀ for Λᵣᵀ = blockdiag of I ⊗ U_k with U_k = T_kᵀ upper triangular (row by row)."""
-    m = G.shape[0]
-    out = G.copy()
-    for k in range(1, blk_q.shape[0]):
-        q = blk_q[k]
-        for lev in range(rest_nlev[k]):
-            c0 = rest_off[k] + lev * q
-            for r in range(m):
-                for b in range(q):
-                    acc = 0.0
-                    for a in range(b + 1):
-                        acc += G[r, c0 + a] * U[k, a, b]
-                    out[r, c0 + b] = acc
-    return out
+    # Λᵣ G_C Λᵣᵀ = Λᵣ (Λᵣ G_C)ᵀ, G_C symmetric: two products from the left
+    F = np.ascontiguousarray(_left_rest_factor(GC, T, rest_off, rest_nlev, blk_q, False).T)
+    return _left_rest_factor(F, T, rest_off, rest_nlev, blk_q, False)
 
 
 @cached_njit(error_model="numpy")
 def _coupling_gradient(ptr, rows, vals, Bd, GD, n1, q1):
     """Ḡ_j = −B_jᵀ G_D B_j for every level j of the first block, (n1, q1, q1)."""
-    Gb = np.zeros((n1, q1, q1))
     if Bd.shape[0] > 0:
-        GDB = GD @ Bd
-        for r in range(Bd.shape[0]):        # row by row: both are C-ordered
-            for j in range(n1):
-                for a in range(q1):
-                    v = Bd[r, j * q1 + a]
-                    if v != 0.0:
-                        for b in range(q1):
-                            Gb[j, a, b] -= v * GDB[r, j * q1 + b]
-        return Gb
+        return _level_inner_products(Bd, GD @ Bd, n1, q1, -1.0)
+    Gb = np.zeros((n1, q1, q1))
     for j in range(n1):
         for ia in range(ptr[j], ptr[j + 1]):
             ra = rows[ia]

@@ -17,6 +17,7 @@ from ..errors import BayesLMMError
 from ..spec import ModelSpec
 from . import naming
 from .collapsed import CollapsedData, draw_first_block
+from .compiled import cached_njit
 
 #: pointwise log-likelihood values stored by default at most (rows × draws)
 MAX_LOGLIK_VALUES = 50_000_000
@@ -95,14 +96,31 @@ def effect_draws(fit, levels=None) -> xr.DataArray:
 def linear_predictor(spec: ModelSpec, post: xr.Dataset, names: list[str]) -> np.ndarray:
     """Conditional means Xβ + Zb per draw: (chain, draw, obs)."""
     beta = post["beta"].to_numpy()
-    mu = np.einsum("cdp,np->cdn", beta, spec.X)
+    C, D = beta.shape[:2]
+    mu = np.ascontiguousarray(beta.reshape(C * D, -1) @ np.asarray(spec.X, dtype=float).T)
     for block, name in zip(spec.blocks, names):
         if name not in post:
             raise BayesLMMError(f"the draws of {name!r}'s effects were not stored (effects='summary'): per-draw "
                                 "quantities over every row need them; refit with effects='draws'")
-        b = post[name].to_numpy()
-        mu += np.einsum("cdnq,nq->cdn", b[:, :, block.codes, :], block.Z)
-    return mu
+        b = np.ascontiguousarray(post[name].to_numpy(), dtype=float)
+        _add_effects(mu, b.reshape(C * D, block.n_levels, block.q), np.asarray(block.codes, dtype=np.int64),
+                     np.ascontiguousarray(block.Z, dtype=float))
+    return mu.reshape(C, D, -1)
+
+
+@cached_njit(nogil=True, error_model="numpy")
+def _add_effects(mu, b, codes, Z):
+    """mu[s, i] += Σ_a Z[i, a]·b[s, codes[i], a] for every draw s: a row's own level only (a gather
+    in numpy would first copy b[:, codes] — draws × rows × q — into memory)."""
+    q = Z.shape[1]
+    for s in range(mu.shape[0]):
+        bs, ms = b[s], mu[s]
+        for i in range(mu.shape[1]):
+            level = bs[codes[i]]
+            acc = 0.0
+            for a in range(q):
+                acc += Z[i, a] * level[a]
+            ms[i] += acc
 
 
 def residual_natural(spec: ModelSpec, post: xr.Dataset) -> dict[str, np.ndarray]:
