@@ -11,12 +11,13 @@ and the kernel reads :class:`~bayeslmm.bayes.collapsed.CollapsedData`: the algeb
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
 import tempfile
 
-from numba import njit
+from numba import cfunc, njit
 from numba.core import config as numba_config
 
 
@@ -60,6 +61,43 @@ def cached_njit(**options):
         numba_config.CACHE_DIR = folder
         try:
             return njit(cache=True, **options)(func)
+        finally:
+            numba_config.CACHE_DIR = saved
+    return wrap
+
+
+def cfunc_cache_dir(sources) -> str | None:
+    """A private folder for C callbacks' caches, named by the contents of the files ``sources`` (or ``None``).
+
+    numba checks only the decorated function's own file before it loads cached machine
+    code, but a C callback carries the code of every jitted function it calls: naming
+    the folder by a hash of the files those functions live in means an edit to any of
+    them compiles the callback again instead of running stale code.  It lies in the
+    private temporary folder of :func:`private_cache_dir`, so a read-only install caches too.
+    """
+    parent = private_cache_dir("numba")
+    if parent is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(sources):
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    folder = os.path.join(parent, "cfunc-" + digest.hexdigest()[:16])
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
+def cached_cfunc(signature, sources=()):
+    """``numba.cfunc(signature, cache=True)`` with its cache in :func:`cfunc_cache_dir` of ``sources``;
+    where there is no such folder, each process compiles anew."""
+    def wrap(func):
+        folder = cfunc_cache_dir(sources)
+        if folder is None:
+            return cfunc(signature)(func)
+        saved = numba_config.CACHE_DIR
+        numba_config.CACHE_DIR = folder
+        try:
+            return cfunc(signature, cache=True)(func)
         finally:
             numba_config.CACHE_DIR = saved
     return wrap

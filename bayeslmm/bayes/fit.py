@@ -330,7 +330,8 @@ def _store_loglik(spec, built, dt, post, mode: str, n_values: int, log_likelihoo
                       f"= {n_values:.2g} values (more than {MAX_LOGLIK_VALUES:.0e}); pass log_likelihood=True "
                       "to store it for LOO", UserWarning, stacklevel=5)
 
-#: levels × columns from which the kernel samples chains on several threads
+#: levels × columns from which a kernel called through Python (no C callback: :func:`sample_kernel`)
+#: samples chains on several threads
 KERNEL_THREADS_WORK = 2_000
 #: effects outside the first block (the dense part of the factorisation) up to which the blocked kernel
 #: is chosen: its gradient costs ~m³ for m such effects; above, the partly collapsed kernel samples them.
@@ -501,8 +502,36 @@ def kernel_model(spec, crossprods, prior_set, scale: ResponseScale | None = None
 
 
 def sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treedepth, progressbar):
-    """nutpie's NUTS on the compiled collapsed log-posterior; the draws stay unconstrained (``x``)."""
-    import nutpie
+    """nutpie's NUTS on the compiled collapsed log-posterior; the draws stay unconstrained (``x``).
+
+    nutpie calls the kernel's C callback (:mod:`.native`) without entering Python; where that
+    cannot be built (nutpie's internals or a kernel's arguments changed), it calls a Python
+    function per gradient instead, with a warning.
+    """
+    def initial_point(chain_seed):
+        return kd.initial_point(np.random.default_rng([seed, int(chain_seed)]))
+
+    counter = DrawCounter(chains, tune, draws)
+    with counter.interrupts():
+        try:
+            from .native import native_model
+            compiled, native = native_model(kd, initial_point), True
+        except Exception as exc:  # noqa: BLE001  (any failure here leaves the slower path, which still works)
+            warnings.warn(f"the kernel is sampled through Python calls (slower): its C callback failed "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                          RuntimeWarning, stacklevel=2)
+            compiled, native = _python_model(kd, initial_point), False
+        if cores is None:
+            # a C callback never waits for the GIL: a thread per chain pays off on every model; a Python
+            # one hands the GIL over per gradient, worth it only when a gradient is long (many levels)
+            threads = native or kd.work >= KERNEL_THREADS_WORK
+            cores = max(1, min(chains, os.cpu_count() or 1)) if threads else 1
+        return _nutpie_sample(compiled, counter, cores=cores, seed=seed, progress_bar=progressbar,
+                              target_accept=target_accept, maxdepth=max_treedepth)
+
+
+def _python_model(kd, initial_point):
+    """The kernel as a nutpie model that calls ``kd.logp_function()`` (Python) per gradient."""
     from nutpie.compiled_pyfunc import from_pyfunc
 
     ndim = kd.ndim
@@ -512,21 +541,9 @@ def sample_kernel(kd, draws, tune, chains, cores, seed, target_accept, max_treed
             return {"x": np.array(x, dtype=np.float64)}
         return expand
 
-    def initial_point(chain_seed):
-        return kd.initial_point(np.random.default_rng([seed, int(chain_seed)]))
-
-    counter = DrawCounter(chains, tune, draws)
-    with counter.interrupts():
-        compiled = from_pyfunc(ndim, kd.logp_function, make_expand, [np.dtype("float64")], [(ndim,)], ["x"],
-                               make_initial_point_fn=initial_point, coords={"x_dim": np.arange(ndim)},
-                               dims={"x": ("x_dim",)})
-        if cores is None:
-            # the kernel releases the GIL, but each call still enters Python: threads pay off
-            # only when a gradient is long enough (many levels) to outweigh the hand-over
-            big = kd.work >= KERNEL_THREADS_WORK
-            cores = max(1, min(chains, os.cpu_count() or 1)) if big else 1
-        return _nutpie_sample(compiled, counter, cores=cores, seed=seed, progress_bar=progressbar,
-                              target_accept=target_accept, maxdepth=max_treedepth)
+    return from_pyfunc(ndim, kd.logp_function, make_expand, [np.dtype("float64")], [(ndim,)], ["x"],
+                       make_initial_point_fn=initial_point, coords={"x_dim": np.arange(ndim)},
+                       dims={"x": ("x_dim",)})
 
 
 def kernel_posterior(spec, kd, names, raw: xr.Dataset) -> xr.Dataset:

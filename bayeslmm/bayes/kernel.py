@@ -5,8 +5,8 @@ For one grouping factor with one or two random-effect columns — ``y ~ x + (1 |
 are written out by hand here and compiled once by numba with ``cache=True``: the
 machine code is written next to this file (or, where that and the user's cache folder
 are read-only, into a private temporary folder: :func:`.compiled.cached_njit`) and loaded (in
-~0.1 s) by every later process.  It releases the GIL, so nutpie's chains run it on
-several threads.  nutpie's NUTS calls it through :func:`nutpie.compiled_pyfunc.from_pyfunc`.
+~0.1 s) by every later process.  nutpie's NUTS calls it as a C function (:mod:`.native`), one
+thread per chain, never entering Python.
 The general path (PyMC's graph compiled by PyTensor, or by numba through
 ``nutpie.compile_pymc_model``) compiles a new function for every model, which cost
 about 10 s per fit on sleepstudy; that is what this module avoids.
@@ -117,6 +117,12 @@ class KernelData:
                         self.yty, self.n, self.Cm, self.mu_b, self.s_b, self.fam_sigma, self.par_sigma,
                         self.fam_sd, self.par_sd, self.eta, self.correlated, grad)
         return lp, grad
+
+    def compiled(self):
+        """(the compiled log-posterior, its arguments between x and grad), as the other kernels give them."""
+        return logp_grad, (self.G, self.H, self.g, self.XtX, self.Xty, self.yty, self.n, self.Cm, self.mu_b,
+                            self.s_b, self.fam_sigma, self.par_sigma, self.fam_sd, self.par_sd, self.eta,
+                            self.correlated)
 
     def logp_function(self):
         """``x -> (logp, gradient)`` for nutpie (one per chain; the arrays are only read)."""
@@ -395,6 +401,10 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
     _fixed_and_sigma_gradient(Cm, Xty, XtXb, gH, n, s2, rtr, quad, trPA, vAv, grad)
     _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad)
     return finite_or_rejected(lp, grad)
+
+
+#: the compiled log-posterior under the name the other kernels give theirs (:mod:`.native`'s C callback calls it)
+logp_grad = _logp_grad
 
 
 @cached_njit(nogil=True, parallel=True, error_model="numpy")
