@@ -12,6 +12,9 @@ into the JSON):
   +-0.5 by the parity of subject + item, so it varies within every subject and every item.
   Truth: beta = (2, 0.5); subject sds (1, 0.5), correlation 0.3; item sds (0.8, 0.4),
   correlation -0.2; sigma = 1.
+* ``crossed60u`` -- crossed60's rows (the same simulated data) with uncorrelated effects,
+  ``y ~ cond + (1 + cond || subj) + (1 + cond || item)``, in bayeslmm; bambi is given
+  crossed60's formula, which it fits uncorrelated: the like-for-like comparison with bambi.
 * ``crossed1000`` -- the same model and truth with 1,000 subjects x 500 items, but NOT fully
   crossed (that would be 500,000 rows): each subject sees 40 items drawn at random without
   replacement, 40,000 rows.
@@ -98,7 +101,7 @@ import bench_bayes as bb  # noqa: E402  (the bambi worker, frames as .npz, md ta
 import run_all as ra  # noqa: E402  (run_child: a fresh process with a time budget and a memory limit)
 from machine import cpu_name  # noqa: E402
 
-DEFAULT_MODELS = "crossed60,crossed1000,nested,q3"
+DEFAULT_MODELS = "crossed60,crossed60u,crossed1000,nested,q3"
 DEFAULT_PEERS = "bambi,rstanarm"
 
 #: issue 10's targets on the crossed models
@@ -122,6 +125,12 @@ class Case:
     quick: tuple
     bambi_params: tuple
     about: str
+    data_key: str = ""        # simulate the data of this model instead (the same rows for two formulas)
+    bambi_formula: str = ""   # what bambi is given, where its formula syntax differs
+
+    @property
+    def simulated(self) -> str:
+        return self.data_key or self.key
 
 
 CROSSED_FORMULA = "y ~ cond + (1 + cond | subj) + (1 + cond | item)"
@@ -137,6 +146,10 @@ CASES = {
     "q3": Case("q3", "y ~ x + z + (1 + x + z | g)", (200, 20), (40, 10),
                ("Intercept", "x", "z", "1|g_sigma", "x|g_sigma", "z|g_sigma", "sigma"),
                "one correlated block of three columns"),
+    # last: the indices above seed the other models' data
+    "crossed60u": Case("crossed60u", "y ~ cond + (1 + cond || subj) + (1 + cond || item)", (60, 40, None),
+                       (20, 12, None), CROSSED_BAMBI, "crossed60's rows, uncorrelated effects in both engines",
+                       data_key="crossed60", bambi_formula=CROSSED_FORMULA),
 }
 
 
@@ -229,8 +242,8 @@ def simulate(case: Case, quick: bool, seed: int):
     import numpy as np
 
     sizes = case.quick if quick else case.full
-    rng = np.random.default_rng([seed, list(CASES).index(case.key)])
-    df, truth = SIMULATORS[case.key](rng, *sizes)
+    rng = np.random.default_rng([seed, list(CASES).index(case.simulated)])
+    df, truth = SIMULATORS[case.simulated](rng, *sizes)
     return df, truth, sizes
 
 
@@ -439,8 +452,8 @@ def run_bambi(case: Case, data: dict, tmp: Path, a, mem_limit: float, python: st
     seed = a.seed + run - 1
     rec = new_record(case, "bambi", run, seed)
     tag = f"{case.key}_bambi_{run}"
-    cfg = {"engine": "bambi", "tag": tag, "dataset": case.key, "data": str(data["npz"]), "formula": case.formula,
-           "draws": a.draws, "tune": a.tune, "chains": a.chains, "seed": seed, "cores": None, "runs": 1,
+    cfg = {"engine": "bambi", "tag": tag, "dataset": case.key, "data": str(data["npz"]),
+           "formula": case.bambi_formula or case.formula, "draws": a.draws, "tune": a.tune, "chains": a.chains, "seed": seed, "cores": None, "runs": 1,
            "effects_diagnostics": False, "sampler": None, "parameterization": None,
            "bambi_params": list(case.bambi_params), "bambi_effects": []}
     cfg_path, out = tmp / f"{tag}.cfg.json", tmp / f"{tag}.out.json"
