@@ -896,16 +896,7 @@ def crossproduct_adjoint(GD, Gb, W, P, T1, ptr, rows, vals, Bd):
                     acc += TK[a, c] * T1[b, c]
                 H[j, a, b] = -acc
     if Bd.shape[0] > 0:
-        GB = GD @ Bd
-        out = np.empty_like(GB)
-        for r in range(GB.shape[0]):
-            for j in range(n1):
-                for b in range(q1):
-                    acc = 0.0
-                    for a in range(q1):
-                        acc += GB[r, j * q1 + a] * W[j, a, b]
-                    out[r, j * q1 + b] = -2.0 * acc
-        return H, out
+        return H, -2.0 * _times_levels(GD @ Bd, W)
     out = np.zeros_like(vals)
     gb = np.empty(q1)
     for j in range(n1):

@@ -112,11 +112,9 @@ class KernelData:
                    eta=float(priors.blocks[0].eta), correlated=bool(block.correlated and block.q == 2))
 
     def logp_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        func, args = self.compiled()
         grad = np.empty(self.ndim)
-        lp = _logp_grad(np.ascontiguousarray(x, dtype=float), self.G, self.H, self.g, self.XtX, self.Xty,
-                        self.yty, self.n, self.Cm, self.mu_b, self.s_b, self.fam_sigma, self.par_sigma,
-                        self.fam_sd, self.par_sd, self.eta, self.correlated, grad)
-        return lp, grad
+        return func(np.ascontiguousarray(x, dtype=float), *args, grad), grad
 
     def compiled(self):
         """(the compiled log-posterior, its arguments between x and grad), as the other kernels give them."""
@@ -126,13 +124,12 @@ class KernelData:
 
     def logp_function(self):
         """``x -> (logp, gradient)`` for nutpie (one per chain; the arrays are only read)."""
-        args = (self.G, self.H, self.g, self.XtX, self.Xty, self.yty, self.n, self.Cm, self.mu_b, self.s_b,
-                self.fam_sigma, self.par_sigma, self.fam_sd, self.par_sd, self.eta, self.correlated)
+        func, args = self.compiled()
         ndim = self.ndim
 
         def logp(x, **_shared):
             grad = np.empty(ndim)
-            return _logp_grad(x, *args, grad), grad
+            return func(x, *args, grad), grad
 
         return logp
 
@@ -160,7 +157,7 @@ class KernelData:
         return out
 
 
-# The log-posterior in stages, each inlined into _logp_grad by numba (inline="always", in
+# The log-posterior in stages, each inlined into logp_grad by numba (inline="always", in
 # numba's IR): called as separate functions they cost ~20 % of an evaluation on sleepstudy.
 @cached_njit(error_model="numpy", inline="always")
 def _scale_priors(x, p, fam_sigma, par_sigma, fam_sd, par_sd, lp, grad, sd):
@@ -361,7 +358,7 @@ def _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad):
 
 
 @cached_njit(nogil=True, error_model="numpy")
-def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
+def logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma, fam_sd, par_sd, eta,
                correlated, grad):
     """The log-posterior at the unconstrained point x; its gradient is written into ``grad``.
 
@@ -401,10 +398,6 @@ def _logp_grad(x, G, H, g, XtX, Xty, yty, n, Cm, mu_b, s_b, fam_sigma, par_sigma
     _fixed_and_sigma_gradient(Cm, Xty, XtXb, gH, n, s2, rtr, quad, trPA, vAv, grad)
     _cholesky_gradient(a00, a10, a11, sd, rho, cc, correlated, p, grad)
     return finite_or_rejected(lp, grad)
-
-
-#: the compiled log-posterior under the name the other kernels give theirs (:mod:`.native`'s C callback calls it)
-logp_grad = _logp_grad
 
 
 @cached_njit(nogil=True, parallel=True, error_model="numpy")
