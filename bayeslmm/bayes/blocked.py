@@ -381,6 +381,26 @@ def block_backprop(x, x0, q, corr, sd, Lc, gC, grad):
             k += 1
 
 
+@cached_njit(error_model="numpy", inline="always")
+def small_cholesky(M, q, L):
+    """The lower Cholesky factor of the small q×q matrix M into L, by loops (no LAPACK call per level);
+    returns log|M|, or −inf where M is not positive definite."""
+    logdet = 0.0
+    for i in range(q):
+        for j in range(i + 1):
+            acc = M[i, j]
+            for k in range(j):
+                acc -= L[i, k] * L[j, k]
+            if i == j:
+                if not acc > 0.0:
+                    return -math.inf
+                L[i, i] = math.sqrt(acc)
+                logdet += math.log(acc)
+            else:
+                L[i, j] = acc / L[j, j]
+    return logdet
+
+
 @cached_njit(error_model="numpy")
 def _small_cholesky_inverse(M, q, Lw, Li, P):
     """Cholesky factor Lw of the q×q SPD matrix M and P = M⁻¹ (Li: work space); returns log|M| (−inf when not PD)."""
@@ -390,19 +410,9 @@ def _small_cholesky_inverse(M, q, Lw, Li, P):
         Lw[0, 0] = math.sqrt(M[0, 0])
         P[0, 0] = 1.0 / M[0, 0]
         return math.log(M[0, 0])
-    logdet = 0.0
-    for i in range(q):
-        for j in range(i + 1):
-            acc = M[i, j]
-            for k in range(j):
-                acc -= Lw[i, k] * Lw[j, k]
-            if i == j:
-                if not acc > 0.0:
-                    return -math.inf
-                Lw[i, i] = math.sqrt(acc)
-                logdet += math.log(acc)
-            else:
-                Lw[i, j] = acc / Lw[j, j]
+    logdet = small_cholesky(M, q, Lw)
+    if logdet == -math.inf:
+        return logdet
     # P = Lw⁻ᵀ Lw⁻¹ through the inverse factor
     for i in range(q):
         Li[i, i] = 1.0 / Lw[i, i]

@@ -56,7 +56,7 @@ from ..residual import CorCompSymm, VarExp, VarFixed, VarIdent, VarPower
 from ..spec import ModelSpec
 from .blocked import (DENSE_COUPLING, CompiledKernel, PriorArrays, crossproduct_adjoint, first_block_weights,
                       likelihood_backprop, loglik_stages, per_level_coupling, prior_logp, relative_factors,
-                      rest_effect_draws, unsupported_prior)
+                      rest_effect_draws, small_cholesky, unsupported_prior)
 from .compiled import cached_njit
 from .densities import SCALE_FAMILIES, finite_or_rejected, scale_logp, scale_params
 from .priors import PriorSet
@@ -593,17 +593,6 @@ def logp_grad(x, cA11, ptr, rows, cvals, cBd, cArr, kind, d, a, b, G, n_stratum,
     return finite_or_rejected(lp, grad)
 
 
-@cached_njit(error_model="numpy", inline="always")
-def _small_cholesky(M, q, L):
-    """The lower Cholesky factor of the small SPD matrix M into L (M = P_j: positive definite by construction)."""
-    for i in range(q):
-        for j in range(i + 1):
-            acc = M[i, j]
-            for k in range(j):
-                acc -= L[i, k] * L[j, k]
-            L[i, j] = math.sqrt(acc) if i == j else acc / L[j, j]
-
-
 @cached_njit(error_model="numpy")
 def first_block_draw(beta, sigma, T1, A11, ptr, rows, vals, Bd, b_rest, eps, out):
     """Exact draws of the first block's effects given the others' (b_rest), β, θ, σ: per level
@@ -632,7 +621,7 @@ def first_block_draw(beta, sigma, T1, A11, ptr, rows, vals, Bd, b_rest, eps, out
                 for ia in range(ptr[j], ptr[j + 1]):
                     acc += vals[ia, a] * w[rows[ia]]
             c[a] = acc
-        _small_cholesky(P[j], q1, Lp)      # q₁ is small: loops, not a LAPACK call per level and draw
+        small_cholesky(P[j], q1, Lp)       # q₁ is small: loops, not a LAPACK call per level and draw
         for a in range(q1):
             acc = 0.0
             for b in range(q1):
