@@ -6,12 +6,13 @@ priors and LKJ with numerical Jacobians — and its gradient against finite diff
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats as st
 
 from bayeslmm import Model
 from bayeslmm.bayes.model import centring_matrix
-from bayeslmm.bayes.partial import PartialData
+from bayeslmm.bayes.partial import PartialData, reflect
 from bayeslmm.bayes.priors import resolve_priors
 from bayeslmm.crossprod import block_Z
 
@@ -92,13 +93,77 @@ def test_gradient_equals_finite_differences(name):
         assert_gradient_matches(pd_, x)
 
 
-@pytest.mark.parametrize("formula", [STRUCTURES["crossed_maximal"], CENTRED["centred_correlated"]])
+def _nested_data(seed=4, n_s=40, n_d=8, n_e=3):
+    """Students × lecturers, the lecturers nested in departments (InstEval's shape; columns a, b, c):
+    a lecturer has 40 rows and a department more, so both pass the centred rows rule; the students
+    (the largest factor) are integrated out."""
+    rng = np.random.default_rng(seed)
+    s = np.repeat(np.arange(n_s), n_d)
+    d = np.tile(np.arange(n_d), n_s)
+    e = d % n_e
+    x = rng.normal(size=s.size)
+    y = (3.0 + rng.normal(size=n_s)[s] * 0.5 + rng.normal(size=n_d)[d] * 0.6 + rng.normal(size=n_e)[e] * 0.4
+         + (0.5 + rng.normal(size=n_d)[d] * 0.2) * x + rng.normal(size=s.size))
+    return pd.DataFrame({"y": y, "x": x, "a": [f"s{i}" for i in s], "b": [f"d{i}" for i in d],
+                         "c": [f"e{i}" for i in e]})
+
+
+NESTED = "y ~ x + (1 | a) + (1 + x | b) + (1 | c)"   # students a, lecturers b in departments c
+
+
+def test_hierarchy_of_a_nested_pair():
+    """Lecturers' totals start from their department's (b_e + β₀), whose block is sampled non-centred;
+    the lecturers' slope column, which the departments lack, from β_x."""
+    m, _, pd_ = _setup(NESTED, _nested_data())
+    assert [b.group for b in m.spec.blocks] == ["a", "b", "c"]
+    assert pd_.centred.tolist() == [0, 1, 0]
+    mR, d_off, e_off = pd_.parent.shape[0], pd_.rest_off[1], pd_.rest_off[2]
+    dept = np.arange(8) % 3
+    np.testing.assert_array_equal(pd_.parent[d_off : d_off + 16 : 2], e_off + dept)      # intercepts
+    np.testing.assert_array_equal(pd_.parent[d_off + 1 : d_off + 16 : 2], mR + 1)         # slopes → β_x
+    np.testing.assert_array_equal(pd_.parent[e_off:], mR + 0)                            # departments → β₀
+    # the slope totals (parent β) are the only ones reflected about their mean
+    np.testing.assert_array_equal(pd_.spin_idx, d_off + 1 + 2 * np.arange(8))
+
+
+def test_nested_value_and_gradient():
+    m, ps, pd_ = _setup(NESTED, _nested_data())
+    rng = np.random.default_rng(5)
+    for x in _points(pd_, rng):
+        lp, _ = pd_.logp_and_grad(x)
+        assert lp == pytest.approx(_reference(m, ps, pd_, x), rel=1e-10)
+        assert_gradient_matches(pd_, x)
+
+
+def test_totals_start_at_their_base():
+    """At the initial point a centred effect is the jitter (U(−1, 1), the slopes' reflected: same norm),
+    though its total carries β₀ ≈ 3."""
+    _, _, pd_ = _setup(NESTED, _nested_data())
+    x = pd_.initial_point(np.random.default_rng(6))
+    b_d = pd_.constrain(x)["effects"][0]
+    assert np.abs(b_d[:, 0]).max() < 1.0 and np.linalg.norm(b_d[:, 1]) < np.sqrt(8)
+    totals = reflect(x[pd_.z0 : pd_.z0 + pd_.parent.shape[0]], pd_.spin_ptr, pd_.spin_idx)
+    assert totals[pd_.rest_off[1] : pd_.rest_off[1] + 16 : 2].mean() > 1.5
+
+
+def test_reflection_is_orthonormal_and_its_own_inverse():
+    rng = np.random.default_rng(7)
+    ptr, idx = np.array([0, 5, 7]), np.array([8, 1, 3, 5, 0, 2, 6])
+    H = reflect(np.eye(9), ptr, idx)
+    np.testing.assert_allclose(H @ H.T, np.eye(9), atol=1e-14)
+    np.testing.assert_allclose(H @ H, np.eye(9), atol=1e-14)
+    u = rng.normal(size=9)
+    assert reflect(u, ptr, idx)[idx[:5]].mean() == pytest.approx(u[8] / np.sqrt(5), rel=1e-12)
+
+
+@pytest.mark.parametrize("formula", [STRUCTURES["crossed_maximal"], CENTRED["centred_correlated"], NESTED])
 def test_posterior_equals_the_blocked_kernels(formula, monkeypatch):
     """The same posterior whether the other effects are sampled (partial) or integrated out (blocked)."""
     import bayeslmm.bayes.fit as bayes_fit
     from test_blocked import _agree_within_mcse
 
-    data = _centred_data() if formula in CENTRED.values() else _crossed_data(seed=3, n_a=15, n_b=8)
+    data = {CENTRED["centred_correlated"]: _centred_data(), NESTED: _nested_data()}.get(
+        formula, _crossed_data(seed=3, n_a=15, n_b=8))
     m = Model(formula, data)
     opts = dict(method="nuts", draws=1000, tune=1000, chains=2, random_seed=12, progressbar=False, warn=False)
     whole = m.fit(**opts)
