@@ -379,10 +379,61 @@ def _levels_one_column(A11, ptr, rows, vals, g, gamma, a, s2, ggam, gT1):
 
 
 @cached_njit(error_model="numpy")
+def _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, s2, ggam, gT1):
+    """:func:`_levels` for q₁ = 2 ((1 + x | subject)), written out with M_j⁻¹ in closed form: the
+    coupling rows' gather and scatter in scalars (1,000 × 500: 0.68 → 0.2 ms per gradient)."""
+    t00, t10, t11 = T1[0, 0], T1[1, 0], T1[1, 1]
+    logdet = 0.0
+    quad = 0.0
+    g00 = 0.0
+    g10 = 0.0
+    g11 = 0.0
+    for j in range(A11.shape[0]):
+        a00, a01, a11 = A11[j, 0, 0], A11[j, 0, 1], A11[j, 1, 1]
+        at00 = a00 * t00 + a01 * t10           # A_jT₁ (T₁ lower triangular)
+        at01 = a01 * t11
+        at10 = a01 * t00 + a11 * t10
+        at11 = a11 * t11
+        m00 = t00 * at00 + t10 * at10 + 1.0    # M_j = T₁ᵀA_jT₁ + I
+        m01 = t00 * at01 + t10 * at11
+        m11 = t11 * at11 + 1.0
+        det = m00 * m11 - m01 * m01
+        if not (det > 0.0 and m00 > 0.0):
+            return -math.inf, 0.0
+        logdet += math.log(det)
+        p00, p01, p11 = m11 / det, -m01 / det, m00 / det
+        u0, u1 = g[j, 0], g[j, 1]
+        for ia in range(ptr[j], ptr[j + 1]):
+            gr = gamma[rows[ia]]
+            u0 -= vals[ia, 0] * gr
+            u1 -= vals[ia, 1] * gr
+        c0 = t00 * u0 + t10 * u1               # c_j = T₁ᵀu_j
+        c1 = t11 * u1
+        v0 = p00 * c0 + p01 * c1
+        v1 = p01 * c0 + p11 * c1
+        quad += c0 * v0 + c1 * v1
+        w0 = t00 * v0 / s2                     # T₁v_j / σ²
+        w1 = (t10 * v0 + t11 * v1) / s2
+        for ia in range(ptr[j], ptr[j + 1]):
+            ggam[rows[ia]] -= vals[ia, 0] * w0 + vals[ia, 1] * w1
+        atv0 = at00 * v0 + at01 * v1
+        atv1 = at10 * v0 + at11 * v1
+        g00 += -(at00 * p00 + at01 * p01) + (u0 * v0 - atv0 * v0) / s2
+        g10 += -(at10 * p00 + at11 * p01) + (u1 * v0 - atv1 * v0) / s2
+        g11 += -(at10 * p01 + at11 * p11) + (u1 * v1 - atv1 * v1) / s2
+    gT1[0, 0] += g00
+    gT1[1, 0] += g10
+    gT1[1, 1] += g11
+    return logdet, quad
+
+
+@cached_njit(error_model="numpy")
 def _levels(A11, ptr, rows, vals, g, gamma, T1, q1, s2, ggam, gT1):
     """Σ_j log|M_j| and Σ_j c_jᵀv_j; adds −Σ_j H_jᵀT₁v_j/σ² to ggam and ∂ℓ/∂T₁ to gT1 (module docstring)."""
     if q1 == 1:
         return _levels_one_column(A11, ptr, rows, vals, g, gamma, T1[0, 0], s2, ggam, gT1)
+    if q1 == 2:
+        return _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, s2, ggam, gT1)
     n1 = A11.shape[0]
     P = np.empty((n1, q1, q1))
     W = np.empty((n1, q1, q1))
