@@ -57,12 +57,13 @@ CENTRED_MIN_ROWS = 20
 
 
 def centred(spec: ModelSpec, block) -> bool:
-    """Whether a sampled block's effects are parameterised centred, b ~ N(0, CCᵀ), rather than b = Cz.
+    """The rows rule for a sampled block's effects: centred, b ~ N(0, CCᵀ), rather than b = Cz.
 
     Betancourt & Girolami (2015): non-centred suits weakly informed effects, centred strongly
-    informed ones; here any block whose levels average ≥ 20 rows (InstEval's lecturers and
-    departments; the items of a subjects × items design with 80 rows per item).  The PyMC
-    graph centres only one-column blocks by this rule (:func:`.model.centred_block`).
+    informed ones; here any block whose levels average ≥ 20 rows (InstEval's lecturers; the
+    items of a subjects × items design with 80 rows per item).  :func:`hierarchy` makes a block
+    non-centred after all when a centred one is nested in it (InstEval's departments).  The
+    PyMC graph centres only one-column blocks by this rule (:func:`.model.centred_block`).
     """
     return spec.n_obs / block.n_levels >= CENTRED_MIN_ROWS
 

@@ -126,8 +126,11 @@ def test_hierarchy_of_a_nested_pair():
     np.testing.assert_array_equal(pd_.spin_idx, d_off + 1 + 2 * np.arange(8))
 
 
-def test_nested_value_and_gradient():
-    m, ps, pd_ = _setup(NESTED, _nested_data())
+@pytest.mark.parametrize("formula", [NESTED, "y ~ x + (1 | a) + (1 + x | b) + (1 + x | c)"])
+def test_nested_value_and_gradient(formula):
+    """A lecturer's intercept (and, in the second, slope) total on its department's non-centred total."""
+    m, ps, pd_ = _setup(formula, _nested_data())
+    assert pd_.centred.tolist() == [0, 1, 0] and np.all(pd_.parent[pd_.rest_off[1] : pd_.rest_off[2]] >= 0)
     rng = np.random.default_rng(5)
     for x in _points(pd_, rng):
         lp, _ = pd_.logp_and_grad(x)
