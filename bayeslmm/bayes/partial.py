@@ -110,11 +110,13 @@ def hierarchy(spec: ModelSpec, offsets) -> tuple[list[int], np.ndarray]:
     nests = _nest_parents(spec, rule)
     inner = {j for j, _ in nests.values()}
     is_centred = [0] + [int(k in rule and k not in inner) for k in range(1, len(blocks))]
+    # the non-centred blocks whose totals are a base (with three nested levels the outermost is none)
+    bases = {nests[k][0] for k in nests if is_centred[k]}
     mR = sum(b.n_effects for b in blocks[1:])
     parent = np.full(mR, -1, dtype=np.int64)
     claimed: set[str] = set()
     for k in sorted(range(1, len(blocks)), key=lambda k: blocks[k].n_levels):
-        if not (is_centred[k] or k in inner):
+        if not (is_centred[k] or k in bases):
             continue
         block, nest = blocks[k], nests.get(k) if is_centred[k] else None
         for a, column in enumerate(block.columns):

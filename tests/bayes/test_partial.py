@@ -178,3 +178,20 @@ def test_posterior_equals_the_blocked_kernels(formula, monkeypatch):
         assert part.posterior[name].dims == whole.posterior[name].dims
         np.testing.assert_allclose(part.posterior[name].mean(("chain", "draw")),
                                    whole.posterior[name].mean(("chain", "draw")), atol=0.15 * float(data.y.std()))
+
+
+def test_three_nested_levels():
+    """Lecturers in departments in faculties: the lecturers are centred on their department's total
+    (b + β₀); the faculties, non-centred, are nobody's base and keep plain coordinates."""
+    data = _nested_data()
+    data["f"] = np.where(data["c"] == "e2", "f1", "f0")
+    m, ps, pd_ = _setup("y ~ x + (1 | a) + (1 | b) + (1 | c) + (1 | f)", data)
+    assert [b.group for b in m.spec.blocks] == ["a", "b", "c", "f"]
+    assert pd_.centred.tolist() == [0, 1, 0, 0]
+    mR, (b_off, c_off, f_off) = pd_.parent.shape[0], pd_.rest_off[1:]
+    np.testing.assert_array_equal(pd_.parent[b_off:c_off], c_off + np.arange(8) % 3)
+    np.testing.assert_array_equal(pd_.parent[c_off:f_off], mR + 0)
+    np.testing.assert_array_equal(pd_.parent[f_off:], -1)
+    for x in _points(pd_, np.random.default_rng(8), 2):
+        assert pd_.logp_and_grad(x)[0] == pytest.approx(_reference(m, ps, pd_, x), rel=1e-10)
+        assert_gradient_matches(pd_, x)
