@@ -107,6 +107,8 @@ def _mc_agree(a, b, names):
         assert abs(x["sd"] / y["sd"] - 1) < 0.12, (name, x["sd"], y["sd"])
 
 
+@pytest.mark.slow   # ~25 s; the default suite checks the collapsed graph against the kernel (test_kernel) and the
+                    # explicit graph against the structured kernel (test_structured), so each route against exact code
 def test_collapsed_equals_explicit(sleep_model, sleep_fit):
     explicit = sleep_model.fit(method="nuts", random_seed=12, route="graph-explicit", **FAST)
     _mc_agree(sleep_fit.summary_table(), explicit.summary_table(),
