@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ModelError, did_you_mean
+from .spec import nesting_map
 
 __all__ = ["NO_POOLING", "least_squares", "pooling_table"]
 
@@ -393,9 +394,7 @@ def nesting_factors(spec, gd: GroupDesign, own: set) -> set:
     for k, block in enumerate(spec.blocks):
         if k in own:
             continue
-        first = np.full(len(gd.levels), -1)
-        first[gd.codes[::-1]] = np.asarray(block.codes)[::-1]  # one code per level (the first row's)
-        if np.array_equal(first[gd.codes], block.codes):
+        if nesting_map(gd.codes, len(gd.levels), np.asarray(block.codes)) is not None:
             parents.add(k)
     return parents
 

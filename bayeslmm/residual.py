@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, ModelError
+from .spec import nesting_map
 
 
 # -- the structures a user writes --------------------------------------------------------------
@@ -482,9 +483,7 @@ def check_nested(residual: ResidualModel, blocks) -> None:
     if corr is None:
         return
     for block in blocks:
-        ref = np.zeros(len(corr.sizes), dtype=np.intp)
-        ref[corr.group] = block.codes
-        if not np.array_equal(ref[corr.group], block.codes):
+        if nesting_map(corr.group, len(corr.sizes), block.codes) is None:
             raise ModelError(
                 f"the correlation group {corr.structure.group!r} is not nested in the random-effect grouping "
                 f"factor {block.group!r}: some of its groups span several levels of {block.group!r}. In this "

@@ -111,6 +111,14 @@ class RandomBlock:
         return out
 
 
+def nesting_map(inner_codes: np.ndarray, n_inner: int, outer_codes: np.ndarray) -> np.ndarray | None:
+    """Each inner level's outer level (−1 for a level without rows) when the inner factor is nested in the
+    outer one — every row's outer code is its inner level's — else None.  Both codes are per row."""
+    out = np.full(n_inner, -1, dtype=np.int64)
+    out[inner_codes] = outer_codes
+    return out if np.array_equal(out[inner_codes], outer_codes) else None
+
+
 @dataclass(frozen=True, eq=False)
 class Moments:
     """Count, means, sums of squared deviations and largest |value| of some columns.
