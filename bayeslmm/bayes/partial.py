@@ -46,7 +46,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..crossprod import CrossProducts
-from ..spec import ModelSpec
+from ..spec import ModelSpec, nesting_map
 from .blocked import CompiledKernel, PriorArrays, block_backprop, first_block_weights, per_level_coupling, prior_logp
 from .compiled import cached_njit
 from .densities import LOG_2PI, finite_or_rejected
@@ -70,13 +70,8 @@ def centred(spec: ModelSpec, block) -> bool:
 
 def _nested_in(inner, outer) -> np.ndarray | None:
     """Each level of ``inner``'s level of ``outer``, when every level of ``inner`` lies in one of ``outer``'s."""
-    parent = np.full(inner.n_levels, -1, dtype=np.int64)
-    parent[inner.codes] = outer.codes
-    seen = np.zeros(inner.n_levels, dtype=bool)
-    seen[inner.codes] = True
-    if not seen.all() or np.any(parent[inner.codes] != outer.codes):
-        return None
-    return parent
+    levels = nesting_map(inner.codes, inner.n_levels, outer.codes)
+    return None if levels is None or np.any(levels < 0) else levels
 
 
 def _nest_parents(spec: ModelSpec, candidates) -> dict:
@@ -91,6 +86,11 @@ def _nest_parents(spec: ModelSpec, candidates) -> dict:
                 out[k] = (j, levels)
                 break
     return out
+
+
+def _column_places(blocks, offsets, k: int, a: int) -> np.ndarray:
+    """Where column a of block k's levels sit among the other blocks' effects (level-major)."""
+    return offsets[k] + np.arange(blocks[k].n_levels) * blocks[k].q + a
 
 
 def hierarchy(spec: ModelSpec, offsets) -> tuple[list[int], np.ndarray]:
@@ -120,7 +120,7 @@ def hierarchy(spec: ModelSpec, offsets) -> tuple[list[int], np.ndarray]:
             continue
         block, nest = blocks[k], nests.get(k) if is_centred[k] else None
         for a, column in enumerate(block.columns):
-            places = np.arange(block.n_levels) * block.q + offsets[k] + a
+            places = _column_places(blocks, offsets, k, a)
             if nest is not None and column in blocks[nest[0]].columns:
                 j, levels = nest
                 parent[places] = offsets[j] + levels * blocks[j].q + blocks[j].columns.index(column)
@@ -136,7 +136,7 @@ def mean_directions(parent: np.ndarray, is_centred, offsets, blocks) -> tuple[np
     groups = []
     for k in (k for k in range(1, len(blocks)) if is_centred[k]):
         for a in range(blocks[k].q):
-            places = offsets[k] + np.arange(blocks[k].n_levels) * blocks[k].q + a
+            places = _column_places(blocks, offsets, k, a)
             if blocks[k].n_levels > 1 and np.all(parent[places] >= mR):
                 groups.append(places)
     ptr = np.cumsum([0] + [len(g) for g in groups]).astype(np.int64)
@@ -146,14 +146,9 @@ def mean_directions(parent: np.ndarray, is_centred, offsets, blocks) -> tuple[np
 
 def reflect(values: np.ndarray, ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``values`` (..., mR) with each group's entries u mapped to Hu, H = I − 2vvᵀ/vᵀv, v = e₁ − 1/√n
-    (orthonormal and its own inverse; Hu's mean is u₁/√n)."""
+    (orthonormal and its own inverse; Hu's mean is u₁/√n): :func:`_reflect` on every row of a copy."""
     out = np.array(values, dtype=float, copy=True)
-    for g in range(len(ptr) - 1):
-        at = idx[ptr[g] : ptr[g + 1]]
-        s = 1.0 / math.sqrt(len(at))
-        v = np.full(len(at), -s)
-        v[0] += 1.0
-        out[..., at] -= np.multiply.outer((out[..., at] @ v) * (2.0 / (2.0 - 2.0 * s)), v)
+    _reflect_rows(out.reshape(-1, out.shape[-1]), ptr, idx)
     return out
 
 
@@ -172,6 +167,13 @@ def _reflect(values, ptr, idx):
         for i in range(ptr[g], ptr[g + 1]):
             values[idx[i]] += f * s
         values[idx[ptr[g]]] -= f
+
+
+@cached_njit(error_model="numpy")
+def _reflect_rows(values, ptr, idx):
+    """:func:`_reflect` on each row of a 2-D array, in place."""
+    for i in range(values.shape[0]):
+        _reflect(values[i], ptr, idx)
 
 
 @dataclass(frozen=True, eq=False)
@@ -382,11 +384,11 @@ def _levels_one_column(A11, ptr, rows, vals, g, gamma, a, s2, ggam, gT1):
 
 
 @cached_njit(error_model="numpy")
-def _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, s2, ggam, gT1):
-    """:func:`_levels` for q₁ = 2 ((1 + x | subject)), written out with M_j⁻¹ in closed form: the
-    coupling rows' gather and scatter in scalars (1,000 × 500: 0.68 → 0.2 ms per gradient)."""
+def _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, P, s2, ggam, gT1):
+    """:func:`_levels`' per-level loop for q₁ = 2 ((1 + x | subject)), written out with P_j from
+    :func:`.blocked.first_block_weights`: the coupling rows' gather and scatter in scalars (1,000 × 500:
+    0.68 → 0.2 ms per gradient); returns Σ_j c_jᵀv_j."""
     t00, t10, t11 = T1[0, 0], T1[1, 0], T1[1, 1]
-    logdet = 0.0
     quad = 0.0
     g00 = 0.0
     g10 = 0.0
@@ -397,14 +399,7 @@ def _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, s2, ggam, gT1):
         at01 = a01 * t11
         at10 = a01 * t00 + a11 * t10
         at11 = a11 * t11
-        m00 = t00 * at00 + t10 * at10 + 1.0    # M_j = T₁ᵀA_jT₁ + I
-        m01 = t00 * at01 + t10 * at11
-        m11 = t11 * at11 + 1.0
-        det = m00 * m11 - m01 * m01
-        if not (det > 0.0 and m00 > 0.0):
-            return -math.inf, 0.0
-        logdet += math.log(det)
-        p00, p01, p11 = m11 / det, -m01 / det, m00 / det
+        p00, p01, p11 = P[j, 0, 0], P[j, 0, 1], P[j, 1, 1]
         u0, u1 = g[j, 0], g[j, 1]
         for ia in range(ptr[j], ptr[j + 1]):
             gr = gamma[rows[ia]]
@@ -427,7 +422,7 @@ def _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, s2, ggam, gT1):
     gT1[0, 0] += g00
     gT1[1, 0] += g10
     gT1[1, 1] += g11
-    return logdet, quad
+    return quad
 
 
 @cached_njit(error_model="numpy")
@@ -435,14 +430,14 @@ def _levels(A11, ptr, rows, vals, g, gamma, T1, q1, s2, ggam, gT1):
     """Σ_j log|M_j| and Σ_j c_jᵀv_j; adds −Σ_j H_jᵀT₁v_j/σ² to ggam and ∂ℓ/∂T₁ to gT1 (module docstring)."""
     if q1 == 1:
         return _levels_one_column(A11, ptr, rows, vals, g, gamma, T1[0, 0], s2, ggam, gT1)
-    if q1 == 2:
-        return _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, s2, ggam, gT1)
     n1 = A11.shape[0]
     P = np.empty((n1, q1, q1))
     W = np.empty((n1, q1, q1))
     logdet = first_block_weights(A11, T1, q1, W, P)
     if logdet == -math.inf:
         return logdet, 0.0
+    if q1 == 2:
+        return logdet, _levels_two_columns(A11, ptr, rows, vals, g, gamma, T1, P, s2, ggam, gT1)
     quad = 0.0
     u = np.empty(q1)
     c = np.empty(q1)
