@@ -148,7 +148,8 @@ def reflect(values: np.ndarray, ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``values`` (..., mR) with each group's entries u mapped to Hu, H = I − 2vvᵀ/vᵀv, v = e₁ − 1/√n
     (orthonormal and its own inverse; Hu's mean is u₁/√n): :func:`_reflect` on every row of a copy."""
     out = np.array(values, dtype=float, copy=True)
-    _reflect_rows(out.reshape(-1, out.shape[-1]), ptr, idx)
+    # rows counted, not −1: with no other blocks' effects (mR = 0) the size is 0 and −1 is undefined
+    _reflect_rows(out.reshape(math.prod(out.shape[:-1]), out.shape[-1]), ptr, idx)
     return out
 
 
